@@ -1,0 +1,38 @@
+"""leanvision: build, measure and slim vision networks for tight compute and memory budgets.
+
+The top-level names are imported lazily so `import leanvision` (and the CLI's start-up) stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "create_model": "leanvision.registry",
+    "list_models": "leanvision.registry",
+    "get_model_config": "leanvision.registry",
+    "load_checkpoint": "leanvision.checkpoints",
+    "save_checkpoint": "leanvision.checkpoints",
+    "profile": "leanvision.analysis.cost",
+    "benchmark": "leanvision.bench",
+    "fuse_for_inference": "leanvision.deploy",
+}
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:
+    from leanvision.analysis.cost import profile
+    from leanvision.bench import benchmark
+    from leanvision.checkpoints import load_checkpoint, save_checkpoint
+    from leanvision.deploy import fuse_for_inference
+    from leanvision.registry import create_model, get_model_config, list_models
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'leanvision' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -1,0 +1,41 @@
+"""Convolution + BatchNorm + activation, the unit every model here is built from."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+ActLayer = Optional[Callable[[], nn.Module]]
+
+
+class ConvNormAct(nn.Module):
+    """Conv2d -> BatchNorm2d -> optional activation, with 'same' padding for odd kernels.
+
+    Attribute names (`conv`, `bn`) match timm's ConvNormAct so timm checkpoints load by name.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        act_layer: ActLayer = nn.ReLU,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias
+        )
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.act = act_layer() if act_layer is not None else nn.Identity()
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))

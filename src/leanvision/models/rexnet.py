@@ -1,0 +1,127 @@
+"""ReXNet and ReXNet-lite (Han et al., "Rethinking Channel Dimensions for Efficient Model Design").
+
+Sixteen linear bottlenecks whose output widths grow linearly with the block index (the paper's searched
+channel rule), on a MobileNetV2 skeleton. Shapes follow the official NAVER code exactly; the module layout
+follows timm, so timm checkpoints load by name and clovaai checkpoints load by position
+(see leanvision.checkpoints).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from leanvision.layers import ClassifierHead, ConvNormAct, LinearBottleneck
+from leanvision.models.base import Classifier
+from leanvision.registry import register_model
+
+BLOCKS_PER_STAGE = (1, 2, 2, 3, 3, 5)
+STAGE_STRIDES = (1, 2, 2, 2, 1, 2)
+SE_STAGES = (False, False, True, True, True, True)
+SE_REDUCTION = 12
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """Round to the nearest multiple of `divisor`, never more than 10% below `value` (TF MobileNet rule)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def rexnet_channels(width_mult: float, lite: bool = False) -> tuple[int, list[int]]:
+    """(stem width, the 16 block output widths) of ReXNet (or ReXNet-lite) at `width_mult`.
+
+    Widths start at 16 and grow by final/16 per block (v1: final 180, rounded half-to-even, no divisor) or
+    final/15 (lite: final 164, then rounded to multiples of 8). Below x1.0 only the slope scales: the stem
+    and the first block keep their x1.0 widths. The float is accumulated block by block, as the
+    reference does, so ties round identically.
+    """
+    num_blocks = sum(BLOCKS_PER_STAGE)
+    step = 164 / (num_blocks - 1) if lite else 180 / num_blocks
+    base = 16 / width_mult if width_mult < 1.0 else 16.0
+    stem = round((32 / width_mult if width_mult < 1.0 else 32) * width_mult)
+    widths = []
+    for _ in range(num_blocks):
+        widths.append(round(base * width_mult))
+        base += step
+    if lite:
+        return make_divisible(stem, 8), [make_divisible(w, 8) for w in widths]
+    return stem, widths
+
+
+class ReXNet(Classifier):
+    """ReXNet v1 (SE + SiLU) or, with `lite=True`, ReXNet-lite (no SE, ReLU6 throughout, hidden head layer).
+
+    Head width is int(1280 * w) for v1; for lite it is 1280 unless w > 1, and the head gains a
+    1x1 conv to 1024 + BN + ReLU6 before the classifier.
+    """
+
+    def __init__(
+        self,
+        width_mult: float = 1.0,
+        lite: bool = False,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if not width_mult > 0:
+            raise ValueError(f"width_mult must be a positive number, got {width_mult}")
+        self.in_chans = in_chans
+        self.total_stride = 32
+        act = nn.ReLU6 if lite else nn.SiLU
+        stem_chs, out_chs = rexnet_channels(width_mult, lite)
+        self.stem = ConvNormAct(in_chans, stem_chs, 3, stride=2, act_layer=act)
+
+        strides = [s if i == 0 else 1 for s, n in zip(STAGE_STRIDES, BLOCKS_PER_STAGE) for i in range(n)]
+        use_se = [se for se, n in zip(SE_STAGES, BLOCKS_PER_STAGE) for _ in range(n)]
+        blocks: list[nn.Module] = []
+        self.feature_info = []
+        in_chs, reduction = stem_chs, 2
+        for i, (chs, stride) in enumerate(zip(out_chs, strides)):
+            if stride > 1:
+                self.feature_info.append(self._level(i - 1, in_chs, reduction))
+                reduction *= stride
+            expansion = 1 if i == 0 else 6
+            se_chs = in_chs * expansion // SE_REDUCTION if use_se[i] and not lite else 0
+            blocks.append(LinearBottleneck(in_chs, chs, stride, expansion, se_chs, exp_act=act))
+            in_chs = chs
+        self.feature_info.append(self._level(len(blocks) - 1, in_chs, reduction))
+        head_chs = int(1280 * width_mult) if (width_mult > 1 or not lite) else 1280
+        blocks.append(ConvNormAct(in_chs, head_chs, act_layer=act))
+        self.features = nn.Sequential(*blocks)
+        self.head = ClassifierHead(head_chs, num_classes, drop_rate, hidden_size=1024 if lite else None)
+
+    @staticmethod
+    def _level(block: int, channels: int, reduction: int) -> dict:
+        return dict(module="stem" if block < 0 else f"features.{block}", num_chs=channels, reduction=reduction)
+
+
+def rexnet(width_mult: float = 1.0, **kwargs) -> ReXNet:
+    """ReXNet v1 at any positive width multiplier."""
+    return ReXNet(width_mult=width_mult, **kwargs)
+
+
+def rexnet_lite(width_mult: float = 1.0, **kwargs) -> ReXNet:
+    """ReXNet-lite at any positive width multiplier."""
+    return ReXNet(width_mult=width_mult, lite=True, **kwargs)
+
+
+# Published ImageNet numbers (ReXNet paper Tables 5, A1, A3): top-1 %, params (M), FLOPs as printed (B).
+_REXNET_PAPER = {
+    0.9: (77.2, 4.1, 0.35), 1.0: (77.9, 4.8, 0.40), 1.1: (78.6, 5.6, 0.48), 1.2: (79.0, 6.6, 0.57),
+    1.3: (79.5, 7.6, 0.66), 1.4: (79.8, 8.6, 0.76), 1.5: (80.3, 9.7, 0.86), 2.0: (81.6, 16.0, 1.5),
+    2.2: (81.7, 19.0, 1.8), 3.0: (82.8, 34.0, 3.4),
+}
+_REXNET_LITE_PAPER = {1.0: (76.2, 4.7, 0.4), 1.3: (77.8, 6.8, 0.6), 1.5: (78.6, 8.3, 0.8), 2.0: (80.2, 13.0, 1.5)}
+
+register_model("rexnet", rexnet)
+register_model("rexnet_lite", rexnet_lite)
+for _w, (_top1, _params, _flops) in _REXNET_PAPER.items():
+    register_model(
+        f"rexnet_{round(_w * 100):03d}", rexnet, kwargs=dict(width_mult=_w),
+        paper=dict(top1=_top1, params_m=_params, flops_b=_flops),
+    )
+for _w, (_top1, _params, _flops) in _REXNET_LITE_PAPER.items():
+    register_model(
+        f"rexnet_lite_{round(_w * 100):03d}", rexnet_lite, kwargs=dict(width_mult=_w),
+        paper=dict(top1=_top1, params_m=_params, flops_b=_flops),
+    )
