@@ -54,7 +54,8 @@ def get_model_config(name: str) -> ModelConfig:
     """The registry entry for `name`; unknown names raise UnknownModelError listing the closest ones."""
     _ensure_models_loaded()
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4)
+        prefixed = sorted(n for n in _REGISTRY if n.startswith(name))
+        close = list(dict.fromkeys(prefixed + difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4)))[:5]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownModelError(f"unknown model {name!r}{hint} (leanvision.list_models() lists all)")
     return _REGISTRY[name]

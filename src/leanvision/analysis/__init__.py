@@ -1,0 +1,1 @@
+"""Instruments that measure models: cost (params, MACs)."""

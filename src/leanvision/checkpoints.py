@@ -1,0 +1,131 @@
+"""Load and save weights from local files, in our layout and in foreign ones.
+
+Layouts:
+- ours = timm's for ReXNet (stem / features.i.conv_exp ... / head.fc) and torchvision's for MobileNetV2:
+  loaded by name;
+- clovaai (the official NAVER ReXNet and ReXNet-lite code): `features.N...` / `output.N...`, loaded by
+  position. Both codes register tensors in forward order, so the i-th tensor of one is the i-th of the
+  other; each pair must agree in kind (weight, bias, running_mean, ...) and shape, and 1x1-conv
+  classifiers become Linear weights. `num_batches_tracked` counters are not paired (they do not change
+  inference and older checkpoints lack them).
+
+Files are read with `torch.load(weights_only=True)` or safetensors: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_state_dict", "net")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the model."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a local checkpoint file, unwrapped from common containers, `module.` prefixes removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path} (leanvision loads weights from local files only)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain containers; leanvision only loads weights "
+                f"(weights_only=True). Re-save it as a state_dict. Details: {str(err).splitlines()[0]}"
+            ) from err
+        except (RuntimeError, EOFError) as err:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+    while isinstance(state, Mapping) and not _is_tensor_dict(state):
+        inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            raise CheckpointError(f"{path} has no state_dict: top-level keys are {sorted(state)[:10]}")
+        state = inner
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _is_tensor_dict(state: Mapping) -> bool:
+    return len(state) > 0 and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def is_clovaai_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for the official NAVER ReXNet key scheme (`features.0.weight` stem conv, `output.N` head)."""
+    return "features.0.weight" in state and any(k.startswith("output.") for k in state)
+
+
+def convert_positional(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map a state_dict onto `model`'s keys by position (see the module docstring for the checks)."""
+    target = model.state_dict()
+    src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    dst = [(k, v) for k, v in target.items() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise CheckpointError(
+            f"checkpoint has {len(src)} tensors, {type(model).__name__} expects {len(dst)} "
+            "(a checkpoint of another model family or depth?)"
+        )
+    converted = {}
+    for (src_key, value), (dst_key, expected) in zip(src, dst):
+        if src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise CheckpointError(f"checkpoint tensor {src_key!r} does not line up with {dst_key!r}")
+        if value.shape != expected.shape and value.squeeze().shape == expected.squeeze().shape:
+            value = value.reshape(expected.shape)  # 1x1-conv classifier <-> Linear
+        _check_shape(src_key, value, expected, dst_key)
+        converted[dst_key] = value
+    return converted
+
+
+def _check_shape(key: str, value: torch.Tensor, expected: torch.Tensor, model_key: str | None = None) -> None:
+    if value.shape != expected.shape:
+        where = f" (model tensor {model_key!r})" if model_key and model_key != key else ""
+        raise CheckpointError(
+            f"checkpoint tensor {key!r}{where} has shape {list(value.shape)}, the model expects "
+            f"{list(expected.shape)}: the checkpoint was made for another width, class count or model"
+        )
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+    """Load a local checkpoint (ours, timm, torchvision or clovaai layout) into `model` in place."""
+    state = read_state_dict(path)
+    if is_clovaai_layout(state) and not set(state) <= set(model.state_dict()):
+        state = convert_positional(state, model)
+    target = model.state_dict()
+    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in target]
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {type(model).__name__}: "
+            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for key, value in state.items():
+        if key in target:
+            _check_shape(key, value, target[key])
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
+    """Write the model's state_dict (our layout; timm loads it as is); `.safetensors` picks that format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
