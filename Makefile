@@ -1,0 +1,27 @@
+# Every target creates .venv and installs leanvision with its test extras when they are missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the main job: ReXNet family vs MobileNetV2 (params, MACs, batch-1 latency)
+	$(VENV)/bin/leanvision compare
+
+test: $(STAMP)  ## fast test suite (slow tests are marked and skipped)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: $(STAMP)  ## speed comparison against timm, writes results/rexnet_speed.json
+	$(PY) benchmarks/rexnet_speed.py

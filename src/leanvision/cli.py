@@ -1,0 +1,157 @@
+"""The `leanvision` command line."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn
+from rich.table import Table
+
+app = typer.Typer(help="Build, measure and slim vision networks.", no_args_is_help=True, add_completion=False)
+console = Console()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+def _millions(n: float) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _input_size(size: int, in_chans: int = 3) -> tuple[int, int, int]:
+    if size < 1:
+        _fail(f"--input-size must be a positive number of pixels, got {size}")
+    return (in_chans, size, size)
+
+
+@app.command()
+def models(pattern: Annotated[str, typer.Argument(help="Shell-style pattern, e.g. 'rexnet_*'.")] = "*",
+           as_json: JsonOpt = False) -> None:
+    """List the registered model names."""
+    from leanvision.registry import get_model_config, list_models
+
+    names = list_models(pattern)
+    if as_json:
+        print(json.dumps(names))
+        return
+    table = Table("model", "paper top-1", "paper params", "paper FLOPs")
+    for name in names:
+        paper = get_model_config(name).paper
+        table.add_row(name, *(f"{paper[k]}{unit}" if k in paper else "" for k, unit in
+                              (("top1", "%"), ("params_m", "M"), ("flops_b", "B"))))
+    console.print(table)
+
+
+@app.command()
+def profile(
+    name: str,
+    input_size: Annotated[int, typer.Option(help="Square input resolution.")] = 224,
+    num_classes: Annotated[int, typer.Option(help="Classifier outputs.")] = 1000,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Show one row per layer.")] = False,
+    elementwise: Annotated[bool, typer.Option("--elementwise", help="Also count elementwise ops.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Count parameters and MACs of a model at one input size (batch 1)."""
+    from leanvision.analysis.cost import profile as count
+
+    report = _run(lambda: count(name, input_size=_input_size(input_size), elementwise=elementwise,
+                                num_classes=num_classes))
+    if as_json:
+        print(json.dumps(report.to_dict() if per_layer else {**report.to_dict(), "layers": None}))
+        return
+    if per_layer:
+        table = Table("layer", "type", "output", "params", "MACs", title=f"{name} per layer")
+        for row in report.layers:
+            shape = "x".join(map(str, row.output_shape[1:])) if row.output_shape else ""
+            table.add_row(row.name, row.type, shape, f"{row.params:,}", f"{row.macs:,}")
+        console.print(table)
+    console.print(
+        f"[bold]{name}[/bold] at {input_size}x{input_size}: {report.params:,} params, {report.macs:,} MACs "
+        f"({report.macs / 1e9:.3f} GMACs; counted: {report.counted}; FLOPs = 2 x MACs)"
+    )
+
+
+@app.command()
+def bench(
+    name: str,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 1,
+    input_size: Annotated[int, typer.Option(help="Square input resolution.")] = 224,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: PyTorch's).")] = None,  # noqa: UP045
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="NHWC memory format.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    deploy: Annotated[bool, typer.Option("--deploy", help="Fold BN and use the fastest CPU layout.")] = False,
+    min_seconds: Annotated[float, typer.Option(help="Minimum timed seconds.")] = 2.0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure latency and throughput after warm-up: median, p10/p90 and images/s."""
+    from leanvision.bench import benchmark
+
+    result = _run(lambda: benchmark(name, batch_size=batch_size, input_size=_input_size(input_size),
+                                    threads=threads, channels_last=channels_last, compile=compile,
+                                    deploy=deploy, min_seconds=min_seconds, device=device))
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    mode = ", ".join(m for m, on in (("deploy", deploy), ("channels-last", channels_last),
+                                       ("compile", compile)) if on) or "eager"
+    console.print(
+        f"[bold]{name}[/bold] batch {batch_size} at {input_size}x{input_size} ({mode}, {result.device}, "
+        f"{result.threads} threads, {result.iterations} runs): median {result.median_ms:.2f} ms "
+        f"(p10 {result.p10_ms:.2f}, p90 {result.p90_ms:.2f}), {result.images_per_s:.1f} images/s"
+    )
+
+
+@app.command()
+def compare(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Models (default: ReXNet Table 5 set).")] = None,  # noqa: UP045
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: PyTorch's).")] = None,  # noqa: UP045
+    min_seconds: Annotated[float, typer.Option(help="Minimum timed seconds per model.")] = 1.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare models side by side: params, MACs, batch-1 CPU latency, and the papers' numbers."""
+    from leanvision.compare import TABLE5_MODELS
+    from leanvision.compare import compare as run_compare
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True,
+                  disable=as_json) as progress:
+        task = progress.add_task("measuring")
+        rows = _run(lambda: run_compare(names or TABLE5_MODELS, threads=threads, min_seconds=min_seconds,
+                                        on_model=lambda n: progress.update(task, description=f"measuring {n}")))
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table("model", "params", "MACs", "latency b=1 (ms)", "paper top-1", "paper params", "paper FLOPs",
+                  title="ReXNet vs MobileNetV2 at 224x224 (measured here; paper columns from the ReXNet paper)")
+    for r in rows:
+        table.add_row(
+            r["model"], _millions(r["params"]), f"{r['macs'] / 1e9:.3f}G",
+            f"{r['latency_ms']:.1f} ({r['latency_p10_ms']:.1f}-{r['latency_p90_ms']:.1f})",
+            f"{r['paper_top1']}%" if r["paper_top1"] else "",
+            f"{r['paper_params_m']}M" if r["paper_params_m"] else "",
+            f"{r['paper_flops_b']}B" if r["paper_flops_b"] else "",
+        )
+    console.print(table)
+    console.print("MACs count conv + linear multiply-accumulates; the paper prints them as FLOPs. "
+                  "Latency: median (p10-p90) on this machine's CPU, eager PyTorch.")
+
+
+def _run(work):
+    """Run `work`, turning the library's input errors into one clear line and exit code 2."""
+    from leanvision.checkpoints import CheckpointError
+
+    try:
+        return work()
+    except (ValueError, KeyError, FileNotFoundError, CheckpointError) as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    app()
