@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_
 
 import leanvision
+from conftest import randomize_
 from leanvision.checkpoints import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
 
 
@@ -121,13 +121,17 @@ def test_torchvision_mobilenetv2_weights_load(tmp_path):
 
 def test_wrong_width_names_first_mismatching_tensor(tmp_path):
     save_checkpoint(leanvision.create_model("rexnet_130"), tmp_path / "x13.pth")
-    with pytest.raises(CheckpointError, match=r"'stem.conv.weight' has shape \[42, 3, 3, 3\].*expects \[32, 3, 3, 3\]"):
+    with pytest.raises(
+        CheckpointError, match=r"'stem.conv.weight' has shape \[42, 3, 3, 3\].*expects \[32, 3, 3, 3\]"
+    ):
         leanvision.create_model("rexnet_100", pretrained=str(tmp_path / "x13.pth"))
 
 
 def test_wrong_class_count_names_classifier(tmp_path):
     save_checkpoint(leanvision.create_model("rexnet_100", num_classes=10), tmp_path / "c10.pth")
-    with pytest.raises(CheckpointError, match=r"'head.fc.weight' has shape \[10, 1280\].*expects \[1000, 1280\]"):
+    with pytest.raises(
+        CheckpointError, match=r"'head.fc.weight' has shape \[10, 1280\].*expects \[1000, 1280\]"
+    ):
         leanvision.create_model("rexnet_100", pretrained=str(tmp_path / "c10.pth"))
 
 

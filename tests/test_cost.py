@@ -17,8 +17,13 @@ def test_mobilenetv2_agrees_with_fvcore_exactly():
 
 # Conv+FC MACs at 224 from rexnet-reference.md (in G).
 REFERENCE_GMACS = {
-    "rexnet_090": 0.348, "rexnet_100": 0.398, "rexnet_130": 0.662, "rexnet_150": 0.876,
-    "rexnet_200": 1.529, "rexnet_220": 1.843, "rexnet_300": 3.396,
+    "rexnet_090": 0.348,
+    "rexnet_100": 0.398,
+    "rexnet_130": 0.662,
+    "rexnet_150": 0.876,
+    "rexnet_200": 1.529,
+    "rexnet_220": 1.843,
+    "rexnet_300": 3.396,
 }
 
 

@@ -45,7 +45,10 @@ def test_rexnet_plain_within_5_percent_of_paper():
 
 def test_rexnet_channels_match_reference_notes():
     # x1.0 block outputs from rexnet-reference.md; round() is half-to-even (38.5 -> 38, 128.5 -> 128).
-    assert rexnet_channels(1.0) == (32, [16, 27, 38, 50, 61, 72, 84, 95, 106, 117, 128, 140, 151, 162, 174, 185])
+    assert rexnet_channels(1.0) == (
+        32,
+        [16, 27, 38, 50, 61, 72, 84, 95, 106, 117, 128, 140, 151, 162, 174, 185],
+    )
     stem, widths = rexnet_channels(0.9)
     assert stem == 32 and widths[0] == 16  # below x1.0 only the slope scales
     assert widths[-1] == round((16 / 0.9 + 15 * 11.25) * 0.9)
@@ -68,7 +71,10 @@ def test_list_models_and_pattern():
     for expected in ["rexnet_100", "rexnet_lite_200", "rexnet_plain", "mobilenetv1_100", "mobilenetv2_035"]:
         assert expected in names
     assert leanvision.list_models("rexnet_lite_*") == [
-        "rexnet_lite_100", "rexnet_lite_130", "rexnet_lite_150", "rexnet_lite_200"
+        "rexnet_lite_100",
+        "rexnet_lite_130",
+        "rexnet_lite_150",
+        "rexnet_lite_200",
     ]
 
 

@@ -20,7 +20,16 @@ _LAZY = {
     "fuse_for_inference": "leanvision.deploy",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "benchmark",
+    "create_model",
+    "fuse_for_inference",
+    "get_model_config",
+    "list_models",
+    "load_checkpoint",
+    "profile",
+    "save_checkpoint",
+]
 
 if TYPE_CHECKING:
     from leanvision.analysis.cost import profile

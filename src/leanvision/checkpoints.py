@@ -32,7 +32,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a local checkpoint file, unwrapped from common containers, `module.` prefixes removed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path} (leanvision loads weights from local files only)")
+        raise FileNotFoundError(
+            f"checkpoint file not found: {path} (leanvision loads weights from local files only)"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -42,8 +44,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             raise CheckpointError(
-                f"{path} holds objects other than tensors and plain containers; leanvision only loads weights "
-                f"(weights_only=True). Re-save it as a state_dict. Details: {str(err).splitlines()[0]}"
+                f"{path} holds objects other than tensors and plain containers; leanvision only loads "
+                f"weights (weights_only=True). Re-save it as a state_dict. ({str(err).splitlines()[0]})"
             ) from err
         except (RuntimeError, EOFError) as err:
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err

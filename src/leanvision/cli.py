@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -32,8 +32,10 @@ def _input_size(size: int, in_chans: int = 3) -> tuple[int, int, int]:
 
 
 @app.command()
-def models(pattern: Annotated[str, typer.Argument(help="Shell-style pattern, e.g. 'rexnet_*'.")] = "*",
-           as_json: JsonOpt = False) -> None:
+def models(
+    pattern: Annotated[str, typer.Argument(help="Shell-style pattern, e.g. 'rexnet_*'.")] = "*",
+    as_json: JsonOpt = False,
+) -> None:
     """List the registered model names."""
     from leanvision.registry import get_model_config, list_models
 
@@ -44,8 +46,13 @@ def models(pattern: Annotated[str, typer.Argument(help="Shell-style pattern, e.g
     table = Table("model", "paper top-1", "paper params", "paper FLOPs")
     for name in names:
         paper = get_model_config(name).paper
-        table.add_row(name, *(f"{paper[k]}{unit}" if k in paper else "" for k, unit in
-                              (("top1", "%"), ("params_m", "M"), ("flops_b", "B"))))
+        table.add_row(
+            name,
+            *(
+                f"{paper[k]}{unit}" if k in paper else ""
+                for k, unit in (("top1", "%"), ("params_m", "M"), ("flops_b", "B"))
+            ),
+        )
     console.print(table)
 
 
@@ -61,8 +68,11 @@ def profile(
     """Count parameters and MACs of a model at one input size (batch 1)."""
     from leanvision.analysis.cost import profile as count
 
-    report = _run(lambda: count(name, input_size=_input_size(input_size), elementwise=elementwise,
-                                num_classes=num_classes))
+    report = _run(
+        lambda: count(
+            name, input_size=_input_size(input_size), elementwise=elementwise, num_classes=num_classes
+        )
+    )
     if as_json:
         print(json.dumps(report.to_dict() if per_layer else {**report.to_dict(), "layers": None}))
         return
@@ -83,7 +93,7 @@ def bench(
     name: str,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 1,
     input_size: Annotated[int, typer.Option(help="Square input resolution.")] = 224,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: PyTorch's).")] = None,  # noqa: UP045
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: PyTorch's).")] = None,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="NHWC memory format.")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     deploy: Annotated[bool, typer.Option("--deploy", help="Fold BN and use the fastest CPU layout.")] = False,
@@ -94,14 +104,28 @@ def bench(
     """Measure latency and throughput after warm-up: median, p10/p90 and images/s."""
     from leanvision.bench import benchmark
 
-    result = _run(lambda: benchmark(name, batch_size=batch_size, input_size=_input_size(input_size),
-                                    threads=threads, channels_last=channels_last, compile=compile,
-                                    deploy=deploy, min_seconds=min_seconds, device=device))
+    result = _run(
+        lambda: benchmark(
+            name,
+            batch_size=batch_size,
+            input_size=_input_size(input_size),
+            threads=threads,
+            channels_last=channels_last,
+            compile=compile,
+            deploy=deploy,
+            min_seconds=min_seconds,
+            device=device,
+        )
+    )
     if as_json:
         print(json.dumps(result.to_dict()))
         return
-    mode = ", ".join(m for m, on in (("deploy", deploy), ("channels-last", channels_last),
-                                       ("compile", compile)) if on) or "eager"
+    mode = (
+        ", ".join(
+            m for m, on in (("deploy", deploy), ("channels-last", channels_last), ("compile", compile)) if on
+        )
+        or "eager"
+    )
     console.print(
         f"[bold]{name}[/bold] batch {batch_size} at {input_size}x{input_size} ({mode}, {result.device}, "
         f"{result.threads} threads, {result.iterations} runs): median {result.median_ms:.2f} ms "
@@ -111,8 +135,8 @@ def bench(
 
 @app.command()
 def compare(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Models (default: ReXNet Table 5 set).")] = None,  # noqa: UP045
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: PyTorch's).")] = None,  # noqa: UP045
+    names: Annotated[list[str] | None, typer.Argument(help="Models (default: ReXNet Table 5 set).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: PyTorch's).")] = None,
     min_seconds: Annotated[float, typer.Option(help="Minimum timed seconds per model.")] = 1.0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -120,27 +144,46 @@ def compare(
     from leanvision.compare import TABLE5_MODELS
     from leanvision.compare import compare as run_compare
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True,
-                  disable=as_json) as progress:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True, disable=as_json
+    ) as progress:
         task = progress.add_task("measuring")
-        rows = _run(lambda: run_compare(names or TABLE5_MODELS, threads=threads, min_seconds=min_seconds,
-                                        on_model=lambda n: progress.update(task, description=f"measuring {n}")))
+        rows = _run(
+            lambda: run_compare(
+                names or TABLE5_MODELS,
+                threads=threads,
+                min_seconds=min_seconds,
+                on_model=lambda n: progress.update(task, description=f"measuring {n}"),
+            )
+        )
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table("model", "params", "MACs", "latency b=1 (ms)", "paper top-1", "paper params", "paper FLOPs",
-                  title="ReXNet vs MobileNetV2 at 224x224 (measured here; paper columns from the ReXNet paper)")
+    table = Table(
+        "model",
+        "params",
+        "MACs",
+        "latency b=1 (ms)",
+        "paper top-1",
+        "paper params",
+        "paper FLOPs",
+        title="ReXNet vs MobileNetV2 at 224x224 (measured here; paper columns from the ReXNet paper)",
+    )
     for r in rows:
         table.add_row(
-            r["model"], _millions(r["params"]), f"{r['macs'] / 1e9:.3f}G",
+            r["model"],
+            _millions(r["params"]),
+            f"{r['macs'] / 1e9:.3f}G",
             f"{r['latency_ms']:.1f} ({r['latency_p10_ms']:.1f}-{r['latency_p90_ms']:.1f})",
             f"{r['paper_top1']}%" if r["paper_top1"] else "",
             f"{r['paper_params_m']}M" if r["paper_params_m"] else "",
             f"{r['paper_flops_b']}B" if r["paper_flops_b"] else "",
         )
     console.print(table)
-    console.print("MACs count conv + linear multiply-accumulates; the paper prints them as FLOPs. "
-                  "Latency: median (p10-p90) on this machine's CPU, eager PyTorch.")
+    console.print(
+        "MACs count conv + linear multiply-accumulates; the paper prints them as FLOPs. "
+        "Latency: median (p10-p90) on this machine's CPU, eager PyTorch."
+    )
 
 
 def _run(work):

@@ -7,8 +7,13 @@ from typing import Any
 
 # ReXNet paper Table 5 widths, with the MobileNetV2 baselines the paper compares against.
 TABLE5_MODELS = (
-    "mobilenetv2_100", "mobilenetv2_140",
-    "rexnet_090", "rexnet_100", "rexnet_130", "rexnet_150", "rexnet_200",
+    "mobilenetv2_100",
+    "mobilenetv2_140",
+    "rexnet_090",
+    "rexnet_100",
+    "rexnet_130",
+    "rexnet_150",
+    "rexnet_200",
 )
 
 
@@ -31,12 +36,25 @@ def compare(
         config = get_model_config(name)
         model = create_model(name)
         cost = profile(model, input_size=config.input_size)
-        speed = benchmark(model, batch_size=batch_size, input_size=config.input_size, threads=threads,
-                          min_seconds=min_seconds)
-        rows.append(dict(
-            model=name, params=cost.params, macs=cost.macs, latency_ms=speed.median_ms,
-            latency_p10_ms=speed.p10_ms, latency_p90_ms=speed.p90_ms, batch_size=batch_size,
-            paper_top1=config.paper.get("top1"), paper_params_m=config.paper.get("params_m"),
-            paper_flops_b=config.paper.get("flops_b"),
-        ))
+        speed = benchmark(
+            model,
+            batch_size=batch_size,
+            input_size=config.input_size,
+            threads=threads,
+            min_seconds=min_seconds,
+        )
+        rows.append(
+            dict(
+                model=name,
+                params=cost.params,
+                macs=cost.macs,
+                latency_ms=speed.median_ms,
+                latency_p10_ms=speed.p10_ms,
+                latency_p90_ms=speed.p90_ms,
+                batch_size=batch_size,
+                paper_top1=config.paper.get("top1"),
+                paper_params_m=config.paper.get("params_m"),
+                paper_flops_b=config.paper.get("flops_b"),
+            )
+        )
     return rows

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -55,7 +56,9 @@ def get_model_config(name: str) -> ModelConfig:
     _ensure_models_loaded()
     if name not in _REGISTRY:
         prefixed = sorted(n for n in _REGISTRY if n.startswith(name))
-        close = list(dict.fromkeys(prefixed + difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4)))[:5]
+        close = list(
+            dict.fromkeys(prefixed + difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4))
+        )[:5]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownModelError(f"unknown model {name!r}{hint} (leanvision.list_models() lists all)")
     return _REGISTRY[name]

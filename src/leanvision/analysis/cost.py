@@ -53,16 +53,60 @@ def _input_elements(args: tuple, out: Any) -> int:
 
 
 _POINTWISE = [
-    "add", "sub", "mul", "div", "neg", "exp", "log", "sqrt", "rsqrt", "pow", "abs", "sign", "clamp", "clamp_min",
-    "clamp_max", "maximum", "minimum", "where", "relu", "relu6", "hardtanh", "sigmoid", "tanh", "silu",
-    "hardswish", "hardsigmoid", "gelu", "elu", "leaky_relu", "softplus", "_softmax", "_log_softmax",
-    "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
-    "native_layer_norm", "native_group_norm",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "neg",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "pow",
+    "abs",
+    "sign",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "maximum",
+    "minimum",
+    "where",
+    "relu",
+    "relu6",
+    "hardtanh",
+    "sigmoid",
+    "tanh",
+    "silu",
+    "hardswish",
+    "hardsigmoid",
+    "gelu",
+    "elu",
+    "leaky_relu",
+    "softplus",
+    "_softmax",
+    "_log_softmax",
+    "native_batch_norm",
+    "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training",
+    "native_layer_norm",
+    "native_group_norm",
 ]
-_REDUCING = ["mean", "sum", "avg_pool2d", "max_pool2d_with_indices", "_adaptive_avg_pool2d", "adaptive_max_pool2d"]
+_REDUCING = [
+    "mean",
+    "sum",
+    "avg_pool2d",
+    "max_pool2d_with_indices",
+    "_adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+]
 
 ELEMENTWISE_RULES: dict[Any, Callable[[tuple, Any], int]] = {
-    **{getattr(aten, n): _output_elements for name in _POINTWISE for n in (name, name + "_") if hasattr(aten, n)},
+    **{
+        getattr(aten, n): _output_elements
+        for name in _POINTWISE
+        for n in (name, name + "_")
+        if hasattr(aten, n)
+    },
     **{getattr(aten, name): _input_elements for name in _REDUCING if hasattr(aten, name)},
 }
 
@@ -152,7 +196,9 @@ def profile(
         if isinstance(output, torch.Tensor):
             shapes[names[module]] = list(output.shape)
 
-    hooks = [m.register_forward_pre_hook(enter) for m in names] + [m.register_forward_hook(leave) for m in names]
+    hooks = [m.register_forward_pre_hook(enter) for m in names] + [
+        m.register_forward_hook(leave) for m in names
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -168,7 +214,9 @@ def profile(
         own_params = sum(p.numel() for p in module.parameters(recurse=False))
         macs = counter.macs.get(name, 0)
         if own_params or macs:
-            layers.append(LayerCost(name or "(model)", type(module).__name__, shapes.get(name), own_params, macs))
+            layers.append(
+                LayerCost(name or "(model)", type(module).__name__, shapes.get(name), own_params, macs)
+            )
     params = sum(p.numel() for p in model.parameters())
     counted = "conv, linear, matmul" + (" + elementwise (1 op per element)" if elementwise else "")
     return CostReport(label, size, params, sum(counter.macs.values()), counted, layers)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-ActLayer = Optional[Callable[[], nn.Module]]
+ActLayer = Callable[[], nn.Module] | None
 
 
 class ConvNormAct(nn.Module):

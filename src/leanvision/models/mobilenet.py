@@ -61,13 +61,16 @@ class MobileNetV1(Classifier):
         in_chs, reduction = stem_chs, 2
         for i, (width, stride) in enumerate(zip(widths, MOBILENETV1_STRIDES)):
             if stride > 1:
-                self.feature_info.append(dict(module=f"features.{i - 1}" if i else "stem", num_chs=in_chs,
-                                              reduction=reduction))
+                self.feature_info.append(
+                    dict(module=f"features.{i - 1}" if i else "stem", num_chs=in_chs, reduction=reduction)
+                )
                 reduction *= stride
             out_chs = round(width * width_mult)
             blocks.append(DepthwiseSeparable(in_chs, out_chs, stride, dw_act=nn.ReLU, pw_act=pw_act))
             in_chs = out_chs
-        self.feature_info.append(dict(module=f"features.{len(blocks) - 1}", num_chs=in_chs, reduction=reduction))
+        self.feature_info.append(
+            dict(module=f"features.{len(blocks) - 1}", num_chs=in_chs, reduction=reduction)
+        )
         self.features = nn.Sequential(*blocks)
         self.head = ClassifierHead(in_chs, num_classes, drop_rate)
 
@@ -91,8 +94,9 @@ class MobileNetV2(torchvision.models.MobileNetV2):
 
     total_stride = 32
 
-    def __init__(self, width_mult: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.2) -> None:
+    def __init__(
+        self, width_mult: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2
+    ) -> None:
         if not width_mult > 0:
             raise ValueError(f"width_mult must be a positive number, got {width_mult}")
         super().__init__(num_classes=max(num_classes, 1), width_mult=width_mult, dropout=drop_rate)
@@ -106,11 +110,14 @@ class MobileNetV2(torchvision.models.MobileNetV2):
         for i, block in enumerate(self.features):
             stride = _block_stride(block)
             if stride > 1 and i > 0:
-                self.feature_info.append(dict(module=f"features.{i - 1}", num_chs=channels, reduction=reduction))
+                self.feature_info.append(
+                    dict(module=f"features.{i - 1}", num_chs=channels, reduction=reduction)
+                )
             reduction *= stride
             channels = _block_out_channels(block)
-        self.feature_info.append(dict(module=f"features.{len(self.features) - 1}", num_chs=channels,
-                                      reduction=reduction))
+        self.feature_info.append(
+            dict(module=f"features.{len(self.features) - 1}", num_chs=channels, reduction=reduction)
+        )
         if num_classes == 0:
             self.reset_classifier(0)
 
@@ -162,7 +169,12 @@ register_model("rexnet_plain", rexnet_plain, paper=dict(top1=74.8, params_m=3.4,
 register_model("mobilenetv2", mobilenetv2)
 # Published ImageNet numbers (MobileNetV2 paper Table 6/7 as cited by ReXNet Table 4 and RNNPool).
 for _w, _paper in {
-    0.35: dict(top1=60.3), 0.5: dict(top1=65.4), 0.75: dict(top1=69.8),
-    1.0: dict(top1=72.0, params_m=3.5, flops_b=0.30), 1.4: dict(top1=74.7, params_m=6.9, flops_b=0.59),
+    0.35: dict(top1=60.3),
+    0.5: dict(top1=65.4),
+    0.75: dict(top1=69.8),
+    1.0: dict(top1=72.0, params_m=3.5, flops_b=0.30),
+    1.4: dict(top1=74.7, params_m=6.9, flops_b=0.59),
 }.items():
-    register_model(f"mobilenetv2_{round(_w * 100):03d}", mobilenetv2, kwargs=dict(width_mult=_w), paper=_paper)
+    register_model(
+        f"mobilenetv2_{round(_w * 100):03d}", mobilenetv2, kwargs=dict(width_mult=_w), paper=_paper
+    )

@@ -92,7 +92,9 @@ class ReXNet(Classifier):
 
     @staticmethod
     def _level(block: int, channels: int, reduction: int) -> dict:
-        return dict(module="stem" if block < 0 else f"features.{block}", num_chs=channels, reduction=reduction)
+        return dict(
+            module="stem" if block < 0 else f"features.{block}", num_chs=channels, reduction=reduction
+        )
 
 
 def rexnet(width_mult: float = 1.0, **kwargs) -> ReXNet:
@@ -107,21 +109,37 @@ def rexnet_lite(width_mult: float = 1.0, **kwargs) -> ReXNet:
 
 # Published ImageNet numbers (ReXNet paper Tables 5, A1, A3): top-1 %, params (M), FLOPs as printed (B).
 _REXNET_PAPER = {
-    0.9: (77.2, 4.1, 0.35), 1.0: (77.9, 4.8, 0.40), 1.1: (78.6, 5.6, 0.48), 1.2: (79.0, 6.6, 0.57),
-    1.3: (79.5, 7.6, 0.66), 1.4: (79.8, 8.6, 0.76), 1.5: (80.3, 9.7, 0.86), 2.0: (81.6, 16.0, 1.5),
-    2.2: (81.7, 19.0, 1.8), 3.0: (82.8, 34.0, 3.4),
+    0.9: (77.2, 4.1, 0.35),
+    1.0: (77.9, 4.8, 0.40),
+    1.1: (78.6, 5.6, 0.48),
+    1.2: (79.0, 6.6, 0.57),
+    1.3: (79.5, 7.6, 0.66),
+    1.4: (79.8, 8.6, 0.76),
+    1.5: (80.3, 9.7, 0.86),
+    2.0: (81.6, 16.0, 1.5),
+    2.2: (81.7, 19.0, 1.8),
+    3.0: (82.8, 34.0, 3.4),
 }
-_REXNET_LITE_PAPER = {1.0: (76.2, 4.7, 0.4), 1.3: (77.8, 6.8, 0.6), 1.5: (78.6, 8.3, 0.8), 2.0: (80.2, 13.0, 1.5)}
+_REXNET_LITE_PAPER = {
+    1.0: (76.2, 4.7, 0.4),
+    1.3: (77.8, 6.8, 0.6),
+    1.5: (78.6, 8.3, 0.8),
+    2.0: (80.2, 13.0, 1.5),
+}
 
 register_model("rexnet", rexnet)
 register_model("rexnet_lite", rexnet_lite)
 for _w, (_top1, _params, _flops) in _REXNET_PAPER.items():
     register_model(
-        f"rexnet_{round(_w * 100):03d}", rexnet, kwargs=dict(width_mult=_w),
+        f"rexnet_{round(_w * 100):03d}",
+        rexnet,
+        kwargs=dict(width_mult=_w),
         paper=dict(top1=_top1, params_m=_params, flops_b=_flops),
     )
 for _w, (_top1, _params, _flops) in _REXNET_LITE_PAPER.items():
     register_model(
-        f"rexnet_lite_{round(_w * 100):03d}", rexnet_lite, kwargs=dict(width_mult=_w),
+        f"rexnet_lite_{round(_w * 100):03d}",
+        rexnet_lite,
+        kwargs=dict(width_mult=_w),
         paper=dict(top1=_top1, params_m=_params, flops_b=_flops),
     )
