@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanvision.layers.conv import ActLayer, ConvNormAct
+from leanvision.layers.conv import ActLayer, ConvNormAct, create_act
 from leanvision.layers.squeeze_excite import SqueezeExcite
 
 
@@ -35,7 +35,7 @@ class LinearBottleneck(nn.Module):
         self.conv_exp = ConvNormAct(in_channels, mid, act_layer=exp_act) if expansion != 1 else None
         self.conv_dw = ConvNormAct(mid, mid, 3, stride, groups=mid, act_layer=None)
         self.se = SqueezeExcite(mid, se_channels) if se_channels > 0 else None
-        self.act_dw = dw_act() if dw_act is not None else nn.Identity()
+        self.act_dw = create_act(dw_act, inplace=True)  # its input is fresh: a BN, SE or folded-conv output
         self.conv_pwl = ConvNormAct(mid, out_channels, act_layer=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,198 @@
+"""ReXNet-1.0 CPU speed: our eager model and our deploy path (leanvision.fuse_for_inference) against timm.
+
+All candidates run in one process on the same weights and the same input, interleaved: each round times
+every candidate back to back (the order rotating between rounds), so drifts in machine speed hit them
+alike. A candidate's median/p10/p90 pool its timed runs of all rounds; its speed-up is the median over
+rounds of timm_ms / ours_ms, each ratio taken within one round. Outputs are checked against timm's.
+
+Issue targets: our eager >= 1.0x timm and our deploy >= 1.5x timm, at batch 1 and 32. The deploy model is
+timed as it is (eager) and wrapped in torch.compile (inductor; --no-compile skips it, the first compile of
+each batch size takes about a minute on 2 cores).
+
+    python benchmarks/rexnet_speed.py [--threads N] [--batch-sizes 1,32] [--min-seconds S] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+import leanvision
+from leanvision.bench import measure, percentiles
+from leanvision.deploy import fuse_for_inference
+
+TARGETS = {"ours_eager": 1.0, "ours_deploy": 1.5, "ours_deploy_compile": 1.5}
+MAX_REL_DIFF = 1e-4
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/rexnet_speed.json"), help="JSON output path"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
+    parser.add_argument(
+        "--min-seconds", type=float, default=1.0, help="timed seconds per candidate per round"
+    )
+    parser.add_argument("--min-iters", type=int, default=3, help="timed runs per candidate per round")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per batch size")
+    parser.add_argument("--checkpoint", default=None, help="weights for our rexnet_100 (default: random)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time torch.compile of the deploy model",
+    )
+    args = parser.parse_args()
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if min(args.batch_sizes) < 1 or args.rounds < 1 or args.min_iters < 1 or (args.threads or 1) < 1:
+        parser.error("batch sizes, --rounds, --min-iters and --threads must be >= 1")
+    return args
+
+
+def calibrate_batchnorm(model: nn.Module) -> nn.Module:
+    """Set each BN's running statistics from one train-mode pass over random images.
+
+    Activations then have the unit scale of a trained network; at default init they shrink to ~1e-7 deep
+    in the net, where denormal floats would distort the timings.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.momentum = 1.0  # the running statistics become this batch's
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+    for bn, momentum in zip(norms, momenta):
+        bn.momentum = momentum
+    return model.eval()
+
+
+def build_candidates(checkpoint: str | None, compile: bool) -> dict[str, tuple[nn.Module, bool]]:
+    """name -> (eval-mode model, whether it takes a channels_last input); timm first, same weights."""
+    ours = leanvision.create_model("rexnet_100", pretrained=checkpoint)
+    if checkpoint is None:
+        calibrate_batchnorm(ours)
+    ours.eval()
+    reference = timm.create_model("rexnet_100").eval()
+    reference.load_state_dict(ours.state_dict())
+    deploy = fuse_for_inference(ours)
+    candidates = {
+        "timm_eager": (reference, False),
+        "ours_eager": (ours, False),
+        "ours_deploy": (deploy, True),
+    }
+    if compile:
+        candidates["ours_deploy_compile"] = (torch.compile(deploy, dynamic=False), True)
+    return candidates
+
+
+def run_batch(
+    candidates: dict[str, tuple[nn.Module, bool]], batch_size: int, args: argparse.Namespace
+) -> dict:
+    x = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    inputs = {
+        name: x.contiguous(memory_format=torch.channels_last) if cl else x
+        for name, (_, cl) in candidates.items()
+    }
+    names = list(candidates)
+    with torch.inference_mode():
+        outputs = {name: candidates[name][0](inputs[name]) for name in names}  # also the first warm-up
+        reference = outputs["timm_eager"]
+        rel_diff = {
+            name: float((out - reference).abs().max() / reference.abs().max())
+            for name, out in outputs.items()
+        }
+        times: dict[str, list[float]] = {name: [] for name in names}
+        round_medians: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(args.rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                forward = partial(candidates[name][0], inputs[name])
+                t = measure(forward, 2 if r == 0 else 1, args.min_iters, args.min_seconds)
+                times[name] += t
+                round_medians[name].append(percentiles(t)[1])
+    configs = {}
+    for name in names:
+        p10, median, p90 = percentiles(times[name])
+        configs[name] = dict(
+            median_ms=median,
+            p10_ms=p10,
+            p90_ms=p90,
+            iterations=len(times[name]),
+            round_medians_ms=round_medians[name],
+            max_rel_diff_vs_timm=rel_diff[name],
+        )
+    speedups = {
+        name: statistics.median(t / o for t, o in zip(round_medians["timm_eager"], round_medians[name]))
+        for name in names[1:]
+    }
+    return dict(
+        batch_size=batch_size,
+        configs=configs,
+        speedup_vs_timm=speedups,
+        outputs_match=max(rel_diff.values()) <= MAX_REL_DIFF,
+        targets_met={name: speedups[name] >= TARGETS[name] for name in names[1:]},
+    )
+
+
+def print_summary(results: list[dict]) -> None:
+    print(
+        f"{'batch':>5}  {'config':<20} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'vs timm':>8} "
+        f"{'max rel diff':>12}"
+    )
+    for res in results:
+        for name, c in res["configs"].items():
+            speedup = res["speedup_vs_timm"].get(name, 1.0)
+            print(
+                f"{res['batch_size']:>5}  {name:<20} {c['median_ms']:>10.2f} {c['p10_ms']:>9.2f} "
+                f"{c['p90_ms']:>9.2f} {speedup:>7.2f}x {c['max_rel_diff_vs_timm']:>12.1e}"
+            )
+    for name in results[0]["targets_met"]:
+        met = ", ".join(
+            f"batch {r['batch_size']}: {'met' if r['targets_met'][name] else 'MISSED'}" for r in results
+        )
+        print(f"target {name} >= {TARGETS[name]}x timm: {met}")
+
+
+def main() -> int:
+    args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    candidates = build_candidates(args.checkpoint, args.compile)
+    results = [run_batch(candidates, bs, args) for bs in args.batch_sizes]
+    report = dict(
+        model="rexnet_100",
+        input_size=[3, 224, 224],
+        device="cpu",
+        threads=torch.get_num_threads(),
+        rounds=args.rounds,
+        min_seconds=args.min_seconds,
+        min_iters=args.min_iters,
+        weights=args.checkpoint or "random, BN statistics calibrated",
+        versions=dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__),
+        machine=platform.machine(),
+        speedup="median over rounds of timm_ms / ours_ms, both timed in the same round",
+        targets={name: TARGETS[name] for name in results[0]["targets_met"]},
+        results=results,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print_summary(results)
+    print(f"wrote {args.out}")
+    if not all(r["outputs_match"] for r in results):
+        print(f"ERROR: an output differs from timm's by more than {MAX_REL_DIFF} (relative)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

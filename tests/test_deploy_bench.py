@@ -1,0 +1,140 @@
+"""fuse_for_inference (BN folding, layout) and benchmark(): results, side effects and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import leanvision
+from conftest import randomize_
+from leanvision.bench import BenchResult, benchmark
+from leanvision.deploy import fold_batchnorm_, fuse_for_inference
+
+
+def n_batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["rexnet_100", "rexnet_lite_100", "mobilenetv2_100", "rexnet_plain"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_model_matches_and_leaves_the_input_alone(name, channels_last):
+    model = randomize_(leanvision.create_model(name))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    batchnorms = n_batchnorms(model)
+
+    fused = fuse_for_inference(model, channels_last=channels_last)
+
+    assert not fused.training and n_batchnorms(fused) == 0
+    full_convs = [
+        m for m in fused.modules() if isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size != (1, 1)
+    ]
+    assert full_convs and all(  # (1x1 and depthwise weights are contiguous in both layouts)
+        m.weight.is_contiguous(memory_format=torch.channels_last) == channels_last for m in full_convs
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            fused(x.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-4, atol=1e-5
+        )
+    assert model.training and n_batchnorms(model) == batchnorms
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_fold_rule_skips_what_it_cannot_fold():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4, track_running_stats=False),  # normalises by batch statistics even in eval
+        nn.ReLU(),
+        nn.BatchNorm2d(4),  # fed by an activation, not a conv
+        nn.Conv2d(4, 6, 1, bias=True),  # the one foldable pair, conv bias included
+        nn.BatchNorm2d(6),
+    )
+    randomize_(model)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        assert fold_batchnorm_(model) == 1
+        assert [type(m) for m in model[1::2]] == [nn.BatchNorm2d, nn.BatchNorm2d, nn.Identity]
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_models_without_batchnorm_are_copied_unchanged():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    x = torch.randn(1, 3, 8, 8)
+    expected = model(x)
+    fused = fuse_for_inference(model)
+    assert fused is not model and model.training
+    torch.testing.assert_close(fused(x), expected)
+
+
+def test_benchmark_fields():
+    result = benchmark(
+        "rexnet_100", batch_size=2, input_size=(3, 64, 64), warmup=1, min_iters=3, min_seconds=0.0
+    )
+    assert isinstance(result, BenchResult)
+    assert result.model == "rexnet_100" and result.batch_size == 2 and result.device == "cpu"
+    assert result.input_size == (3, 64, 64) and result.threads == torch.get_num_threads()
+    assert result.iterations >= 3 and not (result.compile or result.deploy or result.channels_last)
+    assert 0 < result.p10_ms <= result.median_ms <= result.p90_ms
+    assert result.images_per_s == pytest.approx(2e3 / result.median_ms)
+    assert result.to_dict()["median_ms"] == result.median_ms
+
+
+def test_benchmark_deploy_threads_and_modules():
+    threads = torch.get_num_threads()
+    model = leanvision.create_model("rexnet_plain", num_classes=10)
+    result = benchmark(
+        model, input_size=(3, 32, 32), threads=1, deploy=True, warmup=0, min_iters=1, min_seconds=0.0
+    )
+    assert result.threads == 1 and torch.get_num_threads() == threads
+    assert result.deploy and result.channels_last and result.model == "rexnet_plain"
+    assert model.training and n_batchnorms(model) > 0  # the caller's module is not touched
+    assert benchmark(nn.Conv2d(3, 4, 3), warmup=0, min_iters=1, min_seconds=0.0).model == "Conv2d"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(batch_size=0), "batch_size"),
+        (dict(threads=0), "threads"),
+        (dict(input_size=(3, 0, 64)), "input_size"),
+        (dict(min_iters=0), "min_iters"),
+        (dict(device="tpu"), "device"),
+        (dict(device="meta"), "device"),
+    ],
+)
+def test_benchmark_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        benchmark("rexnet_100", **kwargs)
+
+
+def test_benchmark_model_kwargs_need_a_name():
+    with pytest.raises(TypeError, match="model name"):
+        benchmark(nn.Identity(), num_classes=10)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_benchmark_cuda_unavailable():
+    with pytest.raises(ValueError, match="cuda"):
+        benchmark("rexnet_100", device="cuda")
+
+
+@pytest.mark.slow
+def test_benchmark_compile():
+    result = benchmark(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),
+        input_size=(3, 16, 16),
+        compile=True,
+        warmup=0,
+        min_iters=2,
+        min_seconds=0.0,
+    )
+    assert result.compile and result.iterations >= 2
