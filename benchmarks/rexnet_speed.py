@@ -1,15 +1,16 @@
 """ReXNet-1.0 CPU speed: our eager model and our deploy path (leanvision.fuse_for_inference) against timm.
 
 All candidates run in one process on the same weights and the same input, interleaved: each round times
-every candidate back to back (the order rotating between rounds), so drifts in machine speed hit them
-alike. A candidate's median/p10/p90 pool its timed runs of all rounds; its speed-up is the median over
-rounds of timm_ms / ours_ms, each ratio taken within one round. Outputs are checked against timm's.
+one forward pass of every candidate back to back (the order rotating between rounds), so drifts in
+machine speed hit them alike; rounds repeat for --seconds per batch size (at least --min-rounds). A
+candidate's median/p10/p90 pool its passes; its speed-up is the median over rounds of timm_ms / ours_ms,
+each ratio taken within one round. Outputs are checked against timm's.
 
 Issue targets: our eager >= 1.0x timm and our deploy >= 1.5x timm, at batch 1 and 32. The deploy model is
 timed as it is (eager) and wrapped in torch.compile (inductor; --no-compile skips it, the first compile of
 each batch size takes about a minute on 2 cores).
 
-    python benchmarks/rexnet_speed.py [--threads N] [--batch-sizes 1,32] [--min-seconds S] [--no-compile]
+    python benchmarks/rexnet_speed.py [--threads N] [--batch-sizes 1,32] [--seconds S] [--no-compile]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import platform
 import statistics
 import sys
-from functools import partial
+import time
 from pathlib import Path
 
 import timm
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 import leanvision
-from leanvision.bench import measure, percentiles
+from leanvision.bench import percentiles
 from leanvision.deploy import fuse_for_inference
 
 TARGETS = {"ours_eager": 1.0, "ours_deploy": 1.5, "ours_deploy_compile": 1.5}
@@ -41,11 +42,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
+    parser.add_argument("--seconds", type=float, default=60.0, help="timed seconds per batch size")
     parser.add_argument(
-        "--min-seconds", type=float, default=1.0, help="timed seconds per candidate per round"
+        "--min-rounds", type=int, default=10, help="interleaved rounds per batch size, at least"
     )
-    parser.add_argument("--min-iters", type=int, default=3, help="timed runs per candidate per round")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per batch size")
     parser.add_argument("--checkpoint", default=None, help="weights for our rexnet_100 (default: random)")
     parser.add_argument(
         "--compile",
@@ -55,8 +55,8 @@ def parse_args() -> argparse.Namespace:
     )
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    if min(args.batch_sizes) < 1 or args.rounds < 1 or args.min_iters < 1 or (args.threads or 1) < 1:
-        parser.error("batch sizes, --rounds, --min-iters and --threads must be >= 1")
+    if min(args.batch_sizes) < 1 or args.min_rounds < 1 or (args.threads or 1) < 1 or args.seconds < 0:
+        parser.error("batch sizes, --min-rounds and --threads must be >= 1, --seconds >= 0")
     return args
 
 
@@ -112,14 +112,16 @@ def run_batch(
             name: float((out - reference).abs().max() / reference.abs().max())
             for name, out in outputs.items()
         }
+        for name in names:  # second warm-up call each
+            candidates[name][0](inputs[name])
         times: dict[str, list[float]] = {name: [] for name in names}
-        round_medians: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(args.rounds):
+        start = time.perf_counter()
+        while len(times["timm_eager"]) < args.min_rounds or time.perf_counter() - start < args.seconds:
+            r = len(times["timm_eager"])
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                forward = partial(candidates[name][0], inputs[name])
-                t = measure(forward, 2 if r == 0 else 1, args.min_iters, args.min_seconds)
-                times[name] += t
-                round_medians[name].append(percentiles(t)[1])
+                t0 = time.perf_counter()
+                candidates[name][0](inputs[name])
+                times[name].append((time.perf_counter() - t0) * 1e3)
     configs = {}
     for name in names:
         p10, median, p90 = percentiles(times[name])
@@ -127,13 +129,11 @@ def run_batch(
             median_ms=median,
             p10_ms=p10,
             p90_ms=p90,
-            iterations=len(times[name]),
-            round_medians_ms=round_medians[name],
+            rounds=len(times[name]),
             max_rel_diff_vs_timm=rel_diff[name],
         )
     speedups = {
-        name: statistics.median(t / o for t, o in zip(round_medians["timm_eager"], round_medians[name]))
-        for name in names[1:]
+        name: statistics.median(t / o for t, o in zip(times["timm_eager"], times[name])) for name in names[1:]
     }
     return dict(
         batch_size=batch_size,
@@ -174,13 +174,12 @@ def main() -> int:
         input_size=[3, 224, 224],
         device="cpu",
         threads=torch.get_num_threads(),
-        rounds=args.rounds,
-        min_seconds=args.min_seconds,
-        min_iters=args.min_iters,
+        seconds_per_batch_size=args.seconds,
+        min_rounds=args.min_rounds,
         weights=args.checkpoint or "random, BN statistics calibrated",
         versions=dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__),
         machine=platform.machine(),
-        speedup="median over rounds of timm_ms / ours_ms, both timed in the same round",
+        speedup="median over rounds of timm_ms / ours_ms, one pass each, back to back in the same round",
         targets={name: TARGETS[name] for name in results[0]["targets_met"]},
         results=results,
     )

@@ -11,7 +11,7 @@ from torch import nn
 import leanvision
 from conftest import randomize_
 from leanvision.bench import BenchResult, benchmark
-from leanvision.deploy import fold_batchnorm_, fuse_for_inference
+from leanvision.deploy import PointwiseConv, fold_batchnorm_, fuse_for_inference
 
 
 def n_batchnorms(model: nn.Module) -> int:
@@ -138,3 +138,23 @@ def test_benchmark_compile():
         min_seconds=0.0,
     )
     assert result.compile and result.iterations >= 2
+
+
+@pytest.mark.parametrize("size", [4, 16, 32])  # 16 and 64 pixels run as a GEMM, 1024 as a convolution
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pointwise_conv_equals_conv2d_on_both_paths(size, channels_last):
+    conv = nn.Conv2d(12, 20, 1)
+    fused = fuse_for_inference(nn.Sequential(conv), channels_last=channels_last)
+    assert type(fused[0]) is PointwiseConv and fused[0].state_dict().keys() == conv.state_dict().keys()
+    x = torch.randn(1, 12, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_only_plain_pointwise_convs_are_replaced():
+    fused = fuse_for_inference(leanvision.create_model("rexnet_100"))
+    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    pointwise = [m for m in convs if type(m) is PointwiseConv]
+    assert all(m.kernel_size == (1, 1) and m.groups == 1 for m in pointwise)
+    assert all(m.kernel_size != (1, 1) for m in convs if type(m) is nn.Conv2d)
+    assert len(pointwise) == 15 + 16 + 2 * 13 + 1  # expand, project, SE fc1/fc2, head conv

@@ -9,15 +9,17 @@ InvertedResidual tail) and true by construction for ConvNormAct, SqueezeExcite (
 ClassifierHead hidden layer here, as for timm's and torchvision's modules. Exact types keep subclasses
 whose forward differs (weight-standardised convs, BN with a built-in activation) out of the rule.
 
-What was measured (benchmarks/rexnet_speed.py, ReXNet-1.0 against timm's eager model, 2-core AMD EPYC
-with AVX-512) and kept: folding plus channels_last, 1.4x at batch 1 and 2.5x at batch 32. channels_last
-is most of it: oneDNN runs the convolutions (depthwise ones especially) on NHWC activations directly
-instead of reordering them to and from its blocked layout around every call; folding drops the BN passes.
-Left out: TorchScript trace + freeze (about 15% faster at batch 1, but deprecated and tied to an example
-input), torch.jit.optimize_for_inference (slower), prepacked oneDNN weights and 1x1 convolutions as
-matmuls (no gain). torch.compile on top of the fused model gains another 10-25% after a compile of about
-a minute on 2 cores; it is left to the caller, e.g. `leanvision.bench.benchmark(..., deploy=True,
-compile=True)`.
+Then every plain 1x1 convolution becomes a PointwiseConv: a GEMM over the pixels when the map is small.
+
+What was measured (benchmarks/rexnet_speed.py, ReXNet-1.0 against timm's eager model, 2-core x86 CPU,
+single passes interleaved) and kept: folding, channels_last and PointwiseConv, 1.54x at batch 1 and 2.5x
+at batch 32. channels_last is most of it: oneDNN runs the convolutions (depthwise ones especially) on
+NHWC activations directly instead of reordering them to and from its blocked layout around every call;
+folding drops the BN passes; PointwiseConv removes oneDNN's per-call cost on the squeeze-excite vectors
+and the 7x7 / 14x14 maps at batch 1 (about 1.44x -> 1.54x). Left out: TorchScript trace + freeze
+(deprecated, tied to an example input), torch.jit.optimize_for_inference (slower), prepacked oneDNN
+weights (no gain). torch.compile on top gains another 10-25% after a compile of about a minute on
+2 cores; it is left to the caller: `leanvision.bench.benchmark(..., deploy=True, compile=True)`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,53 @@ import copy
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+
+class PointwiseConv(nn.Conv2d):
+    """A 1x1, stride-1, ungrouped convolution that runs as one GEMM over the pixels when the map is small.
+
+    On an NHWC (channels_last) tensor a 1x1 convolution is a matrix product of [pixels, C_in] by
+    [C_in, C_out]. For small maps (squeeze-excite vectors, 7x7 and 14x14 stages at batch 1) oneDNN's
+    per-call set-up dominates and the plain GEMM is faster; above `max_pixels` the convolution wins.
+    Same parameters and state_dict keys as the Conv2d it replaces.
+    """
+
+    max_pixels = 256
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if n * h * w > self.max_pixels:
+            return super().forward(x)
+        y = nn.functional.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
+        return y.permute(0, 3, 1, 2)
+
+
+def _as_pointwise(conv: nn.Conv2d) -> PointwiseConv:
+    pointwise = PointwiseConv(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None)
+    pointwise.load_state_dict(conv.state_dict())
+    return pointwise
+
+
+def _is_pointwise(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+def use_pointwise_convs_(model: nn.Module) -> int:
+    """Replace, in place, every plain 1x1 convolution by an equivalent PointwiseConv; returns how many."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_pointwise(child):
+                setattr(parent, name, _as_pointwise(child))
+                replaced += 1
+    return replaced
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -59,11 +108,12 @@ def fuse_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Modul
     """A new eval-mode copy of `model` with BatchNorm folded into convolutions; `model` is left unchanged.
 
     With `channels_last=True` the 4-D weights are stored NHWC, so convolutions produce channels_last
-    outputs whatever the input layout (feeding channels_last inputs saves one conversion). Outputs equal
-    the eval-mode original's to float rounding. Models without BatchNorm are copied unchanged.
+    outputs whatever the input layout (feeding channels_last inputs saves one conversion). Plain 1x1
+    convolutions become PointwiseConv. Outputs equal the eval-mode original's to float rounding.
     """
     fused = copy.deepcopy(model).eval()
     fold_batchnorm_(fused)
+    use_pointwise_convs_(fused)
     if channels_last:
         fused = fused.to(memory_format=torch.channels_last)
     return fused
