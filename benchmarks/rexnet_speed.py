@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import leanvision
-from leanvision.bench import percentiles
+from leanvision.bench import calibrate_batchnorm, percentiles
 from leanvision.deploy import fuse_for_inference
 
 TARGETS = {"ours_eager": 1.0, "ours_deploy": 1.5, "ours_deploy_compile": 1.5}
@@ -58,23 +58,6 @@ def parse_args() -> argparse.Namespace:
     if min(args.batch_sizes) < 1 or args.min_rounds < 1 or (args.threads or 1) < 1 or args.seconds < 0:
         parser.error("batch sizes, --min-rounds and --threads must be >= 1, --seconds >= 0")
     return args
-
-
-def calibrate_batchnorm(model: nn.Module) -> nn.Module:
-    """Set each BN's running statistics from one train-mode pass over random images.
-
-    Activations then have the unit scale of a trained network; at default init they shrink to ~1e-7 deep
-    in the net, where denormal floats would distort the timings.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    momenta = [bn.momentum for bn in norms]
-    for bn in norms:
-        bn.momentum = 1.0  # the running statistics become this batch's
-    with torch.no_grad():
-        model.train()(torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
-    for bn, momentum in zip(norms, momenta):
-        bn.momentum = momentum
-    return model.eval()
 
 
 def build_candidates(checkpoint: str | None, compile: bool) -> dict[str, tuple[nn.Module, bool]]:

@@ -10,7 +10,7 @@ from torch import nn
 
 import leanvision
 from conftest import randomize_
-from leanvision.bench import BenchResult, benchmark
+from leanvision.bench import BenchResult, benchmark, calibrate_batchnorm
 from leanvision.deploy import PointwiseConv, fold_batchnorm_, fuse_for_inference
 
 
@@ -158,3 +158,13 @@ def test_only_plain_pointwise_convs_are_replaced():
     assert all(m.kernel_size == (1, 1) and m.groups == 1 for m in pointwise)
     assert all(m.kernel_size != (1, 1) for m in convs if type(m) is nn.Conv2d)
     assert len(pointwise) == 15 + 16 + 2 * 13 + 1  # expand, project, SE fc1/fc2, head conv
+
+
+def test_calibrate_batchnorm_sets_batch_statistics_and_restores_momentum():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.1))
+    calibrated = calibrate_batchnorm(model, input_size=(3, 8, 8))
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # the batch it draws
+    with torch.no_grad():
+        conv_out = model[0](x)
+    torch.testing.assert_close(model[1].running_mean, conv_out.mean((0, 2, 3)))
+    assert calibrated is model and not model.training and model[1].momentum == 0.1

@@ -153,36 +153,28 @@ def compare(
                 names or TABLE5_MODELS,
                 threads=threads,
                 min_seconds=min_seconds,
-                on_model=lambda n: progress.update(task, description=f"measuring {n}"),
+                on_model=lambda step: progress.update(task, description=step),
             )
         )
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table(
-        "model",
-        "params",
-        "MACs",
-        "latency b=1 (ms)",
-        "paper top-1",
-        "paper params",
-        "paper FLOPs",
-        title="ReXNet vs MobileNetV2 at 224x224 (measured here; paper columns from the ReXNet paper)",
-    )
+    table = Table("model", "params", "MACs", "ms (b=1)", "top-1*", "params*", "FLOPs*")
     for r in rows:
         table.add_row(
             r["model"],
             _millions(r["params"]),
             f"{r['macs'] / 1e9:.3f}G",
-            f"{r['latency_ms']:.1f} ({r['latency_p10_ms']:.1f}-{r['latency_p90_ms']:.1f})",
+            f"{r['latency_ms']:.1f}",
             f"{r['paper_top1']}%" if r["paper_top1"] else "",
             f"{r['paper_params_m']}M" if r["paper_params_m"] else "",
             f"{r['paper_flops_b']}B" if r["paper_flops_b"] else "",
         )
     console.print(table)
     console.print(
-        "MACs count conv + linear multiply-accumulates; the paper prints them as FLOPs. "
-        "Latency: median (p10-p90) on this machine's CPU, eager PyTorch."
+        "At 224x224. MACs: conv + linear multiply-accumulates (papers print them as FLOPs). "
+        "ms: median batch-1 CPU latency on this machine, eager PyTorch, models timed in interleaved rounds. "
+        "*: ImageNet numbers published in the ReXNet paper (Tables 4, 5, A1, A2)."
     )
 
 

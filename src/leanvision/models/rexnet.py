@@ -107,7 +107,8 @@ def rexnet_lite(width_mult: float = 1.0, **kwargs) -> ReXNet:
     return ReXNet(width_mult=width_mult, lite=True, **kwargs)
 
 
-# Published ImageNet numbers (ReXNet paper Tables 5, A1, A3): top-1 %, params (M), FLOPs as printed (B).
+# Published ImageNet numbers (ReXNet paper Tables 5 and A1; lite: Table A2):
+# top-1 %, params (M), FLOPs as printed (B).
 _REXNET_PAPER = {
     0.9: (77.2, 4.1, 0.35),
     1.0: (77.9, 4.8, 0.40),
