@@ -21,6 +21,17 @@ def check_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) 
         )
 
 
+def check_width(width_mult: float) -> None:
+    """Raise a ValueError unless the width multiplier is a positive number."""
+    if not width_mult > 0:
+        raise ValueError(f"width_mult must be a positive number, got {width_mult}")
+
+
+def feature_level(block: int, channels: int, reduction: int) -> dict:
+    """A `feature_info` entry for the output of `features[block]` (block -1 is the stem)."""
+    return dict(module="stem" if block < 0 else f"features.{block}", num_chs=channels, reduction=reduction)
+
+
 class Classifier(nn.Module):
     """Base for classifiers laid out as `stem -> features -> head`.
 

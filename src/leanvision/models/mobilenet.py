@@ -8,7 +8,7 @@ from torch import nn
 
 from leanvision.layers import ClassifierHead, ConvNormAct
 from leanvision.layers.conv import ActLayer
-from leanvision.models.base import Classifier, check_input
+from leanvision.models.base import Classifier, check_input, check_width, feature_level
 from leanvision.registry import register_model
 
 # Pointwise output widths and depthwise strides of the 13 depthwise-separable blocks of MobileNetV1.
@@ -51,8 +51,7 @@ class MobileNetV1(Classifier):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if not width_mult > 0:
-            raise ValueError(f"width_mult must be a positive number, got {width_mult}")
+        check_width(width_mult)
         self.in_chans = in_chans
         self.total_stride = 32
         stem_chs = round(32 * width_mult)
@@ -61,16 +60,12 @@ class MobileNetV1(Classifier):
         in_chs, reduction = stem_chs, 2
         for i, (width, stride) in enumerate(zip(widths, MOBILENETV1_STRIDES)):
             if stride > 1:
-                self.feature_info.append(
-                    dict(module=f"features.{i - 1}" if i else "stem", num_chs=in_chs, reduction=reduction)
-                )
+                self.feature_info.append(feature_level(i - 1, in_chs, reduction))
                 reduction *= stride
             out_chs = round(width * width_mult)
             blocks.append(DepthwiseSeparable(in_chs, out_chs, stride, dw_act=nn.ReLU, pw_act=pw_act))
             in_chs = out_chs
-        self.feature_info.append(
-            dict(module=f"features.{len(blocks) - 1}", num_chs=in_chs, reduction=reduction)
-        )
+        self.feature_info.append(feature_level(len(blocks) - 1, in_chs, reduction))
         self.features = nn.Sequential(*blocks)
         self.head = ClassifierHead(in_chs, num_classes, drop_rate)
 
@@ -97,8 +92,7 @@ class MobileNetV2(torchvision.models.MobileNetV2):
     def __init__(
         self, width_mult: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2
     ) -> None:
-        if not width_mult > 0:
-            raise ValueError(f"width_mult must be a positive number, got {width_mult}")
+        check_width(width_mult)
         super().__init__(num_classes=max(num_classes, 1), width_mult=width_mult, dropout=drop_rate)
         if in_chans != 3:
             stem = self.features[0][0]
@@ -110,14 +104,10 @@ class MobileNetV2(torchvision.models.MobileNetV2):
         for i, block in enumerate(self.features):
             stride = _block_stride(block)
             if stride > 1 and i > 0:
-                self.feature_info.append(
-                    dict(module=f"features.{i - 1}", num_chs=channels, reduction=reduction)
-                )
+                self.feature_info.append(feature_level(i - 1, channels, reduction))
             reduction *= stride
             channels = _block_out_channels(block)
-        self.feature_info.append(
-            dict(module=f"features.{len(self.features) - 1}", num_chs=channels, reduction=reduction)
-        )
+        self.feature_info.append(feature_level(len(self.features) - 1, channels, reduction))
         if num_classes == 0:
             self.reset_classifier(0)
 

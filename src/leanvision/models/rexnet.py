@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from leanvision.layers import ClassifierHead, ConvNormAct, LinearBottleneck
-from leanvision.models.base import Classifier
+from leanvision.models.base import Classifier, check_width, feature_level
 from leanvision.registry import register_model
 
 BLOCKS_PER_STAGE = (1, 2, 2, 3, 3, 5)
@@ -63,8 +63,7 @@ class ReXNet(Classifier):
         drop_rate: float = 0.2,
     ) -> None:
         super().__init__()
-        if not width_mult > 0:
-            raise ValueError(f"width_mult must be a positive number, got {width_mult}")
+        check_width(width_mult)
         self.in_chans = in_chans
         self.total_stride = 32
         act = nn.ReLU6 if lite else nn.SiLU
@@ -78,23 +77,17 @@ class ReXNet(Classifier):
         in_chs, reduction = stem_chs, 2
         for i, (chs, stride) in enumerate(zip(out_chs, strides)):
             if stride > 1:
-                self.feature_info.append(self._level(i - 1, in_chs, reduction))
+                self.feature_info.append(feature_level(i - 1, in_chs, reduction))
                 reduction *= stride
             expansion = 1 if i == 0 else 6
             se_chs = in_chs * expansion // SE_REDUCTION if use_se[i] and not lite else 0
             blocks.append(LinearBottleneck(in_chs, chs, stride, expansion, se_chs, exp_act=act))
             in_chs = chs
-        self.feature_info.append(self._level(len(blocks) - 1, in_chs, reduction))
+        self.feature_info.append(feature_level(len(blocks) - 1, in_chs, reduction))
         head_chs = int(1280 * width_mult) if (width_mult > 1 or not lite) else 1280
         blocks.append(ConvNormAct(in_chs, head_chs, act_layer=act))
         self.features = nn.Sequential(*blocks)
         self.head = ClassifierHead(head_chs, num_classes, drop_rate, hidden_size=1024 if lite else None)
-
-    @staticmethod
-    def _level(block: int, channels: int, reduction: int) -> dict:
-        return dict(
-            module="stem" if block < 0 else f"features.{block}", num_chs=channels, reduction=reduction
-        )
 
 
 def rexnet(width_mult: float = 1.0, **kwargs) -> ReXNet:
@@ -130,17 +123,14 @@ _REXNET_LITE_PAPER = {
 
 register_model("rexnet", rexnet)
 register_model("rexnet_lite", rexnet_lite)
-for _w, (_top1, _params, _flops) in _REXNET_PAPER.items():
-    register_model(
-        f"rexnet_{round(_w * 100):03d}",
-        rexnet,
-        kwargs=dict(width_mult=_w),
-        paper=dict(top1=_top1, params_m=_params, flops_b=_flops),
-    )
-for _w, (_top1, _params, _flops) in _REXNET_LITE_PAPER.items():
-    register_model(
-        f"rexnet_lite_{round(_w * 100):03d}",
-        rexnet_lite,
-        kwargs=dict(width_mult=_w),
-        paper=dict(top1=_top1, params_m=_params, flops_b=_flops),
-    )
+for _prefix, _builder, _table in (
+    ("rexnet", rexnet, _REXNET_PAPER),
+    ("rexnet_lite", rexnet_lite, _REXNET_LITE_PAPER),
+):
+    for _w, (_top1, _params, _flops) in _table.items():
+        register_model(
+            f"{_prefix}_{round(_w * 100):03d}",
+            _builder,
+            kwargs=dict(width_mult=_w),
+            paper=dict(top1=_top1, params_m=_params, flops_b=_flops),
+        )
