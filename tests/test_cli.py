@@ -54,8 +54,22 @@ def test_bench_json():
     data = json.loads(result.stdout)
     assert data["batch_size"] == 1 and data["iterations"] >= 1
     assert data["p10_ms"] <= data["median_ms"] <= data["p90_ms"]
+    table = invoke("bench", "rexnet_100", "--input-size", "64", "--min-seconds", "0.05", "--deploy")
+    assert table.exit_code == 0 and "deploy" in table.stdout and "calibrated" in table.stdout
     bad = invoke("bench", "rexnet_100", "--batch-size", "0")
     assert bad.exit_code == 2 and "batch_size" in bad.stdout
+
+
+def test_bench_with_local_checkpoint(tmp_path):
+    from leanvision import create_model, save_checkpoint
+
+    path = save_checkpoint(create_model("rexnet_lite_100", num_classes=3), tmp_path / "lite.pth")
+    args = ["--input-size", "64", "--min-seconds", "0.05"]
+    ok = invoke("bench", "rexnet_lite_100", "--pretrained", str(path), "--num-classes", "3", *args)
+    assert ok.exit_code == 0, ok.stdout
+    assert "calibrated" not in ok.stdout  # timed with the checkpoint's weights
+    mismatch = invoke("bench", "rexnet_lite_100", "--pretrained", str(path), *args)
+    assert mismatch.exit_code == 2 and "'head.fc.weight' has shape [3, 1024]" in mismatch.stdout
 
 
 def test_compare_json():

@@ -129,7 +129,9 @@ def benchmark(
 ) -> BenchResult:
     """Time eval-mode forward passes of one fixed random batch under torch.inference_mode.
 
-    A name is built with `leanvision.registry.create_model(name, **model_kwargs)`; a module is copied, so
+    A name is built with `leanvision.registry.create_model(name, **model_kwargs)`; without `pretrained`
+    weights its BN statistics are calibrated on random images first (see `calibrate_batchnorm`, which
+    keeps denormal floats out of the timings). A module is timed as it is and copied, so
     the caller's model keeps its mode, layout and device. `deploy=True` runs
     `leanvision.deploy.fuse_for_inference` (BN folded, channels_last); `channels_last=True` alone only
     changes the layout. The result's `channels_last` tells whether the input and weights were NHWC.
@@ -141,6 +143,8 @@ def benchmark(
         from leanvision.registry import create_model
 
         name, model = model_or_name, create_model(model_or_name, **model_kwargs)
+        if model_kwargs.get("pretrained") is None:
+            calibrate_batchnorm(model, tuple(input_size))
     else:
         if model_kwargs:
             raise TypeError(f"model keyword arguments {sorted(model_kwargs)} need a model name, not a module")

@@ -99,6 +99,10 @@ def bench(
     deploy: Annotated[bool, typer.Option("--deploy", help="Fold BN and use the fastest CPU layout.")] = False,
     min_seconds: Annotated[float, typer.Option(help="Minimum timed seconds.")] = 2.0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    pretrained: Annotated[
+        str | None, typer.Option(help="Local checkpoint (default: random weights, BN calibrated).")
+    ] = None,
+    num_classes: Annotated[int, typer.Option(help="Classifier outputs.")] = 1000,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure latency and throughput after warm-up: median, p10/p90 and images/s."""
@@ -115,6 +119,8 @@ def bench(
             deploy=deploy,
             min_seconds=min_seconds,
             device=device,
+            pretrained=pretrained,
+            num_classes=num_classes,
         )
     )
     if as_json:
@@ -129,7 +135,8 @@ def bench(
     console.print(
         f"[bold]{name}[/bold] batch {batch_size} at {input_size}x{input_size} ({mode}, {result.device}, "
         f"{result.threads} threads, {result.iterations} runs): median {result.median_ms:.2f} ms "
-        f"(p10 {result.p10_ms:.2f}, p90 {result.p90_ms:.2f}), {result.images_per_s:.1f} images/s"
+        f"(p10 {result.p10_ms:.2f}, p90 {result.p90_ms:.2f}), {result.images_per_s:.1f} images/s; "
+        f"weights: {pretrained or 'random, BN statistics calibrated'}"
     )
 
 
