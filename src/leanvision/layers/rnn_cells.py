@@ -1,0 +1,214 @@
+"""Recurrent cells behind one interface: FastGRNN (Kusupati et al. 2018), GRU and LSTM.
+
+The interface splits a step so that callers can hoist the input projection out of their time loop:
+`project(x)` maps inputs [..., input_size] to [..., projection_size] (no recurrence, one big GEMM), and
+`step(px, state)` advances the recurrence by one step from a projected input. `initial_state(shape)` gives
+zeros and `output(state)` the hidden vector. `forward(x, state)` is the usual one-step call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def quant_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear sigmoid of the reference: clamp((x + 1) / 2, 0, 1)."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def quant_tanh(x: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear tanh of the reference: clamp(x, -1, 1)."""
+    return x.clamp(-1, 1)
+
+
+NONLINEARITIES = {
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "quantSigm": quant_sigmoid,
+    "quantTanh": quant_tanh,
+}
+
+
+def _nonlinearity(name: str):
+    if name not in NONLINEARITIES:
+        raise ValueError(f"unknown nonlinearity {name!r}; expected one of {sorted(NONLINEARITIES)}")
+    return NONLINEARITIES[name]
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class RecurrentCell(nn.Module):
+    """Base of the cells: `project` + `step`, zero initial state."""
+
+    input_size: int
+    hidden_size: int
+    state_size: int
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, px: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def initial_state(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """Zeros of shape [*shape, state_size], on `like`'s device and dtype."""
+        return like.new_zeros(*shape, self.state_size)
+
+    def output(self, state: torch.Tensor) -> torch.Tensor:
+        return state[..., : self.hidden_size]
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """One step from raw input x [..., input_size]; returns the new state."""
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs [..., {self.input_size}], got {list(x.shape)}"
+            )
+        if state is None:
+            state = self.initial_state(tuple(x.shape[:-1]), x)
+        return self.step(self.project(x), state)
+
+
+class FastGRNNCell(RecurrentCell):
+    """FastGRNN with the reference numerics (right-multiplied weights, one shared pre-activation):
+
+        pre = x W + h U;  z = gate(pre + b_gate);  c = update(pre + b_update)
+        h' = z * h + (sigmoid(zeta) * (1 - z) + sigmoid(nu)) * c
+
+    `w_rank` / `u_rank` factor W = W1 W2 and U = U1 U2. `w_sparsity` / `u_sparsity` are the fractions of
+    weights kept (by magnitude, see `sparsify`); the masks are buffers applied in every forward, so pruned
+    weights stay without effect (and without gradient) across training steps until the next `sparsify`.
+    Initialisation as the reference: weights 0.1 * randn, biases ones, zeta and nu given as [1, 1].
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        gate_nonlinearity: str = "sigmoid",
+        update_nonlinearity: str = "tanh",
+        w_rank: int | None = None,
+        u_rank: int | None = None,
+        w_sparsity: float = 1.0,
+        u_sparsity: float = 1.0,
+        zeta_init: float = 1.0,
+        nu_init: float = -4.0,
+    ) -> None:
+        super().__init__()
+        _check_sizes(input_size=input_size, hidden_size=hidden_size)
+        for name, value in (("w_sparsity", w_sparsity), ("u_sparsity", u_sparsity)):
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} is the fraction of weights kept, in (0, 1]; got {value}")
+        self.input_size, self.hidden_size, self.state_size = input_size, hidden_size, hidden_size
+        self.gate_nonlinearity, self.update_nonlinearity = gate_nonlinearity, update_nonlinearity
+        self._gate, self._update = _nonlinearity(gate_nonlinearity), _nonlinearity(update_nonlinearity)
+        self.w_rank, self.u_rank = w_rank, u_rank
+        self.w_sparsity, self.u_sparsity = w_sparsity, u_sparsity
+        self.W, self.W1, self.W2 = self._weight(input_size, hidden_size, w_rank)
+        self.U, self.U1, self.U2 = self._weight(hidden_size, hidden_size, u_rank)
+        self.bias_gate = nn.Parameter(torch.ones(1, hidden_size))
+        self.bias_update = nn.Parameter(torch.ones(1, hidden_size))
+        self.zeta = nn.Parameter(torch.full((1, 1), float(zeta_init)))
+        self.nu = nn.Parameter(torch.full((1, 1), float(nu_init)))
+        self.register_buffer("w_mask", torch.ones(input_size, hidden_size))
+        self.register_buffer("u_mask", torch.ones(hidden_size, hidden_size))
+        self.sparsify()
+
+    @staticmethod
+    def _weight(rows: int, cols: int, rank: int | None):
+        if rank is None:
+            return nn.Parameter(0.1 * torch.randn(rows, cols)), None, None
+        _check_sizes(rank=rank)
+        return None, nn.Parameter(0.1 * torch.randn(rows, rank)), nn.Parameter(0.1 * torch.randn(rank, cols))
+
+    def weight_w(self) -> torch.Tensor:
+        """The effective input matrix W [input_size, hidden_size] (low-rank product and mask applied)."""
+        w = self.W if self.W is not None else self.W1 @ self.W2
+        return w * self.w_mask if self.w_sparsity < 1 else w
+
+    def weight_u(self) -> torch.Tensor:
+        """The effective recurrent matrix U [hidden_size, hidden_size]."""
+        u = self.U if self.U is not None else self.U1 @ self.U2
+        return u * self.u_mask if self.u_sparsity < 1 else u
+
+    @torch.no_grad()
+    def sparsify(self) -> None:
+        """Recompute the masks: keep the largest-magnitude fraction of each effective weight matrix."""
+        for mask, weight, keep in (
+            (self.w_mask, self.W if self.W is not None else self.W1 @ self.W2, self.w_sparsity),
+            (self.u_mask, self.U if self.U is not None else self.U1 @ self.U2, self.u_sparsity),
+        ):
+            if keep >= 1:
+                continue
+            k = max(1, math.ceil(keep * weight.numel()))
+            threshold = weight.abs().flatten().kthvalue(weight.numel() - k + 1).values
+            mask.copy_((weight.abs() >= threshold).to(mask.dtype))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight_w()
+
+    def step(self, px: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        pre = px + state @ self.weight_u()
+        z = self._gate(pre + self.bias_gate)
+        c = self._update(pre + self.bias_update)
+        return z * state + (torch.sigmoid(self.zeta) * (1 - z) + torch.sigmoid(self.nu)) * c
+
+
+class GRUCell(RecurrentCell):
+    """GRU with torch.nn.GRUCell's parameters and equations (reset gate applied after the U product)."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        _check_sizes(input_size=input_size, hidden_size=hidden_size)
+        self.input_size, self.hidden_size, self.state_size = input_size, hidden_size, hidden_size
+        reference = nn.GRUCell(input_size, hidden_size)
+        self.weight_ih, self.weight_hh = reference.weight_ih, reference.weight_hh
+        self.bias_ih, self.bias_hh = reference.bias_ih, reference.bias_hh
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight_ih, self.bias_ih)
+
+    def step(self, px: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        gh = nn.functional.linear(state, self.weight_hh, self.bias_hh)
+        ir, iz, in_ = px.chunk(3, -1)
+        hr, hz, hn = gh.chunk(3, -1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        n = torch.tanh(in_ + r * hn)
+        return (1 - z) * n + z * state
+
+
+class LSTMCell(RecurrentCell):
+    """LSTM with torch.nn.LSTMCell's parameters and equations; the state is [h, c] concatenated."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        _check_sizes(input_size=input_size, hidden_size=hidden_size)
+        self.input_size, self.hidden_size, self.state_size = input_size, hidden_size, 2 * hidden_size
+        reference = nn.LSTMCell(input_size, hidden_size)
+        self.weight_ih, self.weight_hh = reference.weight_ih, reference.weight_hh
+        self.bias_ih, self.bias_hh = reference.bias_ih, reference.bias_hh
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight_ih, self.bias_ih)
+
+    def step(self, px: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        h, c = state.chunk(2, -1)
+        i, f, g, o = (px + nn.functional.linear(h, self.weight_hh, self.bias_hh)).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.cat([torch.sigmoid(o) * torch.tanh(c), c], -1)
+
+
+CELLS = {"fastgrnn": FastGRNNCell, "gru": GRUCell, "lstm": LSTMCell}
+
+
+def create_cell(name: str, input_size: int, hidden_size: int, **kwargs) -> RecurrentCell:
+    """Build a cell by name: 'fastgrnn', 'gru' or 'lstm'."""
+    if name not in CELLS:
+        raise ValueError(f"unknown cell {name!r}; expected one of {sorted(CELLS)}")
+    return CELLS[name](input_size, hidden_size, **kwargs)
