@@ -1,0 +1,235 @@
+"""RNNPool: golden vectors from EdgeML, the fast path against literal Algorithm 1, cells, export, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rnnpool_reference as ref
+from leanvision.layers.rnn_cells import (
+    FastGRNNCell,
+    GRUCell,
+    LSTMCell,
+    create_cell,
+    quant_sigmoid,
+    quant_tanh,
+)
+from leanvision.layers.rnnpool import RNNPool, RNNPoolLayer
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+
+
+def load_golden(name: str) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    path = GOLDEN / name
+    if not path.exists():
+        pytest.skip(f"golden file {path} not found (shared/ must sit beside the repository)")
+    data = np.load(path)
+    state = {
+        k.removeprefix("state_dict/"): torch.from_numpy(data[k])
+        for k in data.files
+        if k.startswith("state_dict/")
+    }
+    return state, {k: data[k] for k in data.files if not k.startswith("state_dict/")}
+
+
+def test_golden_operator():
+    state, arrays = load_golden("rnnpool_patches_c8_h8_k6.npz")
+    pool = RNNPool.from_edgeml(state)
+    assert (pool.in_channels, pool.hidden1, pool.hidden2) == (8, 8, 8)
+    with torch.no_grad():
+        out = pool(torch.from_numpy(arrays["patches"]))
+    assert (out - torch.from_numpy(arrays["output"])).abs().max().item() <= 1e-5
+
+
+def test_golden_layer_with_module_prefix():
+    state, arrays = load_golden("rnnpool_layer_c8_h8_k6_s4.npz")
+    layer = RNNPoolLayer.from_edgeml({f"module.{k}": v for k, v in state.items()}, patch_size=6, stride=4)
+    with torch.no_grad():
+        out = layer(torch.from_numpy(arrays["input"]))
+    assert out.shape == (2, 32, 8, 8)
+    assert (out - torch.from_numpy(arrays["output"])).abs().max().item() <= 1e-5
+
+
+def randomize(module: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return module
+
+
+# (in_channels, h1, h2, patch, stride, padding, cell, batch, H, W)
+LAYER_CASES = [
+    (3, 4, 6, 3, 2, "edgeml", "fastgrnn", 2, 9, 11),  # stride < patch, h1 != h2
+    (2, 5, 3, (2, 4), (2, 4), "valid", "fastgrnn", 1, 8, 12),  # rectangular, stride == patch, batch 1
+    (4, 3, 5, (4, 3), 5, "valid", "fastgrnn", 2, 14, 13),  # stride > patch, rectangular
+    (3, 4, 4, 3, 2, "same", "fastgrnn", 1, 7, 8),
+    (2, 3, 4, 3, 2, "same", "gru", 2, 7, 6),
+    (2, 4, 3, (3, 2), 2, "edgeml", "lstm", 1, 8, 7),
+]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: f"{c[6]}-k{c[3]}-s{c[4]}-{c[5]}")
+def test_fast_layer_equals_literal_algorithm_1(case):
+    c, h1, h2, patch, stride, padding, cell, batch, height, width = case
+    layer = randomize(RNNPoolLayer(c, h1, h2, patch, stride, padding=padding, cell=cell), seed=height)
+    x = torch.randn(batch, c, height, width, generator=torch.Generator().manual_seed(width))
+    with torch.no_grad():
+        fast, slow = layer(x), ref.rnnpool_layer(layer, x)
+    assert fast.shape == slow.shape == (batch, 4 * h2, *layer.output_size(height, width))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["fastgrnn", "gru", "lstm"])
+@pytest.mark.parametrize("patch", [(4, 4), (3, 5)])
+def test_fast_operator_equals_literal_algorithm_1(cell, patch):
+    pool = randomize(RNNPool(3, 5, 4, cell=cell), seed=7)
+    patches = torch.randn(4, 3, *patch)
+    with torch.no_grad():
+        torch.testing.assert_close(pool(patches), ref.rnnpool_operator(pool, patches), rtol=1e-5, atol=1e-5)
+
+
+def test_output_order_rows_then_columns():
+    # A patch whose columns are constant has identical rows: the row summaries equal each other, so
+    # rows fwd == rows bwd; the column summaries differ, so cols fwd != cols bwd.
+    pool = randomize(RNNPool(1, 4, 3), seed=1)
+    patch = torch.arange(5.0).repeat(5, 1)[None, None] / 5  # value depends on the column only
+    out = pool(patch).detach()[0]
+    torch.testing.assert_close(out[0:3], out[3:6])
+    assert not torch.allclose(out[6:9], out[9:12])
+
+
+def test_parameter_count_formula():
+    c, h1, h2 = 8, 16, 12
+    pool = RNNPool(c, h1, h2)
+    expected = (c * h1 + h1 * h1 + 2 * h1 + 2) + (h1 * h2 + h2 * h2 + 2 * h2 + 2)
+    assert sum(p.numel() for p in pool.parameters()) == expected
+
+
+def test_gradients_reach_every_parameter():
+    # (randomised: at the default zeta=100, nu=-100 their sigmoids saturate and the gradients underflow)
+    layer = randomize(RNNPoolLayer(3, 4, 5, 4, 2), seed=0)
+    layer(torch.randn(2, 3, 10, 10)).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_fastgrnn_cell_equations():
+    cell = randomize(FastGRNNCell(3, 4), seed=3)
+    x, h = torch.randn(2, 3), torch.randn(2, 4)
+    pre = x @ cell.W + h @ cell.U
+    z = torch.sigmoid(pre + cell.bias_gate)
+    c = torch.tanh(pre + cell.bias_update)
+    expected = z * h + (torch.sigmoid(cell.zeta) * (1 - z) + torch.sigmoid(cell.nu)) * c
+    torch.testing.assert_close(cell(x, h), expected)
+
+
+def test_fastgrnn_init_and_rnnpool_zeta_nu():
+    cell = FastGRNNCell(3, 4)
+    assert torch.equal(cell.bias_gate, torch.ones(1, 4)) and cell.zeta.item() == 1 and cell.nu.item() == -4
+    pool = RNNPool(3, 4, 4)
+    assert pool.rnn1.zeta.item() == 100 and pool.rnn2.nu.item() == -100
+
+
+def test_quantised_nonlinearities():
+    x = torch.tensor([-3.0, -1.0, 0.0, 0.5, 3.0])
+    torch.testing.assert_close(quant_sigmoid(x), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0]))
+    torch.testing.assert_close(quant_tanh(x), torch.tensor([-1.0, -1.0, 0.0, 0.5, 1.0]))
+    cell = FastGRNNCell(2, 3, gate_nonlinearity="quantSigm", update_nonlinearity="quantTanh")
+    x, h = torch.randn(4, 2), torch.randn(4, 3)
+    pre = x @ cell.W + h @ cell.U
+    z, c = quant_sigmoid(pre + cell.bias_gate), quant_tanh(pre + cell.bias_update)
+    torch.testing.assert_close(
+        cell(x, h), z * h + (torch.sigmoid(cell.zeta) * (1 - z) + torch.sigmoid(cell.nu)) * c
+    )
+
+
+def test_low_rank_factors():
+    cell = FastGRNNCell(10, 8, w_rank=2, u_rank=3)
+    assert cell.W is None and cell.W1.shape == (10, 2) and cell.U2.shape == (3, 8)
+    assert sum(p.numel() for p in cell.parameters()) == 10 * 2 + 2 * 8 + 8 * 3 + 3 * 8 + 2 * 8 + 2
+    assert torch.linalg.matrix_rank(cell.weight_w()).item() == 2
+
+
+def test_sparsity_mask_keeps_top_fraction_through_training():
+    cell = FastGRNNCell(10, 10, w_sparsity=0.3, u_sparsity=0.5)
+    w = cell.W.detach().abs()
+    assert cell.w_mask.sum().item() == 30 and cell.u_mask.sum().item() == 50
+    assert w[cell.w_mask.bool()].min() >= w[~cell.w_mask.bool()].max()
+    optimizer = torch.optim.SGD(cell.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        cell(torch.randn(4, 10)).sum().backward()
+        assert (cell.W.grad[~cell.w_mask.bool()] == 0).all()
+        optimizer.step()
+    effective = cell.weight_w()
+    assert (effective[~cell.w_mask.bool()] == 0).all() and (effective != 0).sum().item() == 30
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [(GRUCell, nn.GRUCell), (LSTMCell, nn.LSTMCell)])
+def test_gru_and_lstm_match_torch(ours, theirs):
+    cell = ours(3, 5)
+    reference = theirs(3, 5)
+    reference.load_state_dict(cell.state_dict())
+    x = torch.randn(4, 3)
+    state = cell(x)
+    expected = reference(x)
+    torch.testing.assert_close(cell.output(state), expected[0] if isinstance(expected, tuple) else expected)
+    state = cell(x, state)
+    expected = reference(x, expected)
+    torch.testing.assert_close(cell.output(state), expected[0] if isinstance(expected, tuple) else expected)
+
+
+def test_onnx_export_matches(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    layer = randomize(RNNPoolLayer(4, 6, 5, 4, 3), seed=2).eval()
+    x = torch.randn(1, 4, 13, 13)
+    path = tmp_path / "rnnpool.onnx"
+    torch.onnx.export(layer, (x,), str(path), input_names=["x"], dynamo=True)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), layer(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_matches():
+    layer = randomize(RNNPoolLayer(2, 3, 3, 3, 2), seed=4).eval()
+    x = torch.randn(1, 2, 7, 7)
+    compiled = torch.compile(layer, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_bad_input():
+    layer = RNNPoolLayer(3, 4, 4, 6, 4)
+    with pytest.raises(ValueError, match=r"expects input \[B, 3, H, W\], got \[1, 2, 10, 10\]"):
+        layer(torch.randn(1, 2, 10, 10))
+    with pytest.raises(ValueError, match="patch 6x6 is larger than the 5x10 input"):
+        layer(torch.randn(1, 3, 5, 10))
+    with pytest.raises(ValueError, match="patch_size must be a positive int"):
+        RNNPoolLayer(3, 4, 4, 0, 4)
+    with pytest.raises(ValueError, match="hidden_size must be a positive integer"):
+        RNNPool(3, 4, 0)
+    with pytest.raises(ValueError, match="padding must be one of"):
+        RNNPoolLayer(3, 4, 4, 6, 4, padding="reflect")
+    with pytest.raises(ValueError, match="unknown cell"):
+        create_cell("rnn", 3, 4)
+    with pytest.raises(ValueError, match=r"expects patches \[N, 3, kh, kw\]"):
+        RNNPool(3, 4, 4)(torch.randn(2, 4, 6, 6))
+
+
+def test_edgeml_state_dict_errors():
+    state, _ = load_golden("rnnpool_patches_c8_h8_k6.npz")
+    with pytest.raises(ValueError, match="missing.*cell_bidirrnn.cell.W"):
+        RNNPool.from_edgeml({k: v for k, v in state.items() if k != "cell_bidirrnn.cell.W"})
+    broken = dict(state)
+    broken["cell_bidirrnn.cell.W"] = torch.zeros(5, 8)
+    with pytest.raises(ValueError, match="RNN2 input size 5 != RNN1 hidden size 8"):
+        RNNPool.from_edgeml(broken)
+    broken = dict(state)
+    broken["cell_rnn.cell.U"] = torch.zeros(8, 7)
+    with pytest.raises(ValueError, match=r"'U' has shape \[8, 7\], expected \[8, 8\]"):
+        RNNPool.from_edgeml(broken)
