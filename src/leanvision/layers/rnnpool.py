@@ -6,7 +6,7 @@ over the row summaries and over the column summaries, forwards and backwards. Th
 
 The fast path follows the speed notes of the reference analysis (shared/notes/rnnpool-reference.md):
 - RNN1's input projection runs once per pixel (one GEMM over the map), before any patch is formed;
-- patches are strided views of that projection (`unfold`), never copied as a whole;
+- the inputs of each step are strided views of that projection, never the whole unfolded map;
 - the row and column sweeps of RNN1 advance together, as do RNN2's four sweeps, so a k x k patch takes
   2k sequential steps, each one batched over every patch of the map.
 """
@@ -45,20 +45,36 @@ def _bidirectional(cell: RecurrentCell, seq: torch.Tensor) -> torch.Tensor:
     return _sweep(cell, lambda t: torch.stack((seq[..., t, :], seq[..., steps - 1 - t, :])), steps)
 
 
-def rnnpool_projected(rnn1: RecurrentCell, rnn2: RecurrentCell, patches: torch.Tensor) -> torch.Tensor:
-    """RNNPool of patches given as RNN1 input projections [..., kh, kw, G1] -> [..., 4 * hidden2].
+def rnnpool_projected(
+    rnn1: RecurrentCell,
+    rnn2: RecurrentCell,
+    projected: torch.Tensor,
+    patch_size: tuple[int, int],
+    stride: tuple[int, int],
+) -> torch.Tensor:
+    """RNNPool of every VALID patch of a map of RNN1 input projections [B, H, W, G1] -> [B, oh, ow, 4 * h2].
 
-    `patches` may be any strided view (e.g. an unfolded map): it is read step by step, never copied whole.
+    The step-t inputs of all patches are strided views of `projected`: for the row sweeps, the pixels at
+    column offset t of every patch (a column subsampling, then an unfold along the height); for the column
+    sweeps, the pixels at row offset t. Nothing the size of the unfolded map is built, in either pass.
     """
-    kh, kw = patches.shape[-3], patches.shape[-2]
-    if kh == kw:  # rows (stepping along the width) and columns (along the height) in one batch
-        both = _sweep(rnn1, lambda t: torch.stack((patches[..., :, t, :], patches[..., t, :, :])), kw)
-        summaries = rnn2.project(both)  # [2, ..., k, G2]
-        swept = _bidirectional(rnn2, summaries)  # [direction, rows/cols, ..., h2]
+    (kh, kw), (sh, sw) = patch_size, stride
+    oh, ow = (projected.shape[1] - kh) // sh + 1, (projected.shape[2] - kw) // sw + 1
+    height, width = (oh - 1) * sh + kh, (ow - 1) * sw + kw
+
+    def row_inputs(t: int) -> torch.Tensor:  # [B, oh, ow, kh, G]: row r of every patch, its pixel t
+        return projected[:, :height, t : t + (ow - 1) * sw + 1 : sw].unfold(1, kh, sh).movedim(-1, -2)
+
+    def col_inputs(t: int) -> torch.Tensor:  # [B, oh, ow, kw, G]: column c of every patch, its pixel t
+        return projected[:, t : t + (oh - 1) * sh + 1 : sh, :width].unfold(2, kw, sw).movedim(-1, -2)
+
+    if kh == kw:  # rows and columns advance in one batch, and so do RNN2's four sweeps
+        both = _sweep(rnn1, lambda t: torch.stack((row_inputs(t), col_inputs(t))), kw)
+        swept = _bidirectional(rnn2, rnn2.project(both))  # [direction, rows/cols, B, oh, ow, h2]
         rows, cols = swept[:, 0], swept[:, 1]
     else:
-        rows = _bidirectional(rnn2, rnn2.project(_sweep(rnn1, lambda t: patches[..., :, t, :], kw)))
-        cols = _bidirectional(rnn2, rnn2.project(_sweep(rnn1, lambda t: patches[..., t, :, :], kh)))
+        rows = _bidirectional(rnn2, rnn2.project(_sweep(rnn1, row_inputs, kw)))
+        cols = _bidirectional(rnn2, rnn2.project(_sweep(rnn1, col_inputs, kh)))
     return torch.cat((rows[0], rows[1], cols[0], cols[1]), dim=-1)
 
 
@@ -89,7 +105,9 @@ class RNNPool(nn.Module):
             raise ValueError(
                 f"RNNPool expects patches [N, {self.in_channels}, kh, kw], got {list(patches.shape)}"
             )
-        return rnnpool_projected(self.rnn1, self.rnn2, self.rnn1.project(patches.permute(0, 2, 3, 1)))
+        size = (patches.shape[2], patches.shape[3])
+        projected = self.rnn1.project(patches.permute(0, 2, 3, 1))
+        return rnnpool_projected(self.rnn1, self.rnn2, projected, size, size).flatten(0, 2)
 
     @classmethod
     def from_edgeml(cls, state_dict: Mapping[str, torch.Tensor]) -> RNNPool:
@@ -199,8 +217,8 @@ class RNNPoolLayer(nn.Module):
             # zero input pixels project to zero (FastGRNN has no input bias) or to the input bias (GRU/LSTM)
             zero = self.pool.rnn1.project(x.new_zeros(1, 1, 1, x.shape[1]))
             projected = _pad_with(projected, pad_h, pad_w, zero)
-        patches = projected.unfold(1, kh, sh).unfold(2, kw, sw).permute(0, 1, 2, 4, 5, 3)  # strided view
-        out = rnnpool_projected(self.pool.rnn1, self.pool.rnn2, patches).permute(0, 3, 1, 2)
+        out = rnnpool_projected(self.pool.rnn1, self.pool.rnn2, projected, self.patch_size, self.stride)
+        out = out.permute(0, 3, 1, 2)
         if self.padding == "edgeml":
             out = nn.functional.pad(out, (0, 1, 0, 1), mode="replicate")
         return out
