@@ -233,3 +233,14 @@ def test_edgeml_state_dict_errors():
     broken["cell_rnn.cell.U"] = torch.zeros(8, 7)
     with pytest.raises(ValueError, match=r"'U' has shape \[8, 7\], expected \[8, 8\]"):
         RNNPool.from_edgeml(broken)
+
+
+def test_bands_of_output_rows_equal_one_pass(monkeypatch):
+    import leanvision.layers.rnnpool as rnnpool
+
+    layer = randomize(RNNPoolLayer(3, 4, 5, (4, 3), (2, 3)), seed=9)
+    x = torch.randn(2, 3, 17, 14)
+    with torch.no_grad():
+        whole = layer(x)
+        monkeypatch.setattr(rnnpool, "TILE_PATCHES", 5)  # 2 images x 4 columns: bands of one output row
+        torch.testing.assert_close(layer(x), whole)

@@ -22,6 +22,10 @@ from leanvision.layers.rnn_cells import FastGRNNCell, RecurrentCell, create_cell
 
 PADDINGS = ("edgeml", "valid", "same")
 
+# Patches pooled together in one band: a band's per-step tensors (a few hundred KiB) stay in the CPU's
+# cache through the ~10 elementwise kernels of a recurrent step, instead of streaming from memory.
+TILE_PATCHES = 2048
+
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
@@ -54,12 +58,20 @@ def rnnpool_projected(
 ) -> torch.Tensor:
     """RNNPool of every VALID patch of a map of RNN1 input projections [B, H, W, G1] -> [B, oh, ow, 4 * h2].
 
-    The step-t inputs of all patches are strided views of `projected`: for the row sweeps, the pixels at
+    Large maps are cut into bands of output rows of about TILE_PATCHES patches. The step-t inputs of all
+    patches of a band are strided views of `projected`: for the row sweeps, the pixels at
     column offset t of every patch (a column subsampling, then an unfold along the height); for the column
     sweeps, the pixels at row offset t. Nothing the size of the unfolded map is built, in either pass.
     """
     (kh, kw), (sh, sw) = patch_size, stride
     oh, ow = (projected.shape[1] - kh) // sh + 1, (projected.shape[2] - kw) // sw + 1
+    rows_per_tile = max(1, TILE_PATCHES // (projected.shape[0] * ow))
+    if rows_per_tile < oh:  # bands of output rows, each computed on its own band of the input
+        bands = [
+            projected[:, i * sh : (min(i + rows_per_tile, oh) - 1) * sh + kh]
+            for i in range(0, oh, rows_per_tile)
+        ]
+        return torch.cat([rnnpool_projected(rnn1, rnn2, band, patch_size, stride) for band in bands], dim=1)
     height, width = (oh - 1) * sh + kh, (ow - 1) * sw + kw
 
     def row_inputs(t: int) -> torch.Tensor:  # [B, oh, ow, kh, G]: row r of every patch, its pixel t
