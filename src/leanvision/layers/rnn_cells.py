@@ -154,10 +154,13 @@ class FastGRNNCell(RecurrentCell):
         return x @ self.weight_w()
 
     def step(self, px: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        pre = px + state @ self.weight_u()
+        flat = (-1, state.shape[-1])
+        pre = torch.addmm(px.reshape(flat), state.reshape(flat), self.weight_u()).view(state.shape)
         z = self._gate(pre + self.bias_gate)
         c = self._update(pre + self.bias_update)
-        return z * state + (torch.sigmoid(self.zeta) * (1 - z) + torch.sigmoid(self.nu)) * c
+        zeta, nu = torch.sigmoid(self.zeta), torch.sigmoid(self.nu)
+        # z*h + (zeta*(1-z) + nu)*c, rearranged as (zeta+nu)*c + z*(h - zeta*c): 3 kernels instead of 6
+        return torch.addcmul(c * (zeta + nu), z, torch.addcmul(state, c, zeta, value=-1))
 
 
 class GRUCell(RecurrentCell):
