@@ -2,10 +2,11 @@
 
 Settings: VWW layer (batch 32, 8x112x112, patch 6, stride 4, h1=h2=8) and Face-C layer (batch 1,
 3x480x640, patch 8, stride 4, h1=h2=16). For each: forward (no grad) and forward+backward time of the
-fast layer, and its peak memory (growth of the process's peak RSS over a run, measured in a fresh
-subprocess per case). The literal Algorithm-1 implementation of tests/rnnpool_reference.py pools one
-patch at a time in Python; it is timed on the first --literal-patches output positions and its time is
-scaled by the number of positions (reported as extrapolated), so the script runs anywhere in minutes.
+fast layer, and its peak memory (growth of the RSS high-water mark over one run, VmHWM reset first,
+in a fresh subprocess per case; Linux only). The literal Algorithm-1 implementation of
+tests/rnnpool_reference.py pools one patch at a time in Python; it is timed on the first
+--literal-patches output positions and its time is scaled by the number of positions (reported as
+extrapolated), so the script runs anywhere in minutes.
 Outputs of the two are compared on those positions.
 
     python benchmarks/rnnpool_speed.py [--out results/rnnpool_speed.json] [--threads 2] [--repeats 5]
@@ -90,18 +91,31 @@ def time_literal(layer: RNNPoolLayer, x: torch.Tensor, backward: bool, positions
     )
 
 
+def _status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak(name: str, backward: bool) -> None:
+    """Child-process side of peak_memory_mib: print the RSS high-water mark growth of one run, in KiB."""
+    layer, x = build(SETTINGS[name])
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = _status_kib("VmRSS")
+    run_once(layer, x, backward)
+    print(_status_kib("VmHWM") - base)
+
+
 def peak_memory_mib(name: str, backward: bool, threads: int) -> float:
-    """Peak RSS growth of one run, in a fresh process (the baseline includes the model and input)."""
+    """Peak RSS growth of one run, in a fresh process (the baseline includes the layer and its input)."""
     code = (
-        "import resource, sys, torch; sys.argv = ['x']; "
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import rnnpool_speed as s; "
-        f"torch.set_num_threads({threads}); layer, x = s.build(s.SETTINGS[{name!r}]); "
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        f"s.run_once(layer, x, {backward}); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)"
+        f"import sys, torch; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+        f"import rnnpool_speed as s; torch.set_num_threads({threads}); s.measure_peak({name!r}, {backward})"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    return int(out.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    return int(out.split()[-1]) / 1024
 
 
 def main() -> int:
