@@ -244,3 +244,63 @@ def test_bands_of_output_rows_equal_one_pass(monkeypatch):
         whole = layer(x)
         monkeypatch.setattr(rnnpool, "TILE_PATCHES", 5)  # 2 images x 4 columns: bands of one output row
         torch.testing.assert_close(layer(x), whole)
+
+
+def renet_literal(layer, x: torch.Tensor) -> torch.Tensor:
+    """ReNet one sequence at a time through the cells' plain one-step forward."""
+    p = layer.patch_size
+    hp, wp = x.shape[2] // p, x.shape[3] // p
+
+    def run(cell, vectors):
+        state, out = None, []
+        for v in vectors:
+            state = cell(v[None], state)
+            out.append(cell.output(state)[0])
+        return out
+
+    out = torch.zeros(x.shape[0], layer.out_channels, hp, wp)
+    for b in range(x.shape[0]):
+        patch = [
+            [x[b, :, i * p : (i + 1) * p, j * p : (j + 1) * p].flatten() for j in range(wp)]
+            for i in range(hp)
+        ]
+        vertical = [[None] * wp for _ in range(hp)]
+        for j in range(wp):
+            column = [patch[i][j] for i in range(hp)]
+            down, up = run(layer.down, column), run(layer.up, column[::-1])[::-1]
+            for i in range(hp):
+                vertical[i][j] = torch.cat([down[i], up[i]])
+        for i in range(hp):
+            right, left = run(layer.right, vertical[i]), run(layer.left, vertical[i][::-1])[::-1]
+            for j in range(wp):
+                out[b, :, i, j] = torch.cat([right[j], left[j]])
+    return out
+
+
+@pytest.mark.parametrize("cell", ["gru", "fastgrnn"])
+def test_renet_equals_literal_sweeps(cell):
+    from leanvision.layers.renet import ReNetLayer
+
+    layer = randomize(ReNetLayer(3, hidden=4, patch_size=2, cell=cell), seed=5)
+    x = torch.randn(2, 3, 8, 6)
+    with torch.no_grad():
+        out = layer(x)
+        assert out.shape == (2, 8, 4, 3)
+        torch.testing.assert_close(out, renet_literal(layer, x), rtol=1e-5, atol=1e-5)
+    layer(x).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_renet_sized_like_rnnpool_and_bad_input():
+    from leanvision.layers.renet import ReNetLayer
+
+    h2 = 8
+    renet, rnnpool = ReNetLayer(8, hidden=2 * h2, patch_size=4), RNNPoolLayer(8, 8, h2, 6, 4)
+    x = torch.randn(1, 8, 112, 112)
+    assert renet(x).shape == rnnpool(x).shape[:2] + (28, 28)  # 4 * h2 channels at the same 28x28 grid
+    with pytest.raises(ValueError, match=r"expects input \[B, 8, H, W\]"):
+        renet(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="patch 4x4 is larger than the 3x16 input"):
+        renet(torch.randn(1, 8, 3, 16))
+    with pytest.raises(ValueError, match="patch_size must be a positive int"):
+        ReNetLayer(8, 4, 0)

@@ -3,6 +3,21 @@
 from leanvision.layers.classifier import ClassifierHead
 from leanvision.layers.conv import ConvNormAct
 from leanvision.layers.inverted_residual import LinearBottleneck
+from leanvision.layers.renet import ReNetLayer
+from leanvision.layers.rnn_cells import FastGRNNCell, GRUCell, LSTMCell, create_cell
+from leanvision.layers.rnnpool import RNNPool, RNNPoolLayer
 from leanvision.layers.squeeze_excite import SqueezeExcite
 
-__all__ = ["ClassifierHead", "ConvNormAct", "LinearBottleneck", "SqueezeExcite"]
+__all__ = [
+    "ClassifierHead",
+    "ConvNormAct",
+    "FastGRNNCell",
+    "GRUCell",
+    "LSTMCell",
+    "LinearBottleneck",
+    "RNNPool",
+    "RNNPoolLayer",
+    "ReNetLayer",
+    "SqueezeExcite",
+    "create_cell",
+]
