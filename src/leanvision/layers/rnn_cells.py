@@ -169,19 +169,29 @@ class FastGRNNCell(RecurrentCell):
         return torch.addcmul(c * (zeta + nu), z, torch.addcmul(state, c, zeta, value=-1))
 
 
-class GRUCell(RecurrentCell):
-    """GRU with torch.nn.GRUCell's parameters and equations (reset gate applied after the U product)."""
+class TorchGatedCell(RecurrentCell):
+    """Base of GRUCell and LSTMCell: torch's parameter layout (weight_ih, weight_hh, bias_ih, bias_hh)."""
+
+    torch_cell: type[nn.Module]
+    states_per_hidden: int = 1
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
         _check_sizes(input_size=input_size, hidden_size=hidden_size)
-        self.input_size, self.hidden_size, self.state_size = input_size, hidden_size, hidden_size
-        reference = nn.GRUCell(input_size, hidden_size)
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.state_size = self.states_per_hidden * hidden_size
+        reference = self.torch_cell(input_size, hidden_size)  # torch's initialisation
         self.weight_ih, self.weight_hh = reference.weight_ih, reference.weight_hh
         self.bias_ih, self.bias_hh = reference.bias_ih, reference.bias_hh
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight_ih, self.bias_ih)
+
+
+class GRUCell(TorchGatedCell):
+    """GRU with torch.nn.GRUCell's parameters and equations (reset gate applied after the U product)."""
+
+    torch_cell = nn.GRUCell
 
     def step(self, px: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         gh = nn.functional.linear(state, self.weight_hh, self.bias_hh)
@@ -192,19 +202,11 @@ class GRUCell(RecurrentCell):
         return (1 - z) * n + z * state
 
 
-class LSTMCell(RecurrentCell):
+class LSTMCell(TorchGatedCell):
     """LSTM with torch.nn.LSTMCell's parameters and equations; the state is [h, c] concatenated."""
 
-    def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__()
-        _check_sizes(input_size=input_size, hidden_size=hidden_size)
-        self.input_size, self.hidden_size, self.state_size = input_size, hidden_size, 2 * hidden_size
-        reference = nn.LSTMCell(input_size, hidden_size)
-        self.weight_ih, self.weight_hh = reference.weight_ih, reference.weight_hh
-        self.bias_ih, self.bias_hh = reference.bias_ih, reference.bias_hh
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight_ih, self.bias_ih)
+    torch_cell = nn.LSTMCell
+    states_per_hidden = 2
 
     def step(self, px: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         h, c = state.chunk(2, -1)
