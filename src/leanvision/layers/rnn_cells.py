@@ -158,10 +158,7 @@ class FastGRNNCell(RecurrentCell):
         pre = torch.addmm(px.reshape(flat), state.reshape(flat), self.weight_u()).view(state.shape)
         z = self._gate(pre + self.bias_gate)
         if self.update_nonlinearity == "tanh":  # tanh(u) = 2 sigmoid(2u) - 1: torch's CPU tanh is ~2x slower
-            two = pre.new_tensor(2.0)
-            c = torch.addcmul(
-                pre.new_tensor(-1.0), torch.sigmoid(torch.addcmul(2 * self.bias_update, pre, two)), two
-            )
+            c = torch.sigmoid(torch.add(2 * self.bias_update, pre, alpha=2)).mul(2).sub_(1)
         else:
             c = self._update(pre + self.bias_update)
         zeta, nu = torch.sigmoid(self.zeta), torch.sigmoid(self.nu)
