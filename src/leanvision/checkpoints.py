@@ -8,6 +8,9 @@ Layouts:
   other; each pair must agree in kind (weight, bias, running_mean, ...) and shape, and 1x1-conv
   classifiers become Linear weights. `num_batches_tracked` counters are not paired (they do not change
   inference and older checkpoints lack them).
+- EdgeML (the RNNPool reference's Visual Wake Words example, `{"model": state_dict, "acc", "epoch"}`):
+  `features_init` / `rnn_model` / `features.N` / `rnn_model_end` / `classifier`, renamed to our
+  MobileNetV2 keys. The reference stores each RNN cell under several aliases; only `*.cell.*` is kept.
 
 Files are read with `torch.load(weights_only=True)` or safetensors: nothing is ever unpickled.
 """
@@ -68,6 +71,43 @@ def is_clovaai_layout(state: Mapping[str, torch.Tensor]) -> bool:
     return "features.0.weight" in state and any(k.startswith("output.") for k in state)
 
 
+# EdgeML VWW key prefixes -> ours (MobileNetV2 with the RNNPool downsample at features.1).
+EDGEML_VWW_PREFIXES = (
+    ("features_init.", "features.0."),
+    ("rnn_model.cell_rnn.cell.", "features.1.pool.rnn1."),
+    ("rnn_model.cell_bidirrnn.cell.", "features.1.pool.rnn2."),
+    ("rnn_model_end.cell_rnn.cell.", "global_pool.rnn1."),
+    ("rnn_model_end.cell_bidirrnn.cell.", "global_pool.rnn2."),
+    ("classifier.1.", "classifier.1."),
+    ("classifier.0.", "classifier.1."),  # the two-RNNPool variant has no Dropout before its Linear
+)
+
+
+def is_edgeml_vww_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for the EdgeML Visual Wake Words MobileNetV2-RNNPool key scheme."""
+    return "features_init.0.weight" in state and "rnn_model.cell_rnn.cell.W" in state
+
+
+def convert_edgeml_vww(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an EdgeML VWW state_dict to our keys; the reference's RNN cell aliases are dropped.
+
+    The reference's FastGRNN has no sparsity masks (it zeroes weights instead): ours get all-ones masks.
+    """
+    converted = {}
+    for key, value in state.items():
+        if key.startswith("features."):  # inverted residuals: ours sit after the stem and the RNNPool
+            index, rest = key.removeprefix("features.").split(".", 1)
+            converted[f"features.{int(index) + 2}.{rest}"] = value
+            continue
+        for old, new in EDGEML_VWW_PREFIXES:
+            if key.startswith(old):
+                converted[new + key.removeprefix(old)] = value
+                if key.endswith(".cell.W") or key.endswith(".cell.U"):
+                    converted[f"{new}{key[-1].lower()}_mask"] = torch.ones_like(value)
+                break
+    return converted
+
+
 def convert_positional(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Map a state_dict onto `model`'s keys by position (see the module docstring for the checks)."""
     target = model.state_dict()
@@ -99,10 +139,12 @@ def _check_shape(key: str, value: torch.Tensor, expected: torch.Tensor, model_ke
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
-    """Load a local checkpoint (ours, timm, torchvision or clovaai layout) into `model` in place."""
+    """Load a local checkpoint (ours, timm, torchvision, clovaai or EdgeML layout) into `model` in place."""
     state = read_state_dict(path)
     if is_clovaai_layout(state) and not set(state) <= set(model.state_dict()):
         state = convert_positional(state, model)
+    elif is_edgeml_vww_layout(state):
+        state = convert_edgeml_vww(state)
     target = model.state_dict()
     missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in target]

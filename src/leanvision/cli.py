@@ -60,7 +60,9 @@ def models(
 def profile(
     name: str,
     input_size: Annotated[int, typer.Option(help="Square input resolution.")] = 224,
-    num_classes: Annotated[int, typer.Option(help="Classifier outputs.")] = 1000,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Classifier outputs (default: the model's own).")
+    ] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Show one row per layer.")] = False,
     elementwise: Annotated[bool, typer.Option("--elementwise", help="Also count elementwise ops.")] = False,
     as_json: JsonOpt = False,
@@ -102,7 +104,9 @@ def bench(
     pretrained: Annotated[
         str | None, typer.Option(help="Local checkpoint (default: random weights, BN calibrated).")
     ] = None,
-    num_classes: Annotated[int, typer.Option(help="Classifier outputs.")] = 1000,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Classifier outputs (default: the model's own).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure latency and throughput after warm-up: median, p10/p90 and images/s."""

@@ -67,17 +67,20 @@ def get_model_config(name: str) -> ModelConfig:
 def create_model(
     name: str,
     pretrained: str | None = None,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     features_only: bool = False,
     out_indices: list[int] | tuple[int, ...] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model; `pretrained` is a local checkpoint file (ours, timm or clovaai layout).
 
+    `num_classes` defaults to the registered network's own (1000 for ImageNet, 2 for Visual Wake Words).
     `features_only=True` returns a FeatureExtractor giving the multi-scale maps listed in `feature_info`.
     """
     config = get_model_config(name)
-    model = config.builder(num_classes=num_classes, **{**config.kwargs, **kwargs})
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    model = config.builder(**{**config.kwargs, **kwargs})
     model.default_cfg = config
     if pretrained is not None:
         from leanvision.checkpoints import load_checkpoint

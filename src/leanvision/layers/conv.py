@@ -20,7 +20,7 @@ def create_act(act_layer: ActLayer, inplace: bool = False) -> nn.Module:
 
 
 class ConvNormAct(nn.Module):
-    """Conv2d -> BatchNorm2d -> optional activation, with 'same' padding for odd kernels.
+    """Conv2d -> BatchNorm2d -> optional activation; padding defaults to 'same' for odd kernels.
 
     Attribute names (`conv`, `bn`) match timm's ConvNormAct so timm checkpoints load by name. The activation
     runs in place on the BN output (as timm's does): it saves an allocation and a memory pass per layer.
@@ -35,10 +35,12 @@ class ConvNormAct(nn.Module):
         groups: int = 1,
         act_layer: ActLayer = nn.ReLU,
         bias: bool = False,
+        padding: int | None = None,
     ) -> None:
         super().__init__()
+        padding = kernel_size // 2 if padding is None else padding
         self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias
+            in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias
         )
         self.bn = nn.BatchNorm2d(out_channels)
         self.act = create_act(act_layer, inplace=True)

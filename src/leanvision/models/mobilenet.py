@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual, _make_divisible
+from torchvision.ops.misc import Conv2dNormActivation
 
-from leanvision.layers import ClassifierHead, ConvNormAct
+from leanvision.layers import ClassifierHead, ConvNormAct, RNNPool
 from leanvision.layers.conv import ActLayer
+from leanvision.layers.downsample import create_downsample
 from leanvision.models.base import Classifier, check_input, check_width, feature_level
 from leanvision.registry import register_model
 
 # Pointwise output widths and depthwise strides of the 13 depthwise-separable blocks of MobileNetV1.
 MOBILENETV1_WIDTHS = (64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
 MOBILENETV1_STRIDES = (1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1)
+# A 4x downsampling layer after the stem replaces the first four blocks (112x112 -> 28x28), as MobileNetV1
+# -ReNet/-RNNPool of the RNNPool paper (Table 3: 569M -> 417M MAdds pins this choice).
+MOBILENETV1_REPLACED_BY_DOWNSAMPLE = 4
 
 # ReXNet(plain), ReXNet paper Appendix B.2. No reference code exists; every choice below is ours:
 # - depth, strides, stem (3x3 conv 32, BN, ReLU) and the penultimate 1x1 conv to 1024 are MobileNetV1's
@@ -39,7 +44,11 @@ class DepthwiseSeparable(nn.Module):
 
 
 class MobileNetV1(Classifier):
-    """Plain stack of depthwise-separable blocks (Howard et al. 2017); `pw_act` picks the 1x1 activation."""
+    """Plain stack of depthwise-separable blocks (Howard et al. 2017); `pw_act` picks the 1x1 activation.
+
+    `downsample` (one of leanvision.layers.downsample.DOWNSAMPLE_KINDS) puts that layer, with 4 * hidden_size
+    output channels, in place of the first four blocks (`features.0`).
+    """
 
     def __init__(
         self,
@@ -49,6 +58,9 @@ class MobileNetV1(Classifier):
         num_classes: int = 1000,
         in_chans: int = 3,
         drop_rate: float = 0.0,
+        downsample: str | None = None,
+        hidden_size: int = 16,
+        patch_size: int = 6,
     ) -> None:
         super().__init__()
         check_width(width_mult)
@@ -57,10 +69,14 @@ class MobileNetV1(Classifier):
         stem_chs = round(32 * width_mult)
         self.stem = ConvNormAct(in_chans, stem_chs, 3, stride=2)
         blocks, self.feature_info = [], []
-        in_chs, reduction = stem_chs, 2
-        for i, (width, stride) in enumerate(zip(widths, MOBILENETV1_STRIDES)):
+        in_chs, reduction, first = stem_chs, 2, 0
+        if downsample is not None:
+            blocks.append(create_downsample(downsample, stem_chs, hidden_size, patch_size, 4, nn.ReLU))
+            self.feature_info.append(feature_level(-1, stem_chs, reduction))
+            in_chs, reduction, first = 4 * hidden_size, 8, MOBILENETV1_REPLACED_BY_DOWNSAMPLE
+        for width, stride in zip(widths[first:], MOBILENETV1_STRIDES[first:]):
             if stride > 1:
-                self.feature_info.append(feature_level(i - 1, in_chs, reduction))
+                self.feature_info.append(feature_level(len(blocks) - 1, in_chs, reduction))
                 reduction *= stride
             out_chs = round(width * width_mult)
             blocks.append(DepthwiseSeparable(in_chs, out_chs, stride, dw_act=nn.ReLU, pw_act=pw_act))
@@ -80,36 +96,91 @@ def rexnet_plain(**kwargs) -> MobileNetV1:
     return MobileNetV1(widths=REXNET_PLAIN_WIDTHS, pw_act=nn.SiLU, drop_rate=0.2, **kwargs)
 
 
-class MobileNetV2(torchvision.models.MobileNetV2):
-    """torchvision's MobileNetV2 (so torchvision weight files load as they are) with the leanvision interface.
+# t (expansion), c (width), n (repeats), s (stride of the first) of MobileNetV2's inverted residual stages.
+MOBILENETV2_STAGES = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+# A 4x downsampling layer (RNNPool paper Table 10) replaces the stages that work at 1/2 and 1/4 resolution.
+MOBILENETV2_REPLACED_BY_DOWNSAMPLE = 3
 
-    Keys stay torchvision's: `features.0` is the stem, `features.1..17` the inverted residuals,
-    `features.18` the 1x1 conv to 1280 (or more above x1.0), `classifier.1` the Linear.
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 with torchvision's blocks and keys, so torchvision weight files load as they are.
+
+    Keys: `features.0` is the stem, then the inverted residuals, then the 1x1 conv to `last_channel`
+    (`features.18` for the standard network); `classifier.1` is the Linear.
+
+    RNNPool paper options (all off by default, giving the standard network):
+    - `downsample`: one of leanvision.layers.downsample.DOWNSAMPLE_KINDS replaces the first three stages
+      (112x112 -> 28x28), with 4 * hidden_size output channels (`features.1`), as in paper Table 10;
+    - `last_pool="rnnpool"`: an RNNPool over the whole last map, hidden C/4, replaces the average pool
+      (Appendix F.1.2);
+    - `stem_channels` (default 32 x width_mult), `last_channel`: 8 and 320 give the Visual Wake Words
+      network. A given stem width, like the downsample width, is not scaled by width_mult (as the reference).
     """
 
     total_stride = 32
 
     def __init__(
-        self, width_mult: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2
+        self,
+        width_mult: float = 1.0,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.2,
+        stem_channels: int | None = None,
+        last_channel: int = 1280,
+        downsample: str | None = None,
+        hidden_size: int = 16,
+        patch_size: int = 6,
+        last_pool: str = "avg",
+        cell: str = "fastgrnn",
     ) -> None:
+        super().__init__()
         check_width(width_mult)
-        super().__init__(num_classes=max(num_classes, 1), width_mult=width_mult, dropout=drop_rate)
-        if in_chans != 3:
-            stem = self.features[0][0]
-            self.features[0][0] = nn.Conv2d(in_chans, stem.out_channels, 3, 2, 1, bias=False)
+        if last_pool not in ("avg", "rnnpool"):
+            raise ValueError(f"last_pool must be 'avg' or 'rnnpool', got {last_pool!r}")
         self.in_chans = in_chans
-        self.num_features = self.last_channel
+        stem_chs = stem_channels or _make_divisible(32 * width_mult, 8)
+        features: list[nn.Module] = [
+            Conv2dNormActivation(in_chans, stem_chs, stride=2, activation_layer=nn.ReLU6)
+        ]
         self.feature_info = []
-        reduction, channels = 1, in_chans
-        for i, block in enumerate(self.features):
-            stride = _block_stride(block)
-            if stride > 1 and i > 0:
-                self.feature_info.append(feature_level(i - 1, channels, reduction))
-            reduction *= stride
-            channels = _block_out_channels(block)
-        self.feature_info.append(feature_level(len(self.features) - 1, channels, reduction))
-        if num_classes == 0:
-            self.reset_classifier(0)
+        channels, reduction, stages = stem_chs, 2, MOBILENETV2_STAGES
+        if downsample is not None:
+            features.append(
+                create_downsample(downsample, stem_chs, hidden_size, patch_size, stride=4, cell=cell)
+            )
+            self.feature_info.append(feature_level(0, stem_chs, reduction))
+            channels, reduction, stages = 4 * hidden_size, 8, stages[MOBILENETV2_REPLACED_BY_DOWNSAMPLE:]
+        for t, c, n, s in stages:
+            if s > 1:
+                self.feature_info.append(feature_level(len(features) - 1, channels, reduction))
+            out_chs = _make_divisible(c * width_mult, 8)
+            for i in range(n):
+                features.append(InvertedResidual(channels, out_chs, s if i == 0 else 1, expand_ratio=t))
+                channels = out_chs
+            reduction *= s
+        self.last_channel = _make_divisible(last_channel * max(1.0, width_mult), 8)
+        features.append(
+            Conv2dNormActivation(channels, self.last_channel, kernel_size=1, activation_layer=nn.ReLU6)
+        )
+        self.feature_info.append(feature_level(len(features) - 1, self.last_channel, reduction))
+        self.features = nn.Sequential(*features)
+        self.num_features = self.last_channel
+        self.global_pool = (
+            nn.AdaptiveAvgPool2d(1)
+            if last_pool == "avg"
+            else RNNPool(self.last_channel, self.last_channel // 4, self.last_channel // 4, cell)
+        )
+        self.classifier = nn.Sequential(nn.Dropout(drop_rate), nn.Identity())
+        _init_like_torchvision(self)
+        self.reset_classifier(num_classes)
 
     @property
     def num_classes(self) -> int:
@@ -123,8 +194,7 @@ class MobileNetV2(torchvision.models.MobileNetV2):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map -> logits (or the pooled vector, with pre_logits=True)."""
-        x = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
-        x = self.classifier[0](x)
+        x = self.classifier[0](self.global_pool(x).flatten(1))
         return x if pre_logits else self.classifier[1](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,15 +207,23 @@ class MobileNetV2(torchvision.models.MobileNetV2):
         """Replace the final Linear by a fresh one for `num_classes` (0 removes it)."""
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        self.classifier[1] = nn.Linear(self.last_channel, num_classes) if num_classes else nn.Identity()
+        fc = nn.Linear(self.last_channel, num_classes) if num_classes else nn.Identity()
+        if num_classes:
+            nn.init.normal_(fc.weight, 0, 0.01)
+            nn.init.zeros_(fc.bias)
+        self.classifier[1] = fc
 
 
-def _block_stride(block: nn.Module) -> int:
-    return max(m.stride[0] for m in block.modules() if isinstance(m, nn.Conv2d))
-
-
-def _block_out_channels(block: nn.Module) -> int:
-    return [m for m in block.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+def _init_like_torchvision(model: nn.Module) -> None:
+    """torchvision's MobileNetV2 initialisation for convs and BNs (RNN cells keep their own)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def mobilenetv2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:
@@ -156,7 +234,33 @@ def mobilenetv2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:
 register_model("mobilenetv1", mobilenetv1)
 register_model("mobilenetv1_100", mobilenetv1, paper=dict(top1=70.6, params_m=4.2, flops_b=0.56))
 register_model("rexnet_plain", rexnet_plain, paper=dict(top1=74.8, params_m=3.4, flops_b=0.56))
+register_model(
+    "mobilenetv1_rnnpool",
+    mobilenetv1,
+    kwargs=dict(downsample="rnnpool"),
+    paper=dict(source="RNNPool Table 3 (ImageNet-1K)", top1=69.39, params_m=4.1, madds_m=417),
+)
 register_model("mobilenetv2", mobilenetv2)
+register_model(
+    "mobilenetv2_rnnpool",
+    mobilenetv2,
+    kwargs=dict(downsample="rnnpool"),
+    paper=dict(source="RNNPool Tables 3 and 10 (ImageNet-1K)", top1=70.14, params_m=3.2, madds_m=226),
+)
+# The Visual Wake Words networks (RNNPool paper Section 5.2, EdgeML reference): 0.35x, stem 8, last conv 320.
+_VWW = dict(width_mult=0.35, stem_channels=8, last_channel=320, num_classes=2)
+register_model(
+    "mobilenetv2_035_vww",
+    mobilenetv2,
+    kwargs=_VWW,
+    paper=dict(source="RNNPool Table 2 (VWW)", top1=90.20, params_k=296, madds_m=53.2),
+)
+register_model(
+    "mobilenetv2_035_vww_rnnpool",
+    mobilenetv2,
+    kwargs=dict(_VWW, downsample="rnnpool", hidden_size=8),
+    paper=dict(source="RNNPool Table 2 (VWW)", top1=89.57, params_k=255, madds_m=37.7),
+)
 # Published ImageNet top-1 (MobileNetV2 paper); x1.0 and x1.4 params/FLOPs as ReXNet Table 4 prints them.
 for _w, _paper in {
     0.35: dict(top1=60.3),
