@@ -16,6 +16,7 @@ _LAZY = {
     "load_checkpoint": "leanvision.checkpoints",
     "save_checkpoint": "leanvision.checkpoints",
     "profile": "leanvision.analysis.cost",
+    "peak_memory": "leanvision.analysis.memory",
     "benchmark": "leanvision.bench",
     "fuse_for_inference": "leanvision.deploy",
 }
@@ -27,12 +28,14 @@ __all__ = [
     "get_model_config",
     "list_models",
     "load_checkpoint",
+    "peak_memory",
     "profile",
     "save_checkpoint",
 ]
 
 if TYPE_CHECKING:
     from leanvision.analysis.cost import profile
+    from leanvision.analysis.memory import peak_memory
     from leanvision.bench import benchmark
     from leanvision.checkpoints import load_checkpoint, save_checkpoint
     from leanvision.deploy import fuse_for_inference
