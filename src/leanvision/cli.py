@@ -189,6 +189,57 @@ def compare(
     )
 
 
+@app.command()
+def memory(
+    name: str,
+    convention: Annotated[str, typer.Option(help="layer, min, planner or all.")] = "layer",
+    dtype: Annotated[str, typer.Option(help="Element type: fp32, fp16, bf16 or int8.")] = "fp32",
+    input_size: Annotated[int, typer.Option(help="Square input resolution.")] = 224,
+    inplace_depthwise: Annotated[
+        bool, typer.Option("--inplace-depthwise", help="Planner: depthwise convs overwrite their input.")
+    ] = False,
+    budget_kib: Annotated[
+        float | None, typer.Option("--budget-kib", help="RAM budget (KiB) drawn on --plot.")
+    ] = None,
+    per_step: Annotated[bool, typer.Option("--per-step", help="Show the timeline, one row per step.")] = (
+        False
+    ),
+    plot: Annotated[str | None, typer.Option(help="Save live memory per step to this PNG file.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Peak inference RAM (activations, batch 1) under the layer, min or planner convention."""
+    from leanvision.analysis.memory import CONVENTIONS, DTYPE_BYTES, format_bytes, peak_memory, plot_timeline
+    from leanvision.analysis.memory import trace as trace_model
+
+    if convention not in (*CONVENTIONS, "all"):
+        _fail(f"--convention must be one of {', '.join(CONVENTIONS)} or all, got {convention!r}")
+    if dtype not in DTYPE_BYTES:
+        _fail(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    graph = _run(lambda: trace_model(name, _input_size(input_size)))
+    options = dict(dtype_bytes=DTYPE_BYTES[dtype], inplace_depthwise=inplace_depthwise)
+    reports = [
+        _run(lambda c=c: peak_memory(graph, convention=c, **options))
+        for c in (CONVENTIONS if convention == "all" else (convention,))
+    ]
+    if plot:
+        plot_timeline(reports, plot, None if budget_kib is None else int(budget_kib * 2**10))
+    if as_json:
+        print(json.dumps([r.to_dict() if per_step else {**r.to_dict(), "steps": None} for r in reports]))
+        return
+    for report in reports if per_step else ():
+        table = Table("step", "kind", "live", "detail", title=f"{name}: {report.convention} convention")
+        for step in report.steps:
+            table.add_row(step.name, step.kind, format_bytes(step.live_bytes), step.detail)
+        console.print(table)
+    title = f"{name} at {input_size}x{input_size}, {dtype}"
+    table = Table("convention", "peak", "bytes", "peak at", title=title)
+    for r in reports:
+        table.add_row(r.convention, format_bytes(r.peak_bytes), f"{r.peak_bytes:,}", r.peak_layer)
+    console.print(table)
+    for note in dict.fromkeys(n for r in reports for n in r.notes):
+        console.print(f"- {note}")
+
+
 def _run(work):
     """Run `work`, turning the library's input errors into one clear line and exit code 2."""
     from leanvision.checkpoints import CheckpointError
