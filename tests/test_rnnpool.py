@@ -118,6 +118,32 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_fastgrnn_sweep_gradcheck_float64():
+    # the hand-written backward of the batched FastGRNN sweep, on every parameter and the input
+    layer = randomize(RNNPoolLayer(2, 3, 2, 3, 2, padding="valid"), seed=11).double()
+    names = [name for name, _ in layer.named_parameters()]
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+
+    def run(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(run, (x, *layer.parameters()), fast_mode=True)
+
+
+def test_fast_gradients_equal_literal_algorithm_1():
+    layer = randomize(RNNPoolLayer(3, 5, 4, (4, 3), (2, 2), padding="same"), seed=12)
+    x = torch.randn(2, 3, 9, 8, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(2, 16, 5, 4, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for forward in (layer, lambda x: ref.rnnpool_layer(layer, x)):
+        layer.zero_grad()
+        xg = x.clone().requires_grad_()
+        (forward(xg) * weights).sum().backward()
+        grads.append([xg.grad] + [p.grad.clone() for p in layer.parameters()])
+    for fast, slow in zip(*grads):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
 def test_fastgrnn_cell_equations():
     cell = randomize(FastGRNNCell(3, 4), seed=3)
     x, h = torch.randn(2, 3), torch.randn(2, 4)

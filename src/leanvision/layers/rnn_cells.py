@@ -4,11 +4,14 @@ The interface splits a step so that callers can hoist the input projection out o
 `project(x)` maps inputs [..., input_size] to [..., projection_size] (no recurrence, one big GEMM), and
 `step(px, state)` advances the recurrence by one step from a projected input. `initial_state(shape)` gives
 zeros and `output(state)` the hidden vector. `forward(x, state)` is the usual one-step call.
+`sweep(sequences)` runs many equal-length sequences from zeros as one batch and returns their final
+hidden vectors (FastGRNN overrides it with a fused, feature-major loop).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -44,6 +47,12 @@ def _check_sizes(**sizes: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _split_like(final: torch.Tensor, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Cut the final hidden vectors [N, hidden] of a batch of sequences [T, ..., input] into [..., hidden]."""
+    finals = final.split([math.prod(seq.shape[1:-1]) for seq in sequences])
+    return [f.view(*seq.shape[1:-1], -1) for f, seq in zip(finals, sequences)]
+
+
 class RecurrentCell(nn.Module):
     """Base of the cells: `project` + `step`, zero initial state."""
 
@@ -64,6 +73,17 @@ class RecurrentCell(nn.Module):
     def output(self, state: torch.Tensor) -> torch.Tensor:
         return state[..., : self.hidden_size]
 
+    def sweep(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Final hidden vectors [..., hidden_size] of input sequences [T, ..., input_size] of one length T.
+
+        Each sequence runs from a zero state; all of them advance together, as one batch.
+        """
+        inputs = torch.cat([seq.reshape(len(seq), -1, seq.shape[-1]) for seq in sequences], 1)
+        state = self.initial_state((inputs.shape[1],), inputs)
+        for px in self.project(inputs).unbind(0):
+            state = self.step(px, state)
+        return _split_like(self.output(state), sequences)
+
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """One step from raw input x [..., input_size]; returns the new state."""
         if x.shape[-1] != self.input_size:
@@ -80,6 +100,9 @@ class FastGRNNCell(RecurrentCell):
 
         pre = x W + h U;  z = gate(pre + b_gate);  c = update(pre + b_update)
         h' = z * h + (sigmoid(zeta) * (1 - z) + sigmoid(nu)) * c
+
+    With the default sigmoid/tanh, `sweep` runs feature-major with a hand-written backward
+    (`_fastgrnn_sweep`); other nonlinearities, and compilers, go through `step`.
 
     `w_rank` / `u_rank` factor W = W1 W2 and U = U1 U2. `w_sparsity` / `u_sparsity` are the fractions of
     weights kept (by magnitude, see `sparsify`); the masks are buffers applied in every forward, so pruned
@@ -108,6 +131,7 @@ class FastGRNNCell(RecurrentCell):
         self.input_size, self.hidden_size, self.state_size = input_size, hidden_size, hidden_size
         self.gate_nonlinearity, self.update_nonlinearity = gate_nonlinearity, update_nonlinearity
         self._gate, self._update = _nonlinearity(gate_nonlinearity), _nonlinearity(update_nonlinearity)
+        self._sigmoid_pair = gate_nonlinearity == "sigmoid" and update_nonlinearity == "tanh"
         self.w_rank, self.u_rank = w_rank, u_rank
         self.w_sparsity, self.u_sparsity = w_sparsity, u_sparsity
         self.W, self.W1, self.W2 = self._weight(input_size, hidden_size, w_rank)
@@ -157,13 +181,107 @@ class FastGRNNCell(RecurrentCell):
         flat = (-1, state.shape[-1])
         pre = torch.addmm(px.reshape(flat), state.reshape(flat), self.weight_u()).view(state.shape)
         z = self._gate(pre + self.bias_gate)
-        if self.update_nonlinearity == "tanh":  # tanh(u) = 2 sigmoid(2u) - 1: torch's CPU tanh is ~2x slower
+        if self._sigmoid_pair:  # tanh(u) = 2 sigmoid(2u) - 1: torch's CPU tanh is ~2x slower
             c = torch.sigmoid(torch.add(2 * self.bias_update, pre, alpha=2)).mul(2).sub_(1)
         else:
             c = self._update(pre + self.bias_update)
-        zeta, nu = torch.sigmoid(self.zeta), torch.sigmoid(self.nu)
-        # z*h + (zeta*(1-z) + nu)*c, rearranged as (zeta+nu)*c + z*(h - zeta*c): 3 kernels instead of 6
-        return torch.addcmul(c * (zeta + nu), z, torch.addcmul(state, c, zeta, value=-1))
+        zeta = torch.sigmoid(self.zeta)
+        return _fastgrnn_update(z, c, state, zeta, zeta + torch.sigmoid(self.nu))
+
+    def sweep(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self._sigmoid_pair or torch.compiler.is_compiling():  # compilers trace the plain steps
+            return super().sweep(sequences)
+        weight = torch.cat((self.weight_w(), self.weight_u())).T
+        bias = torch.cat((self.bias_gate, 2 * self.bias_update)).unsqueeze(-1)  # [2, h, 1]
+        args = (weight, bias, torch.sigmoid(self.zeta), torch.sigmoid(self.nu), *sequences)
+        if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+            final = _FastGRNNSweep.apply(*args)
+        else:
+            final = _fastgrnn_sweep(*args)[0][-1, -self.hidden_size :]
+        return _split_like(final.T, sequences)
+
+
+def _fastgrnn_update(
+    z: torch.Tensor,
+    c: torch.Tensor,
+    h: torch.Tensor,
+    zeta: torch.Tensor,
+    zeta_nu: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """z*h + (zeta*(1-z) + nu)*c, rearranged as (zeta+nu)*c + z*(h - zeta*c): 3 kernels instead of 6."""
+    return torch.addcmul(c * zeta_nu, z, torch.addcmul(h, c, zeta, value=-1), out=out)
+
+
+def _fastgrnn_sweep(
+    weight: torch.Tensor, bias: torch.Tensor, zeta: torch.Tensor, nu: torch.Tensor, *sequences: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FastGRNN (sigmoid, tanh) from zeros over sequences [T, ..., C], batched feature-major: (xh, gates).
+
+    weight = [W; U]^T [h, C + h], bias = [b_gate; 2 b_update] [2, h, 1]. xh [T + 1, C + h, N] holds step
+    t's inputs above its incoming state (the last block's state is the final one), so that the shared
+    pre-activation x W + h U is one GEMM; gates [T, 2, h, N] keeps the step's sigmoids, of the gate and
+    of the doubled update pre-activation (tanh(u) = 2 sigmoid(2u) - 1, torch's CPU tanh is ~2x slower).
+    """
+    steps, channels = len(sequences[0]), sequences[0].shape[-1]
+    hidden, sizes = weight.shape[0], [math.prod(seq.shape[1:-1]) for seq in sequences]
+    xh = sequences[0].new_empty(steps + 1, channels + hidden, sum(sizes))
+    for seq, part in zip(sequences, xh[:steps, :channels].split(sizes, 2)):
+        part.view(steps, channels, *seq.shape[1:-1]).copy_(seq.movedim(-1, 1))
+    xh[0, channels:].zero_()
+    gates, pre = xh.new_empty(steps, 2, hidden, xh.shape[2]), xh.new_empty(hidden, xh.shape[2])
+    zeta2, zeta_nu2 = 2 * zeta, 2 * (zeta + nu)
+    for t in range(steps):  # each kernel's first operand is full-size: torch's vectorised fast path
+        torch.mm(weight, xh[t], out=pre)
+        torch.add(pre, bias[0], out=gates[t, 0])
+        torch.add(bias[1], pre, alpha=2, out=gates[t, 1])
+        z, s = gates[t].sigmoid_()
+        # c = 2 s - 1 = tanh(update pre-activation), passed as c / 2 = s - 0.5 with zeta and nu doubled
+        _fastgrnn_update(z, s - 0.5, xh[t, channels:], zeta2, zeta_nu2, out=xh[t + 1, channels:])
+    return xh, gates
+
+
+class _FastGRNNSweep(torch.autograd.Function):
+    """`_fastgrnn_sweep` with a hand-written backward: 3 kernels per step instead of ~15 autograd nodes."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, zeta, nu, *sequences):
+        xh, gates = _fastgrnn_sweep(weight, bias, zeta, nu, *sequences)
+        ctx.save_for_backward(weight, zeta, nu, xh, gates)
+        ctx.shapes = [seq.shape for seq in sequences]
+        return xh[-1, -weight.shape[0] :]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_final):
+        weight, zeta, nu, xh, gates = ctx.saved_tensors
+        steps, channels = len(gates), ctx.shapes[0][-1]
+        z, c, states = gates[:, 0], 2 * gates[:, 1] - 1, xh[:, channels:]
+        # d h' / d (gate, update pre-activation), without the incoming gradient: a (1 - a) times
+        # (h - zeta c) for the gate, times 2 (zeta (1 - z) + nu) for the doubled update
+        local = torch.addcmul(gates, gates, gates, value=-1)
+        local[:, 0].mul_(torch.addcmul(states[:-1], c, zeta, value=-1))
+        local[:, 1].mul_(torch.mul(z, -2 * zeta).add_(2 * (zeta + nu)))
+        local_pre = torch.add(local[:, 0], local[:, 1], alpha=2)  # both share x W + h U
+        grad_pre, grad_xh = torch.empty_like(local_pre), torch.empty_like(xh)
+        grad_states = grad_xh[:, channels:]  # of each step's outgoing state
+        grad_states[-1] = grad_final
+        for t in range(steps - 1, -1, -1):
+            grad = grad_states[t + 1]
+            torch.mm(weight.T, torch.mul(grad, local_pre[t], out=grad_pre[t]), out=grad_xh[t])
+            grad_states[t].addcmul_(grad, z[t])
+        grad_out = grad_states[1:]
+        grad_c = grad_out * c
+        grad_nu = grad_c.sum()
+        grad_zeta = grad_nu - (grad_c * z).sum()
+        grad_weight = torch.bmm(grad_pre, xh[:-1].transpose(1, 2)).sum(0)
+        grad_bias = (grad_out.unsqueeze(1) * local).sum((0, 3)).unsqueeze(-1)
+        sizes = [math.prod(shape[1:-1]) for shape in ctx.shapes]
+        grad_inputs = [
+            part.view(steps, channels, *shape[1:-1]).movedim(1, -1)
+            for part, shape in zip(grad_xh[:-1, :channels].split(sizes, 2), ctx.shapes)
+        ]
+        return grad_weight, grad_bias, grad_zeta.view_as(zeta), grad_nu.view_as(nu), *grad_inputs
 
 
 class TorchGatedCell(RecurrentCell):

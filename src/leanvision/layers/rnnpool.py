@@ -5,15 +5,17 @@ over the row summaries and over the column summaries, forwards and backwards. Th
 [rows fwd, rows bwd, cols fwd, cols bwd], 4 * hidden2 values; all initial states are zero.
 
 The fast path follows the speed notes of the reference analysis (shared/notes/rnnpool-reference.md):
-- RNN1's input projection runs once per pixel (one GEMM over the map), before any patch is formed;
-- the inputs of each step are strided views of that projection, never the whole unfolded map;
-- the row and column sweeps of RNN1 advance together, as do RNN2's four sweeps, so a k x k patch takes
-  2k sequential steps, each one batched over every patch of the map.
+- RNN1 runs once per row segment and column segment of the map, not once per patch: with stride <
+  patch, overlapping patches share segments (k=8, s=4 halves RNN1's work);
+- all row and column sweeps of RNN1 advance together, as do RNN2's four sweeps, so a k x k patch takes
+  2k sequential steps, each one batched over every patch of a tile;
+- the cells' `sweep` gathers the strided segments once into a batch (for FastGRNN feature-major, with
+  a hand-written backward; see rnn_cells.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -22,8 +24,9 @@ from leanvision.layers.rnn_cells import FastGRNNCell, RecurrentCell, create_cell
 
 PADDINGS = ("edgeml", "valid", "same")
 
-# Patches pooled together in one band: a band's per-step tensors (a few hundred KiB) stay in the CPU's
-# cache through the ~10 elementwise kernels of a recurrent step, instead of streaming from memory.
+# Patches pooled together in one tile: a tile's per-step tensors (about a MiB) stay in the CPU's cache
+# through the kernels of a recurrent step; much larger tiles stream from memory, smaller ones pay
+# per-kernel overhead.
 TILE_PATCHES = 2048
 
 
@@ -34,60 +37,48 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     return pair
 
 
-def _sweep(cell: RecurrentCell, inputs: Callable[[int], torch.Tensor], steps: int) -> torch.Tensor:
-    """Run `cell` for `steps` steps over projected inputs `inputs(t)`; returns the final hidden vectors."""
-    first = inputs(0)
-    state = cell.step(first, cell.initial_state(tuple(first.shape[:-1]), first))
-    for t in range(1, steps):
-        state = cell.step(inputs(t), state)
-    return cell.output(state)
+def _sweep_together(cell: RecurrentCell, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Final hidden vectors of `cell` over input sequences [T, ..., C]; those of one length T run together."""
+    finals = {}
+    for steps in dict.fromkeys(len(seq) for seq in sequences):
+        group = [i for i, seq in enumerate(sequences) if len(seq) == steps]
+        finals.update(zip(group, cell.sweep([sequences[i] for i in group])))
+    return [finals[i] for i in range(len(sequences))]
 
 
-def _bidirectional(cell: RecurrentCell, seq: torch.Tensor) -> torch.Tensor:
-    """Forward and backward sweeps over projected seq [..., T, G] together: returns [2, ..., hidden]."""
-    steps = seq.shape[-2]
-    return _sweep(cell, lambda t: torch.stack((seq[..., t, :], seq[..., steps - 1 - t, :])), steps)
-
-
-def rnnpool_projected(
+def rnnpool_map(
     rnn1: RecurrentCell,
     rnn2: RecurrentCell,
-    projected: torch.Tensor,
+    x: torch.Tensor,
     patch_size: tuple[int, int],
     stride: tuple[int, int],
 ) -> torch.Tensor:
-    """RNNPool of every VALID patch of a map of RNN1 input projections [B, H, W, G1] -> [B, oh, ow, 4 * h2].
+    """RNNPool of every VALID patch of x [B, C, H, W] -> [B, oh, ow, 4 * h2].
 
-    Large maps are cut into bands of output rows of about TILE_PATCHES patches. The step-t inputs of all
-    patches of a band are strided views of `projected`: for the row sweeps, the pixels at
-    column offset t of every patch (a column subsampling, then an unfold along the height); for the column
-    sweeps, the pixels at row offset t. Nothing the size of the unfolded map is built, in either pass.
+    RNN1 runs once over every row segment x[b, :, y, j*sw : j*sw + kw] and every column segment
+    x[b, :, i*sh : i*sh + kh, x] of the map: with stride < patch, overlapping patches share them. The
+    row summaries of patch (i, j) are then those of rows i*sh .. i*sh + kh - 1 at segment j (an unfold
+    of the summary map), likewise for columns. Maps of more than TILE_PATCHES patches are cut into tiles
+    of whole images, then of output rows, so that each tile's per-step tensors stay in cache.
     """
     (kh, kw), (sh, sw) = patch_size, stride
-    oh, ow = (projected.shape[1] - kh) // sh + 1, (projected.shape[2] - kw) // sw + 1
-    rows_per_tile = max(1, TILE_PATCHES // (projected.shape[0] * ow))
+    batch, oh, ow = x.shape[0], (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    if batch > 1 and batch * oh * ow > TILE_PATCHES:
+        images = max(1, TILE_PATCHES // (oh * ow))
+        return torch.cat([rnnpool_map(rnn1, rnn2, part, patch_size, stride) for part in x.split(images)])
+    rows_per_tile = max(1, TILE_PATCHES // (batch * ow))
     if rows_per_tile < oh:  # bands of output rows, each computed on its own band of the input
         bands = [
-            projected[:, i * sh : (min(i + rows_per_tile, oh) - 1) * sh + kh]
-            for i in range(0, oh, rows_per_tile)
+            x[:, :, i * sh : (min(i + rows_per_tile, oh) - 1) * sh + kh] for i in range(0, oh, rows_per_tile)
         ]
-        return torch.cat([rnnpool_projected(rnn1, rnn2, band, patch_size, stride) for band in bands], dim=1)
-    height, width = (oh - 1) * sh + kh, (ow - 1) * sw + kw
-
-    def row_inputs(t: int) -> torch.Tensor:  # [B, oh, ow, kh, G]: row r of every patch, its pixel t
-        return projected[:, :height, t : t + (ow - 1) * sw + 1 : sw].unfold(1, kh, sh).movedim(-1, -2)
-
-    def col_inputs(t: int) -> torch.Tensor:  # [B, oh, ow, kw, G]: column c of every patch, its pixel t
-        return projected[:, t : t + (oh - 1) * sh + 1 : sh, :width].unfold(2, kw, sw).movedim(-1, -2)
-
-    if kh == kw:  # rows and columns advance in one batch, and so do RNN2's four sweeps
-        both = _sweep(rnn1, lambda t: torch.stack((row_inputs(t), col_inputs(t))), kw)
-        swept = _bidirectional(rnn2, rnn2.project(both))  # [direction, rows/cols, B, oh, ow, h2]
-        rows, cols = swept[:, 0], swept[:, 1]
-    else:
-        rows = _bidirectional(rnn2, rnn2.project(_sweep(rnn1, row_inputs, kw)))
-        cols = _bidirectional(rnn2, rnn2.project(_sweep(rnn1, col_inputs, kh)))
-    return torch.cat((rows[0], rows[1], cols[0], cols[1]), dim=-1)
+        return torch.cat([rnnpool_map(rnn1, rnn2, band, patch_size, stride) for band in bands], dim=1)
+    x = x[:, :, : (oh - 1) * sh + kh, : (ow - 1) * sw + kw]
+    rows = x.unfold(3, kw, sw).permute(4, 0, 2, 3, 1)  # [kw, B, height, ow, C]: the row segments
+    cols = x.unfold(2, kh, sh).permute(4, 0, 2, 3, 1)  # [kh, B, oh, width, C]
+    rows, cols = _sweep_together(rnn1, [rows, cols])
+    rows = rows.unfold(1, kh, sh).movedim(-1, 0)  # [kh, B, oh, ow, h1]: the row summaries of each patch
+    cols = cols.unfold(2, kw, sw).movedim(-1, 0)  # [kw, B, oh, ow, h1]
+    return torch.cat(_sweep_together(rnn2, [rows, rows.flip(0), cols, cols.flip(0)]), dim=-1)
 
 
 class RNNPool(nn.Module):
@@ -118,8 +109,7 @@ class RNNPool(nn.Module):
                 f"RNNPool expects patches [N, {self.in_channels}, kh, kw], got {list(patches.shape)}"
             )
         size = (patches.shape[2], patches.shape[3])
-        projected = self.rnn1.project(patches.permute(0, 2, 3, 1))
-        return rnnpool_projected(self.rnn1, self.rnn2, projected, size, size).flatten(0, 2)
+        return rnnpool_map(self.rnn1, self.rnn2, patches, size, size).flatten(0, 2)
 
     @classmethod
     def from_edgeml(cls, state_dict: Mapping[str, torch.Tensor]) -> RNNPool:
@@ -223,13 +213,10 @@ class RNNPoolLayer(nn.Module):
             raise ValueError(f"RNNPoolLayer expects input [B, {self.in_channels}, H, W], got {list(x.shape)}")
         (kh, kw), (sh, sw) = self.patch_size, self.stride
         oh, ow = self.output_size(x.shape[2], x.shape[3])
-        projected = self.pool.rnn1.project(x.permute(0, 2, 3, 1))  # [B, H, W, G1], once per pixel
-        if self.padding == "same":
+        if self.padding == "same":  # zeros, evenly, extra at the bottom/right
             pad_h, pad_w = max((oh - 1) * sh + kh - x.shape[2], 0), max((ow - 1) * sw + kw - x.shape[3], 0)
-            # zero input pixels project to zero (FastGRNN has no input bias) or to the input bias (GRU/LSTM)
-            zero = self.pool.rnn1.project(x.new_zeros(1, 1, 1, x.shape[1]))
-            projected = _pad_with(projected, pad_h, pad_w, zero)
-        out = rnnpool_projected(self.pool.rnn1, self.pool.rnn2, projected, self.patch_size, self.stride)
+            x = nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        out = rnnpool_map(self.pool.rnn1, self.pool.rnn2, x, self.patch_size, self.stride)
         out = out.permute(0, 3, 1, 2)
         if self.padding == "edgeml":
             out = nn.functional.pad(out, (0, 1, 0, 1), mode="replicate")
@@ -247,12 +234,3 @@ class RNNPoolLayer(nn.Module):
         layer = cls(pool.in_channels, pool.hidden1, pool.hidden2, patch_size, stride)
         layer.pool = pool
         return layer
-
-
-def _pad_with(projected: torch.Tensor, pad_h: int, pad_w: int, value: torch.Tensor) -> torch.Tensor:
-    """Pad [B, H, W, G] evenly (extra at the bottom/right) with the projection of a zero pixel."""
-    top, left = pad_h // 2, pad_w // 2
-    b, h, w, g = projected.shape
-    canvas = value.expand(b, h + pad_h, w + pad_w, g).clone()
-    canvas[:, top : top + h, left : left + w] = projected
-    return canvas
