@@ -189,6 +189,81 @@ def compare(
     )
 
 
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on corrupt images instead of skipping them.")]
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="Registered model name.")],
+    data: Annotated[str, typer.Option(help="Dataset spec, e.g. synthetic:lines, fashion-mnist, folder:DIR.")],
+    epochs: Annotated[int, typer.Option(help="Epochs to train (a resumed run may raise it).")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per step and process.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.05,
+    opt: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    nesterov: Annotated[bool, typer.Option("--nesterov", help="Nesterov momentum.")] = False,
+    wd: Annotated[float, typer.Option(help="Weight decay (weights only, not biases or norms).")] = 5e-5,
+    sched: Annotated[str, typer.Option(help="cosine, step (x0.1 at 50% and 75%) or none.")] = "cosine",
+    warmup_epochs: Annotated[int, typer.Option(help="Epochs of linear learning-rate warm-up.")] = 0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.0,
+    img_size: Annotated[int | None, typer.Option(help="Resize images to this (default: the data's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of weights, order and augmentation.")] = 0,
+    out: Annotated[str | None, typer.Option(help="Output folder (default runs/MODEL).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from last.pt.")] = False,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
+    strict: StrictOpt = False,
+) -> None:
+    """Train a model; writes last.pt, metrics.csv, summary.json and curves.png to --out.
+
+    Data-parallel: torchrun --nproc_per_node N $(which leanvision) train ... (gloo on CPU, nccl on CUDA).
+    """
+    from leanvision.engine.train import NonFiniteLossError, TrainConfig
+    from leanvision.engine.train import train as run_training
+
+    config = TrainConfig(
+        model=model, data=data, epochs=epochs, batch_size=batch_size, lr=lr, opt=opt, momentum=momentum,
+        nesterov=nesterov, wd=wd, sched=sched, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+        img_size=img_size, seed=seed, out=out or f"runs/{model}", resume=resume, workers=workers,
+        device=device, amp=amp, strict=strict,
+    )  # fmt: skip
+    try:
+        result = _run(lambda: run_training(config))
+    except NonFiniteLossError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from err
+    if result.status == "interrupted":
+        raise typer.Exit(130)
+    if result.main_process:
+        console.print(f"{result.status}: val acc {result.val['acc']:.2f}%; results in {result.out}")
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Annotated[str, typer.Option(help="Registered model name.")],
+    checkpoint: Annotated[str, typer.Option(help="Weights file (a training last.pt or any checkpoint).")],
+    data: Annotated[str, typer.Option(help="Dataset spec; its validation split is evaluated.")],
+    img_size: Annotated[int | None, typer.Option(help="Image size (default: the checkpoint's run).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    strict: StrictOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate a checkpoint on a dataset's validation split: loss and accuracy."""
+    from leanvision.engine.train import evaluate_checkpoint
+
+    metrics = _run(lambda: evaluate_checkpoint(model, checkpoint, data, img_size, batch_size, device, strict))
+    if as_json:
+        print(json.dumps(metrics))
+        return
+    extra = f", per-label accuracy {metrics['label_acc']:.2f}%" if "label_acc" in metrics else ""
+    console.print(
+        f"[bold]{model}[/bold] on {data} ({metrics['samples']} images): loss {metrics['loss']:.4f}, "
+        f"accuracy {metrics['acc']:.2f}%{extra}"
+    )
+
+
 @app.command()
 def memory(
     name: str,
@@ -238,6 +313,52 @@ def memory(
     console.print(table)
     for note in dict.fromkeys(n for r in reports for n in r.notes):
         console.print(f"- {note}")
+
+
+@app.command()
+def repro(
+    name: Annotated[str, typer.Argument(help="rnnpool-probe or pooling-one-go.")],
+    out: Annotated[str | None, typer.Option(help="Empty output folder (default runs/repro-NAME).")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs per model (default 20 probe, 10 one-go).")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="AdamW learning rate (default 0.01 probe, 0.002 one-go).")
+    ] = None,
+    train_size: Annotated[int, typer.Option(help="rnnpool-probe: generated training images.")] = 4000,
+    val_size: Annotated[int, typer.Option(help="rnnpool-probe: generated test images.")] = 1000,
+    max_hidden: Annotated[int, typer.Option(help="rnnpool-probe: largest h1, h2 tried.")] = 32,
+    data: Annotated[
+        list[str] | None, typer.Option(help="pooling-one-go: dataset specs (default fashion-mnist).")
+    ] = None,
+) -> None:
+    """Run one of the RNNPool paper's CPU-sized experiments and print ours beside the paper's numbers."""
+    from leanvision.engine import repro as experiments
+
+    out = out or f"runs/repro-{name}"
+    kwargs = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+    if name == "rnnpool-probe":
+        rows = _run(
+            lambda: experiments.rnnpool_probe(out, train_size, val_size, max_hidden=max_hidden, **kwargs)
+        )
+        table = Table(
+            "data", "size", "conv", "ours (h1, h2)", "best test acc", "paper (h1, h2)", title="Table 7"
+        )
+        for r in rows:
+            ours = f"{r['ours'][0]}, {r['ours'][1]}" if r["ours"] else f"none <= {max_hidden}"
+            paper = f"{r['paper'][0]}, {r['paper'][1]}"
+            table.add_row(
+                r["data"], str(r["size"]), "yes" if r["conv"] else "no", ours, f"{r['best_acc']:.2f}%", paper
+            )
+    elif name == "pooling-one-go":
+        rows = _run(lambda: experiments.pooling_one_go(out, tuple(data or ["fashion-mnist"]), **kwargs))
+        table = Table("data", "pooling", "test acc", "paper (CIFAR-10)", title="Appendix C.2")
+        for r in rows:
+            table.add_row(r["data"], r["pooling"], f"{r['acc']:.2f}%", f"{r['paper']}%" if r["paper"] else "")
+    else:
+        _fail(f"unknown experiment {name!r}; expected rnnpool-probe or pooling-one-go")
+    console.print(table)
+    console.print(f"results in {out}")
 
 
 def _run(work):

@@ -1,0 +1,82 @@
+"""Training checkpoints: written atomically, readable with `torch.load(weights_only=True)`.
+
+A checkpoint holds `model` (its state_dict, so `create_model(name, pretrained=FILE)` loads it),
+`optimizer`, `scheduler`, `scaler`, `epoch` (epochs completed), `history` (one metrics row per epoch),
+`config` (the TrainConfig as a dict) and `rng` (torch CPU/CUDA, numpy and Python generator states).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step may draw from, in weights_only-loadable form."""
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            **numpy_state,
+            "state": {
+                **numpy_state["state"],
+                "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            },
+        },
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators saved by `rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    key = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state({**numpy_state, "state": {**numpy_state["state"], "key": key}})
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by the trainer; anything else raises a ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing = {"model", "optimizer", "epoch", "config", "rng"} - set(state)
+    if missing:
+        raise ValueError(f"{path} is not a leanvision training checkpoint (missing {sorted(missing)})")
+    return state
+
+
+def read_training_config(path: str | Path) -> dict[str, Any] | None:
+    """The TrainConfig dict of a trainer checkpoint, or None for any other weights file."""
+    path = Path(path)
+    if path.suffix == ".safetensors" or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not ours: leave the error to the weights loader, which names the problem
+        return None
+    return state.get("config") if isinstance(state, dict) and isinstance(state.get("config"), dict) else None

@@ -1,0 +1,376 @@
+"""Datasets that exist offline, named by `--data` specs.
+
+| spec | what |
+|---|---|
+| `synthetic:lines`, `synthetic:multilines`, `synthetic:shapes` | RNNPool Appendix C.1 probes (generated) |
+| `fashion-mnist[:DIR]` | the original idx(.gz) files; default DIR /usr/share/datasets/fashion-mnist |
+| `cifar10:DIR`, `cifar100:DIR` | torchvision's on-disk format (cifar-10-batches-py / cifar-100-python) |
+| `folder:DIR` | ImageFolder layout: DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg |
+| `imagenet10:DIR` | ImageNet-10 (RNNPool Table 6) from an ImageNet folder with train/ and val/ by synset |
+
+Synthetic specs take options after commas: `synthetic:shapes,train=4000,val=1000,seed=1` (defaults 10000,
+2000, 0). Their image size is `img_size` (default 32 for the lines sets, 64 for shapes, as in Table 7).
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from leanvision.engine import synthetic
+from leanvision.registry import IMAGENET_MEAN, IMAGENET_STD
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)  # fmt: skip
+IMAGENET10_SYNSETS = (
+    ("n02690373", "airliner"),
+    ("n04285008", "sports car"),
+    ("n01560419", "bulbul"),
+    ("n02124075", "Egyptian cat"),
+    ("n02430045", "deer"),
+    ("n02099601", "golden retriever"),
+    ("n01641577", "bullfrog"),
+    ("n03538406", "horse cart"),
+    ("n03673027", "ocean liner"),
+    ("n04467665", "trailer truck"),
+)
+CIFAR = {  # spec -> folder, train files, test files, label key, mean, std
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "labels",
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+    ),
+    "cifar100": (
+        "cifar-100-python",
+        ["train"],
+        ["test"],
+        "fine_labels",
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+    ),
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+SPEC_HELP = (
+    "synthetic:lines|multilines|shapes, fashion-mnist[:DIR], cifar10:DIR, cifar100:DIR, folder:DIR, "
+    "imagenet10:IMAGENET_DIR"
+)
+
+
+@dataclass
+class DataSplits:
+    """A dataset's train and validation splits and what a model needs to know about them."""
+
+    spec: str
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    channels: int
+    image_size: int
+    multilabel: bool = False
+    classes: tuple[str, ...] = ()
+
+
+class TensorImages(Dataset):
+    """uint8 images [N, C, H, W] in memory -> normalised float images; optional crop-and-flip augmentation.
+
+    `augment` pads by 1/8 of the size and crops back at a random offset, and flips half of the images
+    horizontally (CIFAR's standard training augmentation), drawing from torch's global RNG.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: bool = False,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(targets):
+            raise ValueError(f"expected uint8 images [N, C, H, W] and N targets, got {list(images.shape)}")
+        self.images, self.targets, self.augment = images, targets, augment
+        self.mean = torch.tensor(mean).view(-1, 1, 1) * 255
+        self.std = torch.tensor(std).view(-1, 1, 1) * 255
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index].float()
+        if self.augment:
+            size = image.shape[-1]
+            pad = size // 8
+            dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+            image = torch.nn.functional.pad(image, (pad, pad, pad, pad))[:, dy : dy + size, dx : dx + size]
+            if torch.rand(()) < 0.5:
+                image = image.flip(-1)
+        return (image - self.mean) / self.std, self.targets[index]
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear (antialiased) resize of uint8 images [N, C, H, W] to size x size, in chunks."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    chunks = [
+        torch.nn.functional.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True)
+        for c in images.split(4096)
+    ]
+    return torch.cat(chunks).round().clamp(0, 255).to(torch.uint8)
+
+
+def _parse_options(spec: str, text: str, allowed: dict[str, int]) -> dict[str, int]:
+    options = dict(allowed)
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in allowed or not value.lstrip("-").isdigit():
+            raise ValueError(
+                f"bad option {item!r} in {spec!r}: expected key=integer with keys {sorted(allowed)}"
+            )
+        options[key] = int(value)
+    return options
+
+
+def synthetic_splits(spec: str, name: str, options: str, img_size: int | None) -> DataSplits:
+    if name not in synthetic.SYNTHETIC:
+        raise ValueError(
+            f"unknown synthetic dataset {name!r} in {spec!r}; expected one of {sorted(synthetic.SYNTHETIC)}"
+        )
+    opts = _parse_options(spec, options, {"train": 10000, "val": 2000, "seed": 0})
+    size = img_size or (64 if name == "shapes" else 32)
+    multilabel = synthetic.MULTILABEL[name]
+    splits = []
+    for split in synthetic.SPLITS:
+        images, targets = synthetic.generate(name, opts[split], size, opts["seed"], split)
+        splits.append(
+            TensorImages(torch.from_numpy(images)[:, None], torch.from_numpy(targets), (0.5,), (0.5,))
+        )
+    classes = tuple(f"{c}deg" if isinstance(c, int) else c for c in synthetic.SYNTHETIC[name])
+    return DataSplits(spec, *splits, len(classes), 1, size, multilabel, classes)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (MNIST format, gzipped or not) as a uint8 array; a malformed one names the file."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable idx file: {err}") from err
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (bad magic number {data[:4].hex()})")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(dims)):
+        raise ValueError(
+            f"{path} is truncated or corrupt: header says {dims}, found {len(data) - offset} bytes"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _find(root: Path, name: str) -> Path:
+    for candidate in (root / f"{name}.gz", root / name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"fashion-mnist: {name}.gz not found in {root}. Install it with `apt-get install "
+        f"dataset-fashion-mnist` (or `make data`), or pass fashion-mnist:DIR with the four idx files"
+    )
+
+
+def fashion_mnist_splits(spec: str, root: str, img_size: int | None) -> DataSplits:
+    base = Path(root or FASHION_MNIST_DIR)
+    splits = []
+    for prefix in ("train", "t10k"):
+        images = read_idx(_find(base, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_find(base, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.shape != images.shape[:1] or labels.max(initial=0) >= 10:
+            raise ValueError(
+                f"fashion-mnist {prefix}: images {images.shape} and labels {labels.shape} do not match"
+            )
+        tensor = _resize(torch.from_numpy(images.copy())[:, None], img_size or images.shape[-1])
+        splits.append(TensorImages(tensor, torch.from_numpy(labels.astype(np.int64)), (0.2860,), (0.3530,)))
+    return DataSplits(spec, *splits, 10, 1, splits[0].images.shape[-1], False, FASHION_MNIST_CLASSES)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only (what the CIFAR batch files hold)."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="latin1").load()
+        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (OSError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path} is not a readable CIFAR batch file: {err}") from err
+    if len(labels) != len(data):
+        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+def cifar_splits(spec: str, kind: str, root: str, img_size: int | None) -> DataSplits:
+    folder, train_files, test_files, label_key, mean, std = CIFAR[kind]
+    base = Path(root)
+    base = base if (base / train_files[0]).is_file() else base / folder
+    missing = [f for f in train_files + test_files if not (base / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{kind}: {missing} not found in {base}. Download it once with "
+            f"torchvision.datasets.{kind.upper()}('{root}', download=True) and pass {kind}:{root}"
+        )
+    splits = []
+    for files, augment in ((train_files, True), (test_files, False)):
+        data, labels = zip(*(_read_cifar_batch(base / f, label_key) for f in files))
+        images = _resize(torch.from_numpy(np.concatenate(data)), img_size or 32)
+        splits.append(TensorImages(images, torch.from_numpy(np.concatenate(labels)), mean, std, augment))
+    num_classes = 10 if kind == "cifar10" else 100
+    return DataSplits(spec, *splits, num_classes, 3, splits[0].images.shape[-1])
+
+
+class ImageFiles(Dataset):
+    """Images on disk with class indices; files that PIL cannot read were dropped when scanning."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        path, target = self.samples[index]
+        with Image.open(path) as image:
+            return self.transform(image.convert("RGB")), torch.tensor(target)
+
+
+def scan_images(root: Path, classes: list[str], strict: bool) -> list[tuple[Path, int]]:
+    """(path, class index) of every readable image in root/CLASS/; corrupt ones are counted or raise."""
+    from PIL import Image, UnidentifiedImageError
+
+    samples, corrupt = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (OSError, UnidentifiedImageError, SyntaxError) as err:
+                if strict:
+                    raise ValueError(f"corrupt image {path}: {err}") from err
+                corrupt.append(path)
+                continue
+            samples.append((path, index))
+    if corrupt:
+        warnings.warn(
+            f"skipped {len(corrupt)} corrupt image(s) under {root} (first: {corrupt[0]}); "
+            "pass strict=True (--strict) to fail instead",
+            stacklevel=2,
+        )
+    if not samples:
+        raise ValueError(f"no readable images under {root}/{{{','.join(classes[:3])}...}}")
+    return samples
+
+
+def _folder_transforms(size: int, train: bool):
+    from torchvision.transforms import v2
+
+    resize = (
+        [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        if train
+        else [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]
+    )
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            *resize,
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def folder_splits(
+    spec: str, root: str, img_size: int | None, strict: bool, synsets: tuple[tuple[str, str], ...] = ()
+) -> DataSplits:
+    base = Path(root)
+    for split in ("train", "val"):
+        if not (base / split).is_dir():
+            raise FileNotFoundError(
+                f"{spec}: {base / split} is not a folder "
+                "(expected DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg)"
+            )
+    if synsets:
+        classes = [s for s, _ in synsets]
+        missing = [
+            f"{split}/{s}" for split in ("train", "val") for s in classes if not (base / split / s).is_dir()
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"imagenet10: {base} lacks {missing}. ImageNet-10 (RNNPool Table 6) needs train/ and val/ "
+                "folders per synset; n02430045 (deer) is not in ImageNet-1K: "
+                "the paper took it from ImageNet-22K"
+            )
+        names = tuple(n for _, n in synsets)
+    else:
+        classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+        if not classes:
+            raise ValueError(f"{spec}: no class folders in {base / 'train'}")
+        names = tuple(classes)
+    size = img_size or 224
+    splits = [
+        ImageFiles(scan_images(base / split, classes, strict), _folder_transforms(size, split == "train"))
+        for split in ("train", "val")
+    ]
+    return DataSplits(spec, *splits, len(classes), 3, size, False, names)
+
+
+def build_dataset(spec: str, img_size: int | None = None, strict: bool = False) -> DataSplits:
+    """The train and val splits named by `spec` (see the module docstring), images img_size x img_size.
+
+    `img_size` None keeps a dataset's own size (28 for Fashion-MNIST, 32 for CIFAR, 224 for folders).
+    `strict` fails on the first corrupt image file instead of skipping it with a warning.
+    """
+    if img_size is not None and img_size < 16:
+        raise ValueError(f"img_size must be >= 16, got {img_size}")
+    kind, _, arg = spec.partition(":")
+    if kind == "synthetic":
+        name, _, options = arg.partition(",")
+        return synthetic_splits(spec, name, options, img_size)
+    if kind == "fashion-mnist":
+        return fashion_mnist_splits(spec, arg, img_size)
+    if kind in ("cifar10", "cifar100", "folder", "imagenet10") and not arg:
+        raise ValueError(f"data spec {spec!r} needs a folder: {kind}:DIR")
+    if kind in CIFAR:
+        return cifar_splits(spec, kind, arg, img_size)
+    if kind == "folder":
+        return folder_splits(spec, arg, img_size, strict)
+    if kind == "imagenet10":
+        return folder_splits(spec, arg, img_size, strict, IMAGENET10_SYNSETS)
+    raise ValueError(f"unknown data spec {spec!r}; expected one of {SPEC_HELP}")

@@ -1,0 +1,532 @@
+"""Train and evaluate classifiers: one process, or data-parallel under `torchrun` (DDP).
+
+A run writes to its output folder: `last.pt` after every epoch (atomically; see engine/checkpoint.py),
+`metrics.csv` (one row per epoch), `summary.json` and `curves.png` at the end. `resume=True` continues
+from `last.pt` exactly: the epoch after a resume has the same metrics as in an uninterrupted run.
+That holds because each epoch's order of samples depends only on (seed, epoch) and every random
+generator is saved with the weights. Ctrl-C keeps `last.pt` (the last completed epoch) and writes the
+summary; a non-finite loss stops the run with `NonFiniteLossError`, `last.pt` untouched.
+
+Multi-label datasets train with a per-label sigmoid (BCE) loss and report exact-match accuracy (`acc`:
+every label right) and per-label accuracy (`label_acc`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from leanvision.checkpoints import CheckpointError, load_checkpoint
+from leanvision.engine.checkpoint import (
+    load_training_checkpoint,
+    read_training_config,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
+from leanvision.engine.data import DataSplits, build_dataset
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "none")
+# Settings a resumed run takes from its checkpoint (the rest may change between sessions).
+RUN_SETTINGS = ("epochs", "out", "resume", "workers", "device", "progress")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run. `batch_size` is per process (the global batch is world size x batch_size)."""
+
+    model: str
+    data: str
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    opt: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    wd: float = 5e-5
+    sched: str = "cosine"
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    img_size: int | None = None
+    seed: int = 0
+    out: str = "runs/train"
+    resume: bool = False
+    workers: int = 0
+    device: str | None = None
+    amp: bool = True
+    strict: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise a ValueError naming the first bad setting."""
+        if self.opt not in OPTIMIZERS:
+            raise ValueError(f"opt must be one of {OPTIMIZERS}, got {self.opt!r}")
+        if self.sched not in SCHEDULES:
+            raise ValueError(f"sched must be one of {SCHEDULES}, got {self.sched!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.workers < 0:
+            raise ValueError(
+                f"need epochs >= 1, batch_size >= 1, workers >= 0; got {self.epochs}, {self.batch_size}, "
+                f"{self.workers}"
+            )
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        if not self.lr > 0 or self.wd < 0 or not 0 <= self.label_smoothing < 1 or not 0 <= self.momentum < 1:
+            raise ValueError(
+                f"need lr > 0, wd >= 0, 0 <= label_smoothing < 1, 0 <= momentum < 1; got lr={self.lr}, "
+                f"wd={self.wd}, label_smoothing={self.label_smoothing}, momentum={self.momentum}"
+            )
+
+
+@dataclass
+class Dist:
+    """This process's place in a (possibly one-process) data-parallel run."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None) -> Dist:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1."""
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but torch.cuda.is_available() is False")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=torch.device(device or ("cuda" if use_cuda else "cpu")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    return Dist(dist.get_rank(), world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_model(name: str, data: DataSplits) -> nn.Module:
+    """The registered model `name` sized for `data` (classes, and input channels when not 3)."""
+    from leanvision.registry import create_model
+
+    kwargs: dict[str, Any] = {"num_classes": data.num_classes}
+    if data.channels != 3:
+        kwargs["in_chans"] = data.channels
+    try:
+        return create_model(name, **kwargs)
+    except TypeError as err:
+        if "in_chans" not in str(err):
+            raise
+        raise ValueError(
+            f"model {name!r} takes 3-channel images (it has no in_chans option) but {data.spec!r} has "
+            f"{data.channels}-channel images"
+        ) from err
+
+
+def check_model_fits(model: nn.Module, data: DataSplits, name: str) -> None:
+    """One eval forward of two validation images: raise a ValueError if sizes or class counts disagree."""
+    images = torch.stack([data.val[i][0] for i in range(min(2, len(data.val)))])
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(images.to(device))
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"model {name!r} cannot take the {list(images.shape[1:])} images of {data.spec!r}: {err} "
+            "(change --img-size)"
+        ) from err
+    finally:
+        model.train(was_training)
+    if out.ndim != 2 or out.shape[1] != data.num_classes:
+        raise ValueError(
+            f"model {name!r} gives {list(out.shape[1:])} outputs per image but {data.spec!r} has "
+            f"{data.num_classes} classes"
+        )
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; weight decay on weight matrices and kernels only (not on biases, norms or scalars)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.opt == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def lr_factor(step: int, total: int, warmup: int, sched: str) -> float:
+    """Learning-rate multiplier at optimizer step `step` of `total`: linear warm-up over `warmup` steps,
+    then cosine to 0, x0.1 at 50% and again at 75% of the steps ("step"), or constant ("none")."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if sched == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    if sched == "step":
+        return 0.1 ** sum(step >= total * m for m in (0.5, 0.75))
+    return 1.0
+
+
+def _loader(dataset: Dataset, batch_size: int, workers: int, sampler=None) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size, sampler=sampler, num_workers=workers, persistent_workers=False, drop_last=False
+    )
+
+
+class Meter:
+    """Sums of loss, exact-match hits, per-label hits and samples, reduced over processes on demand."""
+
+    def __init__(self, num_labels: int, multilabel: bool, device: torch.device) -> None:
+        self.multilabel = multilabel
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, exact hits, n
+        self.label_hits = torch.zeros(num_labels if multilabel else 0, dtype=torch.float64, device=device)
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        n = targets.shape[0]
+        if self.multilabel:
+            right = (logits > 0) == (targets > 0.5)
+            self.label_hits += right.sum(0)
+            hits = right.all(1).sum()
+        else:
+            hits = (logits.argmax(1) == targets).sum()
+        self.sums += torch.stack([loss.detach().double() * n, hits.double(), hits.new_tensor(n).double()])
+
+    def result(self) -> dict[str, Any]:
+        """loss, acc (%) and, for multi-label data, label_acc (%) and per_label_acc (% per label)."""
+        if dist.is_initialized():
+            dist.all_reduce(self.sums)
+            if self.multilabel:
+                dist.all_reduce(self.label_hits)
+        loss, hits, n = self.sums.tolist()
+        out = {"loss": loss / n, "acc": 100 * hits / n, "samples": int(n)}
+        if self.multilabel:
+            per_label = (100 * self.label_hits / n).tolist()
+            out.update(label_acc=sum(per_label) / len(per_label), per_label_acc=per_label)
+        return out
+
+
+def make_criterion(
+    multilabel: bool, label_smoothing: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy, or per-label BCE-with-logits whose targets are smoothed towards 1/2."""
+    if not multilabel:
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    bce = nn.BCEWithLogitsLoss()
+    return lambda logits, targets: bce(logits, targets * (1 - label_smoothing) + label_smoothing / 2)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    multilabel: bool = False,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+) -> dict[str, Any]:
+    """Loss and accuracy of `model` (eval mode) over `dataset`; under DDP each process takes a shard."""
+    device = torch.device(device)
+    if dist.is_initialized():
+        dataset = Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))
+    criterion = make_criterion(multilabel, 0.0)
+    was_training = model.training
+    model.eval()
+    meter = None
+    for images, targets in _loader(dataset, batch_size, workers):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with _autocast(device):
+            logits = model(images).float()
+        meter = meter or Meter(logits.shape[1], multilabel, device)
+        meter.update(criterion(logits, targets), logits, targets)
+    model.train(was_training)
+    if meter is None:
+        raise ValueError("cannot evaluate on an empty dataset")
+    return meter.result()
+
+
+def _autocast(device: torch.device, enabled: bool = True):
+    return torch.autocast("cuda", dtype=torch.float16) if enabled and device.type == "cuda" else nullcontext()
+
+
+def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
+    columns = list(history[0])
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and accuracy per epoch, train and validation, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "acc")):
+        for split in ("train", "val"):
+            ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)" if metric == "acc" else "loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: how the run ended, its per-epoch metrics and the final evaluation."""
+
+    status: str  # "completed", "stopped" (by on_epoch_end), "interrupted" (Ctrl-C)
+    history: list[dict[str, Any]]
+    val: dict[str, Any]
+    out: Path
+    model: nn.Module
+    main_process: bool = True  # False on the other ranks of a data-parallel run
+
+
+def _resume_config(config: TrainConfig, state: dict[str, Any], path: Path) -> TrainConfig:
+    """The checkpoint's settings, except those in RUN_SETTINGS; another model or data spec raises."""
+    saved = state["config"]
+    for key in ("model", "data"):
+        if saved[key] != getattr(config, key):
+            raise ValueError(
+                f"cannot resume: {path} is a checkpoint of {key} {saved[key]!r}, not {getattr(config, key)!r}"
+            )
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(
+        **{**{k: v for k, v in saved.items() if k in known}, **{k: getattr(config, k) for k in RUN_SETTINGS}}
+    )
+
+
+def train(
+    config: TrainConfig,
+    model: nn.Module | None = None,
+    data: DataSplits | None = None,
+    on_epoch_end: Callable[[dict[str, Any]], bool | None] | None = None,
+) -> TrainResult:
+    """Train `config.model` (or the given module, named by config.model) on `config.data` (or `data`).
+
+    `on_epoch_end(row)` gets each epoch's metrics row; returning True stops the run after that epoch.
+    """
+    config.check()
+    out = Path(config.out)
+    checkpoint_path = out / "last.pt"
+    state = None
+    if config.resume:
+        state = load_training_checkpoint(checkpoint_path)
+        config = _resume_config(config, state, checkpoint_path)
+    elif checkpoint_path.exists():
+        raise ValueError(f"{out} already holds a run ({checkpoint_path}); pass --resume or another --out")
+    ctx = setup_distributed(config.device)
+    seed_everything(config.seed)
+    data = data or build_dataset(config.data, config.img_size, config.strict)
+    model = (model or make_model(config.model, data)).to(ctx.device)
+    check_model_fits(model, data, config.model)
+
+    sampler = DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=config.seed)
+    loader = _loader(data.train, config.batch_size, config.workers, sampler)
+    optimizer = build_optimizer(model, config)
+    steps = len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(step, config.epochs * steps, config.warmup_epochs * steps, config.sched),
+    )
+    amp = config.amp and ctx.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, start_epoch = list(state["history"]), state["epoch"]
+        set_rng_state(state["rng"])
+    net = nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
+    criterion = make_criterion(data.multilabel, config.label_smoothing)
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    status, started, val = "completed", time.perf_counter(), None
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            sampler.set_epoch(epoch)
+            tic, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+            train_metrics = _train_epoch(
+                net, loader, criterion, optimizer, scheduler, scaler, data, ctx, amp, epoch, config
+            )
+            val = evaluate(model, data.val, data.multilabel, config.batch_size, ctx.device, config.workers)
+            row = {"epoch": epoch + 1, "lr": lr}
+            row.update({f"train_{k}": v for k, v in train_metrics.items() if k in ("loss", "acc")})
+            row.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "acc", "label_acc")})
+            row["time_s"] = round(time.perf_counter() - tic, 3)
+            history.append(row)
+            if ctx.main:
+                save_atomic(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "epoch": epoch + 1,
+                        "history": history,
+                        "config": asdict(config),
+                        "rng": rng_state(),
+                    },
+                    checkpoint_path,
+                )
+                write_metrics_csv(history, out / "metrics.csv")
+                if config.progress:
+                    _print_row(row, config.epochs)
+            if on_epoch_end is not None and on_epoch_end(row):
+                status = "stopped"
+                break
+    except KeyboardInterrupt:
+        status = "interrupted"
+        if ctx.main:
+            done = history[-1]["epoch"] if history else start_epoch
+            print(f"interrupted: {checkpoint_path} holds epoch {done}; continue with --resume")
+    if val is None:  # nothing ran in this session
+        val = evaluate(model, data.val, data.multilabel, config.batch_size, ctx.device, config.workers)
+    if ctx.main and history:
+        _write_summary(out, config, status, history, val, model, ctx, time.perf_counter() - started)
+        plot_curves(history, out / "curves.png")
+    return TrainResult(status, history, val, out, model, ctx.main)
+
+
+def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, data, ctx, amp, epoch, config):
+    net.train()
+    meter = Meter(data.num_classes, data.multilabel, ctx.device)
+    progress = _progress_bar(ctx.main and config.progress, f"epoch {epoch + 1}/{config.epochs}", len(loader))
+    with progress as bar:
+        task = bar.add_task("train", total=len(loader), loss=float("nan"))
+        for step, (images, targets) in enumerate(loader):
+            images, targets = (
+                images.to(ctx.device, non_blocking=True),
+                targets.to(ctx.device, non_blocking=True),
+            )
+            with _autocast(ctx.device, amp):
+                logits = net(images).float()
+                loss = criterion(logits, targets)
+            checked = loss.detach().clone()
+            if ctx.world > 1:  # every process sees a non-finite loss together, so all stop at once
+                dist.all_reduce(checked)
+            if not torch.isfinite(checked):
+                raise NonFiniteLossError(
+                    f"loss is {checked.item()} at epoch {epoch + 1}, step {step + 1}: training stopped; "
+                    f"{Path(config.out) / 'last.pt'} keeps the last good epoch ({epoch}). "
+                    "Try a lower --lr or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            meter.update(loss, logits.detach(), targets)
+            bar.update(task, advance=1, loss=loss.item())
+    return meter.result()
+
+
+def _progress_bar(enabled: bool, title: str, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn(title),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        disable=not (enabled and sys.stdout.isatty()),
+        transient=True,
+    )
+
+
+def _print_row(row: dict[str, Any], epochs: int) -> None:
+    extra = f", val label acc {row['val_label_acc']:.2f}%" if "val_label_acc" in row else ""
+    print(
+        f"epoch {row['epoch']}/{epochs}: lr {row['lr']:.4g}, train loss {row['train_loss']:.4f}, "
+        f"train acc {row['train_acc']:.2f}%, val loss {row['val_loss']:.4f}, val acc {row['val_acc']:.2f}%"
+        f"{extra} ({row['time_s']:.1f} s)"
+    )
+
+
+def _write_summary(out, config, status, history, val, model, ctx, seconds) -> None:
+    best = max(history, key=lambda row: row["val_acc"])
+    summary = {
+        "status": status,
+        "model": config.model,
+        "data": config.data,
+        "epochs_completed": history[-1]["epoch"],
+        "val": val,
+        "best_val_acc": best["val_acc"],
+        "best_epoch": best["epoch"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "world_size": ctx.world,
+        "device": str(ctx.device),
+        "seconds": round(seconds, 2),
+        "config": asdict(config),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def evaluate_checkpoint(
+    model_name: str,
+    checkpoint: str | Path,
+    data_spec: str,
+    img_size: int | None = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Validation loss and accuracy of `model_name` with weights from `checkpoint` on `data_spec`.
+
+    A training checkpoint also gives the image size (unless `img_size` is set) and is checked to be of
+    the same model; any other weights file is loaded as `create_model(..., pretrained=FILE)` would.
+    """
+    saved = read_training_config(checkpoint)
+    if saved is not None and saved["model"] != model_name:
+        raise ValueError(f"{checkpoint} is a checkpoint of model {saved['model']!r}, not {model_name!r}")
+    if saved is not None and img_size is None:
+        img_size = saved["img_size"]
+    data = build_dataset(data_spec, img_size, strict)
+    model = make_model(model_name, data)
+    try:
+        load_checkpoint(model, checkpoint)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} ({data_spec!r} has {data.num_classes} classes)") from err
+    model.to(device)
+    check_model_fits(model, data, model_name)
+    return evaluate(model, data.val, data.multilabel, batch_size, device)

@@ -1,0 +1,172 @@
+"""Dataset specs on generated data only: synthetic probes, idx.gz, CIFAR batches, image folders."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from leanvision.engine import synthetic
+from leanvision.engine.data import IMAGENET10_SYNSETS, build_dataset, read_idx
+
+
+def test_synthetic_is_deterministic_and_prefix_stable():
+    a_images, a_targets = synthetic.generate("multilines", 6, 32, seed=3)
+    b_images, b_targets = synthetic.generate("multilines", 3, 32, seed=3)
+    np.testing.assert_array_equal(a_images[:3], b_images)
+    np.testing.assert_array_equal(a_targets[:3], b_targets)
+    other, _ = synthetic.generate("multilines", 3, 32, seed=4)
+    assert not np.array_equal(other, b_images)
+    val, _ = synthetic.generate("multilines", 3, 32, seed=3, split="val")
+    assert not np.array_equal(val, b_images)
+
+
+@pytest.mark.parametrize("name,size", [("lines", 32), ("multilines", 32), ("shapes", 64)])
+def test_synthetic_images_and_labels(name, size):
+    images, targets = synthetic.generate(name, 40, size)
+    assert images.shape == (40, size, size) and images.dtype == np.uint8
+    strokes = images == 255
+    assert strokes.any(axis=(1, 2)).all()  # every image has something drawn
+    assert images[~strokes].max() < synthetic.NOISE_LEVELS  # the rest is background noise
+    if name == "lines":
+        assert targets.dtype == np.int64 and set(targets) <= set(range(9))
+    else:
+        count = targets.sum(1)
+        assert targets.shape == (40, len(synthetic.SYNTHETIC[name])) and count.min() >= 1
+        assert count.max() <= (3 if name == "multilines" else 5)
+
+
+def test_line_orientation_matches_label():
+    """The principal axis of the stroke pixels points at the labelled angle (y axis up)."""
+    images, targets = synthetic.generate("lines", 30, 64)
+    for image, label in zip(images, targets):
+        ys, xs = np.nonzero(image == 255)
+        coords = np.stack([xs - xs.mean(), -(ys - ys.mean())])
+        direction = np.linalg.eigh(coords @ coords.T)[1][:, -1]
+        angle = np.degrees(np.arctan2(direction[1], direction[0])) % 180
+        error = min(abs(angle - 20 * label), 180 - abs(angle - 20 * label))
+        assert error < 6, (label, angle)
+
+
+def test_synthetic_spec_options_and_errors():
+    data = build_dataset("synthetic:shapes,train=5,val=3,seed=2", img_size=32)
+    assert (len(data.train), len(data.val), data.num_classes, data.channels) == (5, 3, 5, 1)
+    assert data.multilabel and data.image_size == 32 and data.classes[0] == "circle"
+    image, target = data.train[0]
+    assert image.shape == (1, 32, 32) and image.dtype == torch.float32 and target.shape == (5,)
+    assert build_dataset("synthetic:lines,train=2,val=2").image_size == 32
+    with pytest.raises(ValueError, match="unknown synthetic dataset 'circles'"):
+        build_dataset("synthetic:circles")
+    with pytest.raises(ValueError, match="bad option 'n=5'.*keys"):
+        build_dataset("synthetic:lines,n=5")
+    with pytest.raises(ValueError, match="unknown data spec 'mnist'.*fashion-mnist"):
+        build_dataset("mnist")
+    with pytest.raises(ValueError, match="needs a folder: cifar10:DIR"):
+        build_dataset("cifar10")
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fashion_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return tmp_path
+
+
+def test_fashion_mnist_reads_idx_files(fashion_dir):
+    data = build_dataset(f"fashion-mnist:{fashion_dir}")
+    assert (len(data.train), len(data.val), data.num_classes, data.image_size) == (6, 4, 10, 28)
+    raw = read_idx(fashion_dir / "train-images-idx3-ubyte.gz")
+    image, target = data.train[1]
+    torch.testing.assert_close(image[0], (torch.from_numpy(raw[1].copy()).float() / 255 - 0.2860) / 0.3530)
+    assert target.item() == 1 and data.classes[9] == "ankle boot"
+    assert build_dataset(f"fashion-mnist:{fashion_dir}", img_size=32).train[0][0].shape == (1, 32, 32)
+
+
+def test_fashion_mnist_missing_and_corrupt(tmp_path, fashion_dir):
+    with pytest.raises(FileNotFoundError, match=f"not found in {tmp_path / 'none'}.*apt-get install"):
+        build_dataset(f"fashion-mnist:{tmp_path / 'none'}")
+    labels = fashion_dir / "t10k-labels-idx1-ubyte.gz"
+    with gzip.open(labels, "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + (4).to_bytes(4, "big") + b"\x01\x02")
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz is truncated or corrupt"):
+        build_dataset(f"fashion-mnist:{fashion_dir}")
+
+
+def _write_cifar(path, n: int, label_key: str) -> None:
+    data = np.random.default_rng(n).integers(0, 256, (n, 3072)).astype(np.uint8)
+    with open(path, "wb") as f:
+        pickle.dump({"data": data, label_key: list(range(n))}, f)
+
+
+def test_cifar_batches(tmp_path):
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    for i in range(1, 6):
+        _write_cifar(base / f"data_batch_{i}", 2, "labels")
+    _write_cifar(base / "test_batch", 3, "labels")
+    data = build_dataset(f"cifar10:{tmp_path}")
+    assert (len(data.train), len(data.val), data.num_classes, data.channels) == (10, 3, 10, 3)
+    assert data.train.augment and not data.val.augment
+    assert [data.val[i][1].item() for i in range(3)] == [0, 1, 2]
+    cifar100 = tmp_path / "c100" / "cifar-100-python"
+    cifar100.mkdir(parents=True)
+    _write_cifar(cifar100 / "train", 4, "fine_labels")
+    _write_cifar(cifar100 / "test", 2, "fine_labels")
+    assert build_dataset(f"cifar100:{cifar100}", img_size=40).val[0][0].shape == (3, 40, 40)
+    with pytest.raises(FileNotFoundError, match="cifar100.*not found.*download=True"):
+        build_dataset(f"cifar100:{tmp_path}")
+
+
+def test_cifar_refuses_arbitrary_pickles(tmp_path):
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (base / name).write_bytes(pickle.dumps({"data": print, "labels": []}))
+    with pytest.raises(ValueError, match="data_batch_1 is not a readable CIFAR batch.*refusing"):
+        build_dataset(f"cifar10:{tmp_path}")
+
+
+def _image_folder(root, classes, per_class=2):
+    for split in ("train", "val"):
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (20, 24), (index * 40, i * 50, 90)).save(folder / f"{i}.png")
+
+
+def test_folder_dataset_skips_or_fails_on_corrupt_images(tmp_path):
+    _image_folder(tmp_path, ["cat", "dog"])
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="skipped 1 corrupt image.*broken.png"):
+        data = build_dataset(f"folder:{tmp_path}", img_size=16)
+    assert data.classes == ("cat", "dog") and (len(data.train), len(data.val)) == (4, 4)
+    image, target = data.val[3]
+    assert image.shape == (3, 16, 16) and target.item() == 1
+    with pytest.raises(ValueError, match="corrupt image .*broken.png"):
+        build_dataset(f"folder:{tmp_path}", strict=True)
+    with pytest.raises(FileNotFoundError, match="expected DIR/train/CLASS"):
+        build_dataset(f"folder:{tmp_path / 'train'}")
+
+
+def test_imagenet10_picks_table6_synsets(tmp_path):
+    synsets = [s for s, _ in IMAGENET10_SYNSETS]
+    _image_folder(tmp_path, [s for s in synsets if s != "n02430045"] + ["n99999999"], per_class=1)
+    with pytest.raises(FileNotFoundError, match="lacks .*train/n02430045.*ImageNet-22K"):
+        build_dataset(f"imagenet10:{tmp_path}")
+    _image_folder(tmp_path / "full", synsets + ["n99999999"], per_class=1)
+    data = build_dataset(f"imagenet10:{tmp_path / 'full'}", img_size=16)
+    assert data.num_classes == 10 and len(data.train) == 10 and data.classes[4] == "deer"
+    assert [data.val[i][1].item() for i in range(10)] == list(range(10))

@@ -1,0 +1,238 @@
+"""Training and evaluation engine: determinism, exact resume, Ctrl-C, NaN, multi-label metrics, DDP, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from leanvision.cli import app
+from leanvision.engine.checkpoint import load_training_checkpoint
+from leanvision.engine.data import build_dataset
+from leanvision.engine.train import Meter, NonFiniteLossError, TrainConfig, lr_factor, train
+
+LINES = "synthetic:lines,train=48,val=24"
+
+
+class Tiny(nn.Module):
+    """Conv + dropout + linear on 1 x 16 x 16 images; `fail_at` makes call N raise or return NaN."""
+
+    def __init__(
+        self, num_classes: int = 9, fail_at: int | None = None, fail_with: str = "interrupt"
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2)
+        self.fc = nn.Linear(4 * 7 * 7, num_classes)
+        self.drop = nn.Dropout(0.3)
+        self.calls, self.fail_at, self.fail_with = 0, fail_at, fail_with
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+        if self.calls == self.fail_at:
+            if self.fail_with == "interrupt":
+                raise KeyboardInterrupt
+            return torch.full((x.shape[0], self.fc.out_features), float("nan"))
+        return self.fc(self.drop(torch.relu(self.conv(x))).flatten(1))
+
+
+def tiny(**kwargs) -> Tiny:
+    torch.manual_seed(0)
+    return Tiny(**kwargs)
+
+
+def config(out, **overrides) -> TrainConfig:
+    settings = dict(epochs=3, batch_size=16, lr=0.1, img_size=16, progress=False, out=str(out))
+    return TrainConfig("tiny", LINES, **{**settings, **overrides})
+
+
+def without_time(history):
+    return [{k: v for k, v in row.items() if k != "time_s"} for row in history]
+
+
+def test_lr_schedules():
+    assert [lr_factor(s, 10, 2, "cosine") for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, 2, "cosine") == 1.0 and lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert [lr_factor(s, 8, 0, "step") for s in (3, 4, 6)] == pytest.approx([1.0, 0.1, 0.01])
+    assert lr_factor(7, 8, 0, "none") == 1.0
+
+
+def test_run_is_deterministic_and_resume_is_exact(tmp_path):
+    full = train(config(tmp_path / "full"), model=tiny())
+    again = train(config(tmp_path / "again"), model=tiny())
+    assert without_time(full.history) == without_time(again.history)
+    for a, b in zip(full.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+    stopped = train(config(tmp_path / "part"), model=tiny(), on_epoch_end=lambda row: row["epoch"] == 1)
+    assert stopped.status == "stopped" and len(stopped.history) == 1
+    resumed = train(config(tmp_path / "part", resume=True), model=tiny())
+    assert resumed.status == "completed"
+    assert without_time(resumed.history) == without_time(full.history)
+    assert resumed.val == full.val
+
+    state = load_training_checkpoint(tmp_path / "part" / "last.pt")
+    assert state["epoch"] == 3 and state["config"]["model"] == "tiny" and len(state["history"]) == 3
+    with open(tmp_path / "part" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[1]["val_acc"]) == full.history[1]["val_acc"]
+    summary = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 3
+    assert summary["val"]["samples"] == 24 and (tmp_path / "part" / "curves.png").stat().st_size > 1000
+
+
+def test_ctrl_c_keeps_last_epoch_and_resume_continues(tmp_path, capsys):
+    full = train(config(tmp_path / "full"), model=tiny())
+    # 3 steps per epoch: the 5th training forward is in epoch 2
+    interrupted = train(config(tmp_path / "run"), model=tiny(fail_at=5))
+    assert interrupted.status == "interrupted" and len(interrupted.history) == 1
+    assert "holds epoch 1; continue with --resume" in capsys.readouterr().out
+    assert load_training_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "interrupted"
+    resumed = train(config(tmp_path / "run", resume=True), model=tiny())
+    assert without_time(resumed.history) == without_time(full.history)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, step 2.*last good epoch \(1\)"):
+        train(config(tmp_path), model=tiny(fail_at=5, fail_with="nan"))
+    state = load_training_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_resume_and_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+        train(config(tmp_path, resume=True), model=tiny())
+    train(config(tmp_path, epochs=1), model=tiny())
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(config(tmp_path, epochs=1), model=tiny())
+    other = TrainConfig("other", LINES, epochs=2, img_size=16, out=str(tmp_path), resume=True, progress=False)
+    with pytest.raises(ValueError, match="checkpoint of model 'tiny', not 'other'"):
+        train(other, model=tiny())
+    with pytest.raises(ValueError, match="gives \\[5\\] outputs per image but .* has 9 classes"):
+        train(config(tmp_path / "b"), model=tiny(num_classes=5))
+    with pytest.raises(ValueError, match="mobilenetv2_035.*cannot take the \\[1, 16, 16\\] images.*img-size"):
+        train(TrainConfig("mobilenetv2_035", LINES, img_size=16, out=str(tmp_path / "c"), progress=False))
+    with pytest.raises(ValueError, match="opt must be one of"):
+        train(config(tmp_path / "d", opt="lion"), model=tiny())
+
+
+def test_meter_multilabel_accuracies():
+    meter = Meter(3, True, torch.device("cpu"))
+    logits = torch.tensor([[1.0, -1.0, 2.0], [1.0, 1.0, -1.0]])
+    targets = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    meter.update(torch.tensor(0.5), logits, targets)
+    result = meter.result()
+    assert result["acc"] == 50.0 and result["per_label_acc"] == [100.0, 50.0, 100.0]
+    assert result["label_acc"] == pytest.approx(250 / 3) and result["loss"] == 0.5
+
+
+def test_multilabel_training_reports_label_accuracy(tmp_path):
+    cfg = TrainConfig(
+        "tiny",
+        "synthetic:multilines,train=32,val=16",
+        epochs=1,
+        img_size=16,
+        out=str(tmp_path),
+        progress=False,
+    )
+    result = train(cfg, model=tiny())
+    row = result.history[0]
+    assert 0 <= row["val_acc"] <= row["val_label_acc"] <= 100 and len(result.val["per_label_acc"]) == 9
+
+
+def test_cli_train_then_eval(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    args = ["train", "--model", "mobilenetv2_035", "--data", LINES, "--epochs", "1", "--img-size", "32"]
+    result = runner.invoke(app, [*args, "--batch-size", "16", "--out", str(out)])
+    assert result.exit_code == 0, result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    checkpoint = str(out / "last.pt")
+    evaluated = runner.invoke(
+        app, ["eval", "--model", "mobilenetv2_035", "--checkpoint", checkpoint, "--data", LINES, "--json"]
+    )
+    assert evaluated.exit_code == 0, evaluated.stdout
+    metrics = json.loads(evaluated.stdout)
+    assert metrics["acc"] == summary["val"]["acc"] and metrics["samples"] == 24
+    assert metrics["loss"] == pytest.approx(summary["val"]["loss"], rel=1e-5)
+
+    shapes = runner.invoke(app, ["eval", "--model", "mobilenetv2_035", "--checkpoint", checkpoint, "--data",
+                                 "synthetic:shapes,train=2,val=2"])  # fmt: skip
+    assert shapes.exit_code == 2 and "has 5 classes" in shapes.stdout
+    other = runner.invoke(app, ["eval", "--model", "rexnet_100", "--checkpoint", checkpoint, "--data", LINES])
+    assert other.exit_code == 2 and "checkpoint of model 'mobilenetv2_035', not 'rexnet_100'" in other.stdout
+    unknown = runner.invoke(
+        app, ["train", "--model", "mobilenetv2_035", "--data", "mnist", "--out", str(tmp_path / "new")]
+    )
+    assert unknown.exit_code == 2 and "unknown data spec 'mnist'" in unknown.stdout
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [
+        "-m",
+        "leanvision.cli",
+        "train",
+        "--model",
+        "mobilenetv2_035",
+        "--data",
+        LINES,
+        "--epochs",
+        "2",
+    ]
+    command += ["--img-size", "32", "--batch-size", "8", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+    assert summary["val"]["samples"] == 24  # both shards counted once
+    assert done.stdout.count("epoch 2/2") == 1  # only rank 0 reports
+    state = load_training_checkpoint(out / "last.pt")
+    assert state["epoch"] == 2 and not any(k.startswith("module.") for k in state["model"])
+    data = build_dataset(LINES, 32)
+    assert len(data.train) == 48  # 3 steps of 8 per process and epoch
+
+
+def test_probe_and_one_go_models():
+    from leanvision.engine.repro import ProbeNet, classical_mds, one_go_model, probe_candidates
+
+    candidates = probe_candidates(16)
+    assert len(candidates) == 9 and candidates[0] == (4, 4) and candidates[-1] == (16, 16)
+    probe = ProbeNet(9, 4, 8, conv=True)
+    assert probe(torch.randn(2, 1, 32, 32)).shape == (2, 9) and probe.features(
+        torch.randn(3, 1, 32, 32)
+    ).shape == (3, 32)
+    for kind in ("rnnpool", "conv", "avg", "max"):
+        assert one_go_model(kind, 3, 32, 10)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown one-go pooling 'min'"):
+        one_go_model("min", 3, 32, 10)
+    points = torch.randn(20, 2, generator=torch.Generator().manual_seed(0)).double().numpy()
+    embedded = classical_mds(points @ [[1.0, 0.0, 2.0], [0.0, 3.0, 1.0]])  # a 2-D plane in 3-D
+    distances = lambda p: ((p[:, None] - p[None]) ** 2).sum(-1)  # noqa: E731
+    ref = distances(points @ [[1.0, 0.0, 2.0], [0.0, 3.0, 1.0]])
+    assert abs(distances(embedded) - ref).max() < 1e-8
+
+
+@pytest.mark.slow
+def test_repro_commands_run_end_to_end(tmp_path):
+    runner = CliRunner()
+    args = ["--train-size", "16", "--val-size", "32", "--max-hidden", "4", "--epochs", "1"]
+    probe = runner.invoke(app, ["repro", "rnnpool-probe", *args, "--out", str(tmp_path / "probe")])
+    assert probe.exit_code == 0, probe.stdout
+    rows = json.loads((tmp_path / "probe" / "table7.json").read_text())
+    assert len(rows) == 8 and rows[0]["paper"] == [4, 16] and (tmp_path / "probe" / "mds_lines.png").is_file()
+    again = runner.invoke(app, ["repro", "rnnpool-probe", "--out", str(tmp_path / "probe")])
+    assert again.exit_code == 2 and "not empty" in again.stdout
+    unknown = runner.invoke(app, ["repro", "table9"])
+    assert unknown.exit_code == 2 and "unknown experiment 'table9'" in unknown.stdout
