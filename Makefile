@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench
+.PHONY: demo test test-slow lint bench data
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,3 +25,6 @@ lint: $(STAMP)
 
 bench: $(STAMP)  ## speed comparison against timm, writes results/rexnet_speed.json
 	$(PY) benchmarks/rexnet_speed.py
+
+data:  ## Fashion-MNIST into /usr/share/datasets/fashion-mnist (Debian/Ubuntu, as root)
+	apt-get update && apt-get install -y dataset-fashion-mnist
