@@ -17,6 +17,7 @@ _LAZY = {
     "save_checkpoint": "leanvision.checkpoints",
     "profile": "leanvision.analysis.cost",
     "peak_memory": "leanvision.analysis.memory",
+    "recompute_cost": "leanvision.analysis.recompute",
     "benchmark": "leanvision.bench",
     "fuse_for_inference": "leanvision.deploy",
 }
@@ -30,12 +31,14 @@ __all__ = [
     "load_checkpoint",
     "peak_memory",
     "profile",
+    "recompute_cost",
     "save_checkpoint",
 ]
 
 if TYPE_CHECKING:
     from leanvision.analysis.cost import profile
     from leanvision.analysis.memory import peak_memory
+    from leanvision.analysis.recompute import recompute_cost
     from leanvision.bench import benchmark
     from leanvision.checkpoints import load_checkpoint, save_checkpoint
     from leanvision.deploy import fuse_for_inference

@@ -274,7 +274,7 @@ def memory(
         bool, typer.Option("--inplace-depthwise", help="Planner: depthwise convs overwrite their input.")
     ] = False,
     budget_kib: Annotated[
-        float | None, typer.Option("--budget-kib", help="RAM budget (KiB) drawn on --plot.")
+        float | None, typer.Option("--budget-kib", help="RAM budget (KiB): on --plot; met by recompute.")
     ] = None,
     per_step: Annotated[bool, typer.Option("--per-step", help="Show the timeline, one row per step.")] = (
         False
@@ -313,6 +313,19 @@ def memory(
     console.print(table)
     for note in dict.fromkeys(n for r in reports for n in r.notes):
         console.print(f"- {note}")
+    if budget_kib is not None:
+        from leanvision.analysis.recompute import recompute_cost
+
+        try:
+            cost = recompute_cost(graph, int(budget_kib * 2**10), dtype_bytes=DTYPE_BYTES[dtype])
+        except ValueError as err:
+            console.print(f"- recompute (RNNPool E.3): {err}")
+            return
+        console.print(
+            f"- recompute (RNNPool E.3) for {format_bytes(cost.budget_bytes)}: layer peak "
+            f"{format_bytes(cost.peak_bytes)} at {cost.conv_block_a}, {cost.macs / 1e9:.3f}G MACs "
+            f"({cost.extra_macs / 1e9:+.3f}G), rebuilding {cost.activation or 'nothing'} patch by patch"
+        )
 
 
 @app.command()

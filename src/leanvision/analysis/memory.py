@@ -81,6 +81,21 @@ def trace(model_or_name: nn.Module | str, input_size: tuple[int, ...] | int = (3
     return trace_graph(model_or_name, size, type(model_or_name).__name__)
 
 
+def as_graph(
+    model_or_name: nn.Module | str | Graph, input_size: tuple[int, ...] | int, **model_kwargs: Any
+) -> Graph:
+    """A `trace(...)` result as it is; a model or model name traced."""
+    if isinstance(model_or_name, Graph):
+        return model_or_name
+    return trace(model_or_name, input_size, **model_kwargs)
+
+
+def check_dtype_bytes(dtype_bytes: int) -> None:
+    """Raise ValueError unless `dtype_bytes` is an element size we count (1, 2, 4 or 8)."""
+    if dtype_bytes not in set(DTYPE_BYTES.values()) | {8}:
+        raise ValueError(f"dtype_bytes must be 1 (int8), 2 (fp16/bf16), 4 (fp32) or 8, got {dtype_bytes!r}")
+
+
 def peak_memory(
     model_or_name: nn.Module | str | Graph,
     input_size: tuple[int, ...] | int = (3, 224, 224),
@@ -97,13 +112,8 @@ def peak_memory(
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    if dtype_bytes not in set(DTYPE_BYTES.values()) | {8}:
-        raise ValueError(f"dtype_bytes must be 1 (int8), 2 (fp16/bf16), 4 (fp32) or 8, got {dtype_bytes!r}")
-    graph = (
-        model_or_name
-        if isinstance(model_or_name, Graph)
-        else trace(model_or_name, input_size, **model_kwargs)
-    )
+    check_dtype_bytes(dtype_bytes)
+    graph = as_graph(model_or_name, input_size, **model_kwargs)
     notes = [f"activations only, batch 1, {dtype_bytes} bytes per element; KiB/MiB are 2^10/2^20 bytes"]
     if convention in ("layer", "min"):
         groups, unknown = group_ops(graph)

@@ -95,7 +95,7 @@ def _is_conv(group: Group) -> bool:
     return group.kind == "layer" and any(op.base_kind in CONV_OPS for op in group.ops)
 
 
-def _is_pointwise(group: Group) -> bool:
+def is_pointwise(group: Group) -> bool:
     return group.kind == "layer" and all(op.base_kind in ELEMENTWISE_OPS | VIEW_OPS for op in group.ops)
 
 
@@ -106,7 +106,7 @@ def _fuse_rnnpool_inputs(groups: list[Group]) -> list[Group]:
         if group.kind == "rnnpool":
             chain = []
             while fused and set(group.inputs if not chain else chain[-1].inputs) <= set(fused[-1].outputs):
-                if not (_is_pointwise(fused[-1]) or _is_conv(fused[-1])):
+                if not (is_pointwise(fused[-1]) or _is_conv(fused[-1])):
                     break
                 chain.append(fused.pop())
                 if _is_conv(chain[-1]):

@@ -72,7 +72,7 @@ def _row_by_row(graph: Graph, segment: list[Group], readers: dict[str, set[str]]
     shapes = {op.name: op.shape for op in ops} | {inputs[0]: _shape(graph, inputs[0])}
     if len(shapes[outputs[0]]) != 4 or len(shapes[inputs[0]]) != 4:
         return None
-    fields = _receptive_fields(ops, outputs[0], shapes)
+    fields = receptive_fields(ops, outputs[0], shapes)
     if fields is None or inputs[0] not in fields:
         return None
     (_, c_in, h_in, w_in), (_, c_out, h_out, w_out) = shapes[inputs[0]], shapes[outputs[0]]
@@ -98,16 +98,19 @@ def _shape(graph: Graph, name: str) -> tuple[int, ...]:
     return (1, *graph.input_size) if name == graph.input_name else graph.by_name[name].shape
 
 
-def _receptive_fields(
-    ops: list[Op], output: str, shapes: dict[str, tuple[int, ...]]
+def receptive_fields(
+    ops: list[Op], output: str, shapes: dict[str, tuple[int, ...]], axis: int = 0
 ) -> dict[str, tuple[int, int]] | None:
-    """(rows of each map one output row needs, rows it advances per output row), None if not row-local."""
+    """(rows of each map one output row needs, rows it advances per output row), None if not row-local.
+
+    `axis` 1 gives columns instead of rows.
+    """
     fields = {output: (1, 1)}
     for op in reversed(ops):
         if op.name not in fields or (_is_gate(shapes[op.name]) and op.name != output):
             continue
         if op.base_kind in CONV_OPS | POOL_OPS:
-            kernel, stride, dilation = _rows(op)
+            kernel, stride, dilation = _window(op, axis)
         elif op.base_kind in ROW_LOCAL_OPS and len(shapes[op.name]) == 4:
             kernel, stride, dilation = 1, 1, 1
         elif op.base_kind in GLOBAL_POOL_OPS and op.name == output:  # accumulated row by row
@@ -130,9 +133,18 @@ def _is_gate(shape: tuple[int, ...]) -> bool:
     return len(shape) == 4 and shape[2] == 1 and shape[3] == 1
 
 
-def _rows(op: Op) -> tuple[int, int, int]:
-    """Kernel rows, row stride and row dilation of a convolution or pool."""
-    kernel = op.attrs["weight_shape"][2] if op.base_kind in CONV_OPS else op.attrs["kernel_size"][0]
+def _window(op: Op, axis: int) -> tuple[int, int, int]:
+    """Kernel size, stride and dilation of a convolution or pool along `axis` (0 rows, 1 columns)."""
+    if op.base_kind in CONV_OPS:
+        kernel = op.attrs["weight_shape"][2 + axis]
+    else:
+        sizes = op.attrs["kernel_size"]
+        kernel = sizes[axis] if len(sizes) > 1 else sizes[0]
     stride = op.attrs.get("stride") or [kernel]
-    dilation = op.attrs.get("dilation", [1])
-    return kernel, stride[0], dilation[0] if op.base_kind != "avg_pool2d" else 1
+    dilation = op.attrs.get("dilation", [1]) if op.base_kind != "avg_pool2d" else [1]
+    return kernel, _along(stride, axis), _along(dilation, axis)
+
+
+def _along(values: list[int], axis: int) -> int:
+    """One axis of a conv/pool argument given as one value or one per axis."""
+    return values[axis] if len(values) > 1 else values[0]
