@@ -374,6 +374,42 @@ def repro(
     console.print(f"results in {out}")
 
 
+rrr_app = typer.Typer(help="RRR-Net: reuse, reduce and recycle a pretrained ResNet.", no_args_is_help=True)
+app.add_typer(rrr_app, name="rrr")
+
+
+def _blocks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        _fail(f"--blocks must be four comma-separated integers such as 1,1,1,1, got {text!r}")
+
+
+@rrr_app.command("reduce")
+def rrr_reduce(
+    weights: Annotated[str, typer.Option(help="Full torchvision/timm ResNet state_dict file.")],
+    out: Annotated[str, typer.Option(help="Output checkpoint (.pth or .safetensors).")],
+    backbone: Annotated[str, typer.Option(help="resnet18, resnet34, resnet50, resnet101 or resnet152.")] = (
+        "resnet152"
+    ),
+    blocks: Annotated[str, typer.Option(help="Blocks kept in layer1..layer4, e.g. 1,1,1,1.")] = "1,1,1,1",
+    branches: Annotated[int, typer.Option(help="Split layer3/layer4 into this many branches.")] = 1,
+    num_classes: Annotated[int, typer.Option(help="Classifier outputs (fresh unless it fits).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the random part of the branch kernel slices.")] = 0,
+) -> None:
+    """Keep the first blocks of each stage of a pretrained ResNet (by name) and write the checkpoint."""
+    from leanvision.rrr import reduce_checkpoint
+
+    kept = _blocks(blocks)
+    model = _run(lambda: reduce_checkpoint(backbone, weights, kept, out, num_classes, branches, seed))
+    params = sum(p.numel() for p in model.parameters())
+    console.print(
+        f"rrrnet_{backbone} blocks {','.join(map(str, kept))}, {branches} branch(es): {params:,} params; "
+        f"wrote {out} (load it with create_model('rrrnet_{backbone}', blocks={kept}, branches={branches}, "
+        f"num_classes={num_classes}, pretrained='{out}'))"
+    )
+
+
 def _run(work):
     """Run `work`, turning the library's input errors into one clear line and exit code 2."""
     from leanvision.checkpoints import CheckpointError

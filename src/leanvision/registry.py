@@ -85,7 +85,8 @@ def create_model(
     if pretrained is not None:
         from leanvision.checkpoints import load_checkpoint
 
-        load_checkpoint(model, pretrained)
+        # a model that also reads foreign layouts of its own (e.g. RRR-Net from a full ResNet) says so
+        getattr(model, "load_pretrained", lambda path: load_checkpoint(model, path))(pretrained)
     if features_only:
         from leanvision.models.base import FeatureExtractor
 
