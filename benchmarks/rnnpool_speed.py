@@ -7,7 +7,8 @@ in a fresh subprocess per case; Linux only). The literal Algorithm-1 implementat
 tests/rnnpool_reference.py pools one patch at a time in Python; it is timed on the first
 --literal-patches output positions and its time is scaled by the number of positions (reported as
 extrapolated), so the script runs anywhere in minutes.
-Outputs of the two are compared on those positions.
+Outputs of the two are compared on those positions. A second table times the two implementations of
+FastGRNNCell.sweep against each other, interleaved run by run: the numba kernel and the torch fallback.
 
     python benchmarks/rnnpool_speed.py [--out results/rnnpool_speed.json] [--threads 2] [--repeats 5]
 """
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import rnnpool_reference as literal  # noqa: E402
 from leanvision.bench import percentiles  # noqa: E402
+from leanvision.layers import rnn_cells  # noqa: E402
 from leanvision.layers.rnnpool import RNNPoolLayer  # noqa: E402
 
 SETTINGS = {
@@ -65,6 +67,32 @@ def time_fast(layer: RNNPoolLayer, x: torch.Tensor, backward: bool, repeats: int
         times.append((time.perf_counter() - start) * 1e3)
     p10, median, p90 = percentiles(times)
     return dict(median_ms=median, p10_ms=p10, p90_ms=p90, runs=repeats)
+
+
+def time_sweep_paths(layer: RNNPoolLayer, x: torch.Tensor, backward: bool, repeats: int) -> dict | None:
+    """FastGRNNCell.sweep's numba kernel against its torch fallback, interleaved (None without numba)."""
+    kernels = rnn_cells._numba_kernels
+    if kernels() is None:
+        return None
+    paths = {"numba": kernels, "torch": lambda: None}
+    times = {name: [] for name in paths}
+    try:
+        for i in range(repeats + 1):  # round 0 warms up
+            for name in list(paths)[:: 1 if i % 2 else -1]:
+                rnn_cells._numba_kernels = paths[name]
+                start = time.perf_counter()
+                run_once(layer, x, backward)
+                if i:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        rnn_cells._numba_kernels = kernels
+    result = {}
+    for name, t in times.items():
+        p10, median, p90 = percentiles(t)
+        result[name] = dict(median_ms=median, min_ms=min(t), p10_ms=p10, p90_ms=p90, runs=repeats)
+    result["speedup_median"] = result["torch"]["median_ms"] / result["numba"]["median_ms"]
+    result["speedup_min"] = result["torch"]["min_ms"] / result["numba"]["min_ms"]
+    return result
 
 
 def time_literal(layer: RNNPoolLayer, x: torch.Tensor, backward: bool, positions: int) -> dict:
@@ -135,7 +163,10 @@ def main() -> int:
             slow = time_literal(layer, x, backward, args.literal_patches)
             fast["peak_rss_growth_mib"] = peak_memory_mib(name, backward, args.threads)
             row[mode] = dict(
-                fast=fast, literal=slow, speedup_vs_literal=slow["extrapolated_ms"] / fast["median_ms"]
+                fast=fast,
+                literal=slow,
+                speedup_vs_literal=slow["extrapolated_ms"] / fast["median_ms"],
+                numba_vs_torch_sweep=time_sweep_paths(layer, x, backward, args.repeats),
             )
         results[name] = row
     report = dict(
@@ -158,7 +189,21 @@ def main() -> int:
                 f"{name:<8} {mode:<17} {f['median_ms']:>9.1f} {f['p10_ms']:>8.1f} {f['p90_ms']:>8.1f} "
                 f"{f['peak_rss_growth_mib']:>9.1f} {s['extrapolated_ms']:>12.0f} {speedup:>6.0f}x"
             )
-    print(f"* literal Algorithm 1, extrapolated from the timed patches; wrote {args.out}")
+    print("* literal Algorithm 1, extrapolated from the timed patches")
+    print(f"\n{'layer':<8} {'mode':<17} {'numba ms':>9} {'min':>8} {'torch ms':>9} {'min':>8}", end="")
+    print(f" {'x med':>6} {'x min':>6}")
+    for name, row in results.items():
+        for mode in ("forward", "forward_backward"):
+            paths = row[mode]["numba_vs_torch_sweep"]
+            if paths is None:
+                print(f"{name:<8} {mode:<17} numba not installed")
+                continue
+            k, t = paths["numba"], paths["torch"]
+            print(
+                f"{name:<8} {mode:<17} {k['median_ms']:>9.1f} {k['min_ms']:>8.1f} {t['median_ms']:>9.1f} "
+                f"{t['min_ms']:>8.1f} {paths['speedup_median']:>5.2f}x {paths['speedup_min']:>5.2f}x"
+            )
+    print(f"FastGRNN sweep: numba kernel vs torch fallback, interleaved; wrote {args.out}")
     return 0
 
 

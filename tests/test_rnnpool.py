@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import rnnpool_reference as ref
+from leanvision.layers import rnn_cells
 from leanvision.layers.rnn_cells import (
     FastGRNNCell,
     GRUCell,
@@ -118,7 +119,17 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_fastgrnn_sweep_gradcheck_float64():
+@pytest.fixture(params=["numba", "torch"])
+def fastgrnn_path(request, monkeypatch) -> str:
+    """Run a test through FastGRNNCell.sweep's numba kernel and through its torch fallback."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(rnn_cells, "_numba_kernels", lambda: None)
+    return request.param
+
+
+def test_fastgrnn_sweep_gradcheck_float64(fastgrnn_path):
     # the hand-written backward of the batched FastGRNN sweep, on every parameter and the input
     layer = randomize(RNNPoolLayer(2, 3, 2, 3, 2, padding="valid"), seed=11).double()
     names = [name for name, _ in layer.named_parameters()]
@@ -130,7 +141,7 @@ def test_fastgrnn_sweep_gradcheck_float64():
     assert torch.autograd.gradcheck(run, (x, *layer.parameters()), fast_mode=True)
 
 
-def test_fast_gradients_equal_literal_algorithm_1():
+def test_fast_gradients_equal_literal_algorithm_1(fastgrnn_path):
     layer = randomize(RNNPoolLayer(3, 5, 4, (4, 3), (2, 2), padding="same"), seed=12)
     x = torch.randn(2, 3, 9, 8, generator=torch.Generator().manual_seed(3))
     weights = torch.randn(2, 16, 5, 4, generator=torch.Generator().manual_seed(4))
@@ -141,6 +152,36 @@ def test_fast_gradients_equal_literal_algorithm_1():
         (forward(xg) * weights).sum().backward()
         grads.append([xg.grad] + [p.grad.clone() for p in layer.parameters()])
     for fast, slow in zip(*grads):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def sweep_with_grads(cell: FastGRNNCell, sequences: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """Final states of cell.sweep, then the gradients (inputs, parameters) of a random weighting of them."""
+    cell.zero_grad()
+    sequences = [seq.clone().requires_grad_() for seq in sequences]
+    finals = cell.sweep(sequences)
+    g = torch.Generator().manual_seed(seed)
+    sum((f * torch.randn(f.shape, generator=g)).sum() for f in finals).backward()
+    return [f.detach() for f in finals] + [s.grad for s in sequences] + [p.grad for p in cell.parameters()]
+
+
+# (steps, sequence shapes [..., C] after the time axis, cell kwargs): T=1; 263 sequences, more than a block
+# and not a multiple of the block or thread counts; low-rank and sparse weights
+KERNEL_CASES = [
+    (1, [(3, 3), (2, 5, 3)], {}),
+    (5, [(131, 3), (4, 33, 3)], {"w_rank": 2, "u_sparsity": 0.5}),
+]
+
+
+@pytest.mark.parametrize(("steps", "shapes", "kwargs"), KERNEL_CASES)
+def test_fastgrnn_kernel_equals_torch_sweep(monkeypatch, steps, shapes, kwargs):
+    pytest.importorskip("numba")
+    cell = randomize(FastGRNNCell(3, 6, **kwargs), seed=steps)
+    g = torch.Generator().manual_seed(steps)
+    sequences = [torch.randn(steps, *shape, generator=g) for shape in shapes]
+    kernel = sweep_with_grads(cell, sequences, seed=1)
+    monkeypatch.setattr(rnn_cells, "_numba_kernels", lambda: None)
+    for fast, slow in zip(kernel, sweep_with_grads(cell, sequences, seed=1), strict=True):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
 
 

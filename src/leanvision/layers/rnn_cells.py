@@ -5,16 +5,19 @@ The interface splits a step so that callers can hoist the input projection out o
 `step(px, state)` advances the recurrence by one step from a projected input. `initial_state(shape)` gives
 zeros and `output(state)` the hidden vector. `forward(x, state)` is the usual one-step call.
 `sweep(sequences)` runs many equal-length sequences from zeros as one batch and returns their final
-hidden vectors (FastGRNN overrides it with a fused, feature-major loop).
+hidden vectors (FastGRNN overrides it: a fused numba kernel on CPU, else a feature-major torch loop).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
 def quant_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +104,9 @@ class FastGRNNCell(RecurrentCell):
         pre = x W + h U;  z = gate(pre + b_gate);  c = update(pre + b_update)
         h' = z * h + (sigmoid(zeta) * (1 - z) + sigmoid(nu)) * c
 
-    With the default sigmoid/tanh, `sweep` runs feature-major with a hand-written backward
-    (`_fastgrnn_sweep`); other nonlinearities, and compilers, go through `step`.
+    With the default sigmoid/tanh, `sweep` runs the fused numba kernels of fastgrnn_kernels.py on CPU
+    float32/float64 tensors where numba is installed, else feature-major torch kernels with a hand-written
+    backward (`_fastgrnn_sweep`; CUDA, other dtypes); other nonlinearities, and compilers, go through `step`.
 
     `w_rank` / `u_rank` factor W = W1 W2 and U = U1 U2. `w_sparsity` / `u_sparsity` are the fractions of
     weights kept (by magnitude, see `sparsify`); the masks are buffers applied in every forward, so pruned
@@ -191,14 +195,35 @@ class FastGRNNCell(RecurrentCell):
     def sweep(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if not self._sigmoid_pair or torch.compiler.is_compiling():  # compilers trace the plain steps
             return super().sweep(sequences)
-        weight = torch.cat((self.weight_w(), self.weight_u())).T
+        zeta, nu = torch.sigmoid(self.zeta), torch.sigmoid(self.nu)
+        w, u = self.weight_w(), self.weight_u()
+        if _kernel_applies(w, *sequences):
+            args = (w, u, self.bias_gate, self.bias_update, zeta, nu, *sequences)
+            if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+                final = _FastGRNNKernelSweep.apply(*args)
+            else:
+                final = _kernel_sweep(*args)[0]
+            return _split_like(final.T, sequences)
+        weight = torch.cat((w, u)).T
         bias = torch.cat((self.bias_gate, 2 * self.bias_update)).unsqueeze(-1)  # [2, h, 1]
-        args = (weight, bias, torch.sigmoid(self.zeta), torch.sigmoid(self.nu), *sequences)
+        args = (weight, bias, zeta, nu, *sequences)
         if torch.is_grad_enabled() and any(a.requires_grad for a in args):
             final = _FastGRNNSweep.apply(*args)
         else:
             final = _fastgrnn_sweep(*args)[0][-1, -self.hidden_size :]
         return _split_like(final.T, sequences)
+
+
+def _gather(sequences: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+    """Copy sequences [T, ..., C] side by side into out [T, C, N], feature-major."""
+    for seq, part in zip(sequences, out.split([math.prod(seq.shape[1:-1]) for seq in sequences], 2)):
+        part.view(*part.shape[:2], *seq.shape[1:-1]).copy_(seq.movedim(-1, 1))
+
+
+def _scatter(grad: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Inverse of `_gather`, for gradients: views [T, ..., C] of grad [T, C, N]."""
+    parts = grad.split([math.prod(shape[1:-1]) for shape in shapes], 2)
+    return [part.view(*part.shape[:2], *shape[1:-1]).movedim(1, -1) for part, shape in zip(parts, shapes)]
 
 
 def _fastgrnn_update(
@@ -226,8 +251,7 @@ def _fastgrnn_sweep(
     steps, channels = len(sequences[0]), sequences[0].shape[-1]
     hidden, sizes = weight.shape[0], [math.prod(seq.shape[1:-1]) for seq in sequences]
     xh = sequences[0].new_empty(steps + 1, channels + hidden, sum(sizes))
-    for seq, part in zip(sequences, xh[:steps, :channels].split(sizes, 2)):
-        part.view(steps, channels, *seq.shape[1:-1]).copy_(seq.movedim(-1, 1))
+    _gather(sequences, xh[:steps, :channels])
     xh[0, channels:].zero_()
     gates, pre = xh.new_empty(steps, 2, hidden, xh.shape[2]), xh.new_empty(hidden, xh.shape[2])
     zeta2, zeta_nu2 = 2 * zeta, 2 * (zeta + nu)
@@ -276,12 +300,103 @@ class _FastGRNNSweep(torch.autograd.Function):
         grad_zeta = grad_nu - (grad_c * z).sum()
         grad_weight = torch.bmm(grad_pre, xh[:-1].transpose(1, 2)).sum(0)
         grad_bias = (grad_out.unsqueeze(1) * local).sum((0, 3)).unsqueeze(-1)
-        sizes = [math.prod(shape[1:-1]) for shape in ctx.shapes]
-        grad_inputs = [
-            part.view(steps, channels, *shape[1:-1]).movedim(1, -1)
-            for part, shape in zip(grad_xh[:-1, :channels].split(sizes, 2), ctx.shapes)
-        ]
+        grad_inputs = _scatter(grad_xh[:-1, :channels], ctx.shapes)
         return grad_weight, grad_bias, grad_zeta.view_as(zeta), grad_nu.view_as(nu), *grad_inputs
+
+
+@functools.cache
+def _numba_kernels():
+    """The numba kernels module (fastgrnn_kernels.py), or None where numba is not installed."""
+    try:
+        from leanvision.layers import fastgrnn_kernels
+    except ImportError:
+        return None
+    return fastgrnn_kernels
+
+
+def _kernel_applies(weight: torch.Tensor, *sequences: torch.Tensor) -> bool:
+    """Whether the numba sweep can run: numba installed, CPU tensors of one float32/float64 dtype.
+
+    Not under a TorchDispatchMode (e.g. the MAdds counter of leanvision.analysis.cost): it must see the
+    aten operators, which the kernel bypasses.
+    """
+    return (
+        not is_in_torch_dispatch_mode()
+        and weight.dtype in (torch.float32, torch.float64)
+        and all(t.device.type == "cpu" and t.dtype == weight.dtype for t in (weight, *sequences))
+        and _numba_kernels() is not None
+    )
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def _kernel_inputs(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    bias_gate: torch.Tensor,
+    bias_update: torch.Tensor,
+    zeta: torch.Tensor,
+    nu: torch.Tensor,
+) -> tuple[np.ndarray, ...]:
+    """The numba kernels' weight_t = [W; U]^T, biases and coef = [zeta, nu], as numpy arrays."""
+    return tuple(
+        map(
+            _numpy,
+            (torch.cat((w, u)).T, bias_gate.view(-1), bias_update.view(-1), torch.cat((zeta, nu)).view(2)),
+        )
+    )
+
+
+def _kernel_sweep(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    bias_gate: torch.Tensor,
+    bias_update: torch.Tensor,
+    zeta: torch.Tensor,
+    nu: torch.Tensor,
+    *sequences: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FastGRNN (sigmoid, tanh) from zeros over sequences [T, ..., C] with the numba kernel.
+
+    Returns the final states [h, N] and the kernel's input x [T, C, N] (the sequences side by side).
+    """
+    kernels = _numba_kernels()
+    steps, channels = len(sequences[0]), sequences[0].shape[-1]
+    x = w.new_empty(steps, channels, sum(math.prod(seq.shape[1:-1]) for seq in sequences))
+    _gather(sequences, x)
+    final = w.new_empty(w.shape[1], x.shape[2])
+    inputs = _kernel_inputs(w, u, bias_gate, bias_update, zeta, nu)
+    with kernels.parallel(torch.get_num_threads()) as tasks:
+        kernels.sweep_forward(x.numpy(), *inputs, final.numpy(), tasks)
+    return final, x
+
+
+class _FastGRNNKernelSweep(torch.autograd.Function):
+    """`_kernel_sweep` with the numba backward (which recomputes the forward per block of sequences)."""
+
+    @staticmethod
+    def forward(ctx, w, u, bias_gate, bias_update, zeta, nu, *sequences):
+        final, x = _kernel_sweep(w, u, bias_gate, bias_update, zeta, nu, *sequences)
+        ctx.save_for_backward(w, u, bias_gate, bias_update, zeta, nu, x)
+        ctx.shapes = [seq.shape for seq in sequences]
+        return final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_final):
+        w, u, bias_gate, bias_update, zeta, nu, x = ctx.saved_tensors
+        kernels = _numba_kernels()
+        grad_x = torch.empty_like(x)
+        inputs = _kernel_inputs(w, u, bias_gate, bias_update, zeta, nu)
+        with kernels.parallel(torch.get_num_threads()) as tasks:
+            grads = kernels.sweep_backward(_numpy(grad_final), x.numpy(), *inputs, grad_x.numpy(), tasks)
+        grad_weight, grad_bias, grad_coef = map(torch.from_numpy, grads)
+        grad_w, grad_u = grad_weight.split((len(w), len(u)))
+        grad_gate, grad_update = grad_bias.view(2, 1, -1)
+        grad_zeta, grad_nu = grad_coef.view(2, 1, 1)
+        return grad_w, grad_u, grad_gate, grad_update, grad_zeta, grad_nu, *_scatter(grad_x, ctx.shapes)
 
 
 class TorchGatedCell(RecurrentCell):
