@@ -309,7 +309,8 @@ def test_bands_of_output_rows_equal_one_pass(monkeypatch):
     x = torch.randn(2, 3, 17, 14)
     with torch.no_grad():
         whole = layer(x)
-        monkeypatch.setattr(rnnpool, "TILE_PATCHES", 5)  # 2 images x 4 columns: bands of one output row
+        for tile in ("TILE_PATCHES", "FUSED_TILE_PATCHES"):  # 2 images x 4 columns: bands of one row
+            monkeypatch.setattr(rnnpool, tile, 5)
         torch.testing.assert_close(layer(x), whole)
 
 

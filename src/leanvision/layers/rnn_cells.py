@@ -76,6 +76,10 @@ class RecurrentCell(nn.Module):
     def output(self, state: torch.Tensor) -> torch.Tensor:
         return state[..., : self.hidden_size]
 
+    def fused_sweep(self, x: torch.Tensor) -> bool:
+        """Whether `sweep` over inputs like x runs as one fused kernel (not a loop of torch kernels)."""
+        return False
+
     def sweep(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Final hidden vectors [..., hidden_size] of input sequences [T, ..., input_size] of one length T.
 
@@ -191,6 +195,9 @@ class FastGRNNCell(RecurrentCell):
             c = self._update(pre + self.bias_update)
         zeta = torch.sigmoid(self.zeta)
         return _fastgrnn_update(z, c, state, zeta, zeta + torch.sigmoid(self.nu))
+
+    def fused_sweep(self, x: torch.Tensor) -> bool:
+        return self._sigmoid_pair and not torch.compiler.is_compiling() and _kernel_applies(self.bias_gate, x)
 
     def sweep(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if not self._sigmoid_pair or torch.compiler.is_compiling():  # compilers trace the plain steps

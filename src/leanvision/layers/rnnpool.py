@@ -24,11 +24,13 @@ from leanvision.layers.rnn_cells import FastGRNNCell, RecurrentCell, create_cell
 
 PADDINGS = ("edgeml", "valid", "same")
 
-# Patches pooled together in one tile, so that a tile's tensors stay in the CPU's cache. Measured on the
-# paper's VWW and Face-C layers: with the fused numba sweep (the CPU default), 8192 runs forward+backward
-# 1.1-1.3x faster than 2048 (fewer per-tile copies and autograd nodes); the torch sweep alone (no numba)
-# preferred 2048, as its ~10 kernels per step stream each tile's state from memory.
-TILE_PATCHES = 8192
+# Patches pooled together in one tile, so that a tile's tensors stay in the CPU's cache. The torch sweeps
+# run ~10 kernels per step, each streaming the tile's state: 2048 patches (about a MiB) is their best
+# size. The fused numba sweep keeps each block's state in cache itself; there 8192 runs the paper's VWW
+# layer forward+backward 1.3x faster than 2048 (fewer per-tile copies and autograd nodes), and the torch
+# sweeps 2.8x slower.
+TILE_PATCHES = 2048
+FUSED_TILE_PATCHES = 8192
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -59,15 +61,16 @@ def rnnpool_map(
     RNN1 runs once over every row segment x[b, :, y, j*sw : j*sw + kw] and every column segment
     x[b, :, i*sh : i*sh + kh, x] of the map: with stride < patch, overlapping patches share them. The
     row summaries of patch (i, j) are then those of rows i*sh .. i*sh + kh - 1 at segment j (an unfold
-    of the summary map), likewise for columns. Maps of more than TILE_PATCHES patches are cut into tiles
+    of the summary map), likewise for columns. Maps of more patches than a tile are cut into tiles
     of whole images, then of output rows, so that each tile's per-step tensors stay in cache.
     """
     (kh, kw), (sh, sw) = patch_size, stride
     batch, oh, ow = x.shape[0], (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
-    if batch > 1 and batch * oh * ow > TILE_PATCHES:
-        images = max(1, TILE_PATCHES // (oh * ow))
+    tile = FUSED_TILE_PATCHES if rnn1.fused_sweep(x) else TILE_PATCHES
+    if batch > 1 and batch * oh * ow > tile:
+        images = max(1, tile // (oh * ow))
         return torch.cat([rnnpool_map(rnn1, rnn2, part, patch_size, stride) for part in x.split(images)])
-    rows_per_tile = max(1, TILE_PATCHES // (batch * ow))
+    rows_per_tile = max(1, tile // (batch * ow))
     if rows_per_tile < oh:  # bands of output rows, each computed on its own band of the input
         bands = [
             x[:, :, i * sh : (min(i + rows_per_tile, oh) - 1) * sh + kh] for i in range(0, oh, rows_per_tile)
