@@ -16,7 +16,6 @@ each batch size takes about a minute on 2 cores).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -30,6 +29,7 @@ from torch import nn
 import leanvision
 from leanvision.bench import calibrate_batchnorm, percentiles
 from leanvision.deploy import fuse_for_inference
+from report import finish
 
 TARGETS = {"ours_eager": 1.0, "ours_deploy": 1.5, "ours_deploy_compile": 1.5}
 MAX_REL_DIFF = 1e-4
@@ -166,14 +166,13 @@ def main() -> int:
         targets={name: TARGETS[name] for name in results[0]["targets_met"]},
         results=results,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print_summary(results)
-    print(f"wrote {args.out}")
-    if not all(r["outputs_match"] for r in results):
-        print(f"ERROR: an output differs from timm's by more than {MAX_REL_DIFF} (relative)", file=sys.stderr)
-        return 1
-    return 0
+    return finish(
+        args.out,
+        report,
+        lambda: print_summary(results),
+        all(r["outputs_match"] for r in results),
+        f"an output differs from timm's by more than {MAX_REL_DIFF} (relative)",
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ within one round. Target (issue): fused >= 2x loop at batch 1 and 32. Outputs ar
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -33,6 +32,7 @@ import leanvision
 from leanvision.bench import calibrate_batchnorm, percentiles
 from leanvision.deploy import fuse_for_inference
 from leanvision.models.rrrnet import FusedRRRNet
+from report import finish
 
 TARGET = 2.0
 MAX_ABS_DIFF = 1e-4  # log-probabilities
@@ -145,14 +145,13 @@ def main() -> int:
         target=f"fused >= {TARGET}x loop",
         results=results,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print_summary(results)
-    print(f"wrote {args.out}")
-    if not all(r["outputs_match"] for r in results):
-        print(f"ERROR: an output differs from the loop's by more than {MAX_ABS_DIFF}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(
+        args.out,
+        report,
+        lambda: print_summary(results),
+        all(r["outputs_match"] for r in results),
+        f"an output differs from the loop's by more than {MAX_ABS_DIFF}",
+    )
 
 
 if __name__ == "__main__":
