@@ -410,6 +410,59 @@ def rrr_reduce(
     )
 
 
+def _ratios(text: str) -> list[float]:
+    try:
+        start, stop, step = (float(v) for v in text.split(":"))
+    except ValueError:
+        _fail(f"--ratios must be START:STOP:STEP such as 0.1:1.0:0.1, got {text!r}")
+    if step <= 0:
+        _fail(f"--ratios step must be positive, got {step}")
+    return [round(start + i * step, 6) for i in range(int(round((stop - start) / step)) + 1)]
+
+
+@app.command("rank-study")
+def rank_study_command(
+    blocks: Annotated[str, typer.Option(help="Comma-separated block types.")] = (
+        "conv1x1,conv3x3,ib_conv,ib_dwconv"
+    ),
+    activations: Annotated[
+        str, typer.Option(help="Comma-separated nonlinearities.")
+    ] = "relu,relu6,leaky_relu,elu,softplus,hardswish,silu,identity",
+    networks: Annotated[int, typer.Option(help="Random networks averaged per point.")] = 100,
+    ratios: Annotated[str, typer.Option(help="Dimension ratios d_in/d_out as START:STOP:STEP.")] = (
+        "0.1:1.0:0.1"
+    ),
+    batch: Annotated[int, typer.Option(help="Inputs N per network (must exceed d_out <= 64).")] = 128,
+    rtol: Annotated[
+        float | None, typer.Option(help="Rank tolerance relative to the largest singular value.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of sizes, weights and inputs.")] = 0,
+    plot: Annotated[str | None, typer.Option(help="Save a Figure 1 style PNG to this file.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """ReXNet Section 3.2: mean rank ratio rank/d_out of random single-block networks vs d_in/d_out."""
+    from leanvision.analysis.rank import plot_rank_study, rank_study
+
+    study = _run(
+        lambda: rank_study(
+            blocks=blocks.split(","), activations=activations.split(","), networks=networks,
+            ratios=_ratios(ratios), batch=batch, seed=seed, rtol=rtol,
+        )
+    )  # fmt: skip
+    if plot:
+        plot_rank_study(study, plot)
+    if as_json:
+        print(json.dumps(study.to_dict()))
+        return
+    for block, curves in study.rank_ratio.items():
+        table = Table("d_in/d_out", *curves, title=f"{block}: mean rank/d_out over {networks} networks")
+        for i, ratio in enumerate(study.ratios):
+            table.add_row(f"{ratio:g}", *(f"{values[i]:.3f}" for values in curves.values()))
+        console.print(table)
+    tolerance = "torch default, eps * max(d_out, N)" if rtol is None else f"{rtol:g}"
+    console.print(f"N={batch}, d_out in [16, 64], float32 SVD, rtol {tolerance}; seed {seed}")
+
+
 def _run(work):
     """Run `work`, turning the library's input errors into one clear line and exit code 2."""
     from leanvision.checkpoints import CheckpointError
