@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -29,7 +27,7 @@ from torch import nn
 import leanvision
 from leanvision.bench import calibrate_batchnorm, percentiles
 from leanvision.deploy import fuse_for_inference
-from report import finish
+from report import finish, interleaved_ms, paired_speedup
 
 TARGETS = {"ours_eager": 1.0, "ours_deploy": 1.5, "ours_deploy_compile": 1.5}
 MAX_REL_DIFF = 1e-4
@@ -97,14 +95,8 @@ def run_batch(
         }
         for name in names:  # second warm-up call each
             candidates[name][0](inputs[name])
-        times: dict[str, list[float]] = {name: [] for name in names}
-        start = time.perf_counter()
-        while len(times["timm_eager"]) < args.min_rounds or time.perf_counter() - start < args.seconds:
-            r = len(times["timm_eager"])
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                t0 = time.perf_counter()
-                candidates[name][0](inputs[name])
-                times[name].append((time.perf_counter() - t0) * 1e3)
+        calls = {name: (lambda name=name: candidates[name][0](inputs[name])) for name in names}
+        times = interleaved_ms(calls, args.min_rounds, args.seconds)
     configs = {}
     for name in names:
         p10, median, p90 = percentiles(times[name])
@@ -115,9 +107,7 @@ def run_batch(
             rounds=len(times[name]),
             max_rel_diff_vs_timm=rel_diff[name],
         )
-    speedups = {
-        name: statistics.median(t / o for t, o in zip(times["timm_eager"], times[name])) for name in names[1:]
-    }
+    speedups = {name: paired_speedup(times["timm_eager"], times[name]) for name in names[1:]}
     return dict(
         batch_size=batch_size,
         configs=configs,

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +30,7 @@ import leanvision
 from leanvision.bench import calibrate_batchnorm, percentiles
 from leanvision.deploy import fuse_for_inference
 from leanvision.models.rrrnet import FusedRRRNet
-from report import finish
+from report import finish, interleaved_ms, paired_speedup
 
 TARGET = 2.0
 MAX_ABS_DIFF = 1e-4  # log-probabilities
@@ -76,26 +74,17 @@ def run_batch(candidates: dict[str, nn.Module], batch_size: int, args: argparse.
         diff = {name: float((out - outputs["loop"]).abs().max()) for name, out in outputs.items()}
         for name in names:
             candidates[name](x)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        start = time.perf_counter()
-        while len(times["loop"]) < args.min_rounds or time.perf_counter() - start < args.seconds:
-            r = len(times["loop"])
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                t0 = time.perf_counter()
-                candidates[name](x)
-                times[name].append((time.perf_counter() - t0) * 1e3)
+        times = interleaved_ms(
+            {name: (lambda name=name: candidates[name](x)) for name in names}, args.min_rounds, args.seconds
+        )
     configs = {}
     for name in names:
         p10, median, p90 = percentiles(times[name])
         configs[name] = dict(
             median_ms=median, p10_ms=p10, p90_ms=p90, rounds=len(times[name]), max_abs_diff=diff[name]
         )
-    speedups = {
-        name: statistics.median(a / b for a, b in zip(times["loop"], times[name])) for name in names[1:]
-    }
-    speedups["fused_vs_loop_deploy"] = statistics.median(
-        a / b for a, b in zip(times["loop_deploy"], times["fused"])
-    )
+    speedups = {name: paired_speedup(times["loop"], times[name]) for name in names[1:]}
+    speedups["fused_vs_loop_deploy"] = paired_speedup(times["loop_deploy"], times["fused"])
     return dict(
         batch_size=batch_size,
         configs=configs,
