@@ -150,12 +150,12 @@ def _image_folder(root, classes, per_class=2):
 def test_folder_dataset_skips_or_fails_on_corrupt_images(tmp_path):
     _image_folder(tmp_path, ["cat", "dog"])
     (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not a png")
-    with pytest.warns(UserWarning, match="skipped 1 corrupt image.*broken.png"):
+    with pytest.warns(UserWarning, match="skipped 1 corrupt or missing image.*broken.png"):
         data = build_dataset(f"folder:{tmp_path}", img_size=16)
     assert data.classes == ("cat", "dog") and (len(data.train), len(data.val)) == (4, 4)
     image, target = data.val[3]
     assert image.shape == (3, 16, 16) and target.item() == 1
-    with pytest.raises(ValueError, match="corrupt image .*broken.png"):
+    with pytest.raises(ValueError, match="corrupt or missing image .*broken.png"):
         build_dataset(f"folder:{tmp_path}", strict=True)
     with pytest.raises(FileNotFoundError, match="expected DIR/train/CLASS"):
         build_dataset(f"folder:{tmp_path / 'train'}")
@@ -170,3 +170,42 @@ def test_imagenet10_picks_table6_synsets(tmp_path):
     data = build_dataset(f"imagenet10:{tmp_path / 'full'}", img_size=16)
     assert data.num_classes == 10 and len(data.train) == 10 and data.classes[4] == "deer"
     assert [data.val[i][1].item() for i in range(10)] == list(range(10))
+
+
+def _meta_album(root, counts: dict[str, int], columns: str = "FILE_NAME,CATEGORY,SUPER_CATEGORY") -> None:
+    """A tiny Meta-Album dataset folder: images/, labels.csv, info.json."""
+    (root / "images").mkdir(parents=True)
+    lines = [columns]
+    for category, count in counts.items():
+        for i in range(count):
+            name = f"{category}_{i:03d}.png"
+            Image.new("RGB", (8, 8), (i * 5 % 256, 0, 0)).save(root / "images" / name)
+            lines.append(f"{name},{category},all")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    (root / "info.json").write_text('{"dataset_name": "tiny"}')
+
+
+def test_metaalbum_split_is_per_class_seeded_and_disjoint(tmp_path):
+    _meta_album(tmp_path / "SET" / "TINY_Micro", {"owl": 5, "cat": 4, "ant": 6})
+    spec = f"metaalbum:{tmp_path / 'SET' / 'TINY_Micro'},per_class=2"
+    data = build_dataset(spec, img_size=16)
+    assert data.classes == ("ant", "cat", "owl") and (len(data.train), len(data.val)) == (6, 6)
+    train, val = (set(split.samples) for split in (data.train, data.val))
+    assert not train & val
+    assert sorted(index for _, index in train) == [0, 0, 1, 1, 2, 2]
+    assert all(path.name.startswith(data.classes[index]) for path, index in train | val)
+    assert build_dataset(spec, img_size=16).train.samples == data.train.samples  # same seed, same split
+    assert build_dataset(spec + ",seed=1", img_size=16).train.samples != data.train.samples
+    image, _ = data.val[0]
+    assert image.shape == (3, 16, 16)
+
+
+def test_metaalbum_bad_folders_say_what_was_expected(tmp_path):
+    _meta_album(tmp_path / "SET" / "TINY_Micro", {"owl": 3, "cat": 4})
+    with pytest.raises(FileNotFoundError, match=r"holds a set of datasets, pass one: metaalbum:.*TINY_Micro"):
+        build_dataset(f"metaalbum:{tmp_path / 'SET'}")
+    with pytest.raises(ValueError, match="class 'owl' has 3 images; a 2/2 split needs 4"):
+        build_dataset(f"metaalbum:{tmp_path / 'SET' / 'TINY_Micro'},per_class=2")
+    _meta_album(tmp_path / "BAD", {"owl": 4}, columns="FILE,LABEL,SUPER")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['CATEGORY', 'FILE_NAME'\]"):
+        build_dataset(f"metaalbum:{tmp_path / 'BAD'}")

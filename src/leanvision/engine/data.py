@@ -7,13 +7,16 @@
 | `cifar10:DIR`, `cifar100:DIR` | torchvision's on-disk format (cifar-10-batches-py / cifar-100-python) |
 | `folder:DIR` | ImageFolder layout: DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg |
 | `imagenet10:DIR` | ImageNet-10 (RNNPool Table 6) from an ImageNet folder with train/ and val/ by synset |
+| `metaalbum:DIR` | one Meta-Album dataset (images/, labels.csv, info.json): a seeded 20/20 split per class |
 
 Synthetic specs take options after commas: `synthetic:shapes,train=4000,val=1000,seed=1` (defaults 10000,
 2000, 0). Their image size is `img_size` (default 32 for the lines sets, 64 for shapes, as in Table 7).
+Meta-Album takes `seed` and `per_class` (default 20, the Micro protocol): `metaalbum:DIR,seed=2`.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import pickle
 import warnings
@@ -64,8 +67,9 @@ CIFAR = {  # spec -> folder, train files, test files, label key, mean, std
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPEC_HELP = (
     "synthetic:lines|multilines|shapes, fashion-mnist[:DIR], cifar10:DIR, cifar100:DIR, folder:DIR, "
-    "imagenet10:IMAGENET_DIR"
+    "imagenet10:IMAGENET_DIR, metaalbum:DIR"
 )
+METAALBUM_PER_CLASS = 20
 
 
 @dataclass
@@ -271,31 +275,40 @@ class ImageFiles(Dataset):
 
 def scan_images(root: Path, classes: list[str], strict: bool) -> list[tuple[Path, int]]:
     """(path, class index) of every readable image in root/CLASS/; corrupt ones are counted or raise."""
-    from PIL import Image, UnidentifiedImageError
-
-    samples, corrupt = [], []
-    for index, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-            except (OSError, UnidentifiedImageError, SyntaxError) as err:
-                if strict:
-                    raise ValueError(f"corrupt image {path}: {err}") from err
-                corrupt.append(path)
-                continue
-            samples.append((path, index))
-    if corrupt:
-        warnings.warn(
-            f"skipped {len(corrupt)} corrupt image(s) under {root} (first: {corrupt[0]}); "
-            "pass strict=True (--strict) to fail instead",
-            stacklevel=2,
-        )
+    samples = [
+        (path, index)
+        for index, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    samples = readable_images(samples, root, strict)
     if not samples:
         raise ValueError(f"no readable images under {root}/{{{','.join(classes[:3])}...}}")
     return samples
+
+
+def readable_images(samples: list[tuple[Path, int]], root: Path, strict: bool) -> list[tuple[Path, int]]:
+    """The samples whose image PIL can read; the others are counted in a warning, or raise if `strict`."""
+    from PIL import Image, UnidentifiedImageError
+
+    readable, bad = [], []
+    for path, index in samples:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, UnidentifiedImageError, SyntaxError) as err:
+            if strict:
+                raise ValueError(f"corrupt or missing image {path}: {err}") from err
+            bad.append(path)
+            continue
+        readable.append((path, index))
+    if bad:
+        warnings.warn(
+            f"skipped {len(bad)} corrupt or missing image(s) under {root} (first: {bad[0]}); "
+            "pass strict=True (--strict) to fail instead",
+            stacklevel=2,
+        )
+    return readable
 
 
 def _folder_transforms(size: int, train: bool):
@@ -351,6 +364,54 @@ def folder_splits(
     return DataSplits(spec, *splits, len(classes), 3, size, False, names)
 
 
+def metaalbum_splits(spec: str, arg: str, img_size: int | None, strict: bool) -> DataSplits:
+    """One Meta-Album dataset: DIR/images/, DIR/labels.csv (FILE_NAME, CATEGORY, ...), DIR/info.json.
+
+    Per class, a seeded permutation of its files (sorted by name) gives `per_class` training images and
+    the next `per_class` validation images: the same split for the same seed, on any machine.
+    """
+    root_text, _, options = arg.partition(",")
+    opts = _parse_options(spec, options, {"seed": 0, "per_class": METAALBUM_PER_CLASS})
+    root, per_class = Path(root_text), opts["per_class"]
+    labels = root / "labels.csv"
+    if not labels.is_file():
+        inside = (
+            sorted(p.name for p in root.iterdir() if (p / "labels.csv").is_file()) if root.is_dir() else []
+        )
+        hint = f"; {root} holds a set of datasets, pass one: metaalbum:{root / inside[0]}" if inside else ""
+        raise FileNotFoundError(
+            f"{spec}: {labels} not found (expected DIR/images/, DIR/labels.csv, DIR/info.json){hint}"
+        )
+    with labels.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"FILE_NAME", "CATEGORY"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(
+                f"{labels}: missing column(s) {sorted(missing)}; expected FILE_NAME and CATEGORY, "
+                f"got {reader.fieldnames}"
+            )
+        rows = [(row["FILE_NAME"], row["CATEGORY"]) for row in reader]
+    classes = sorted({category for _, category in rows})
+    rng = np.random.default_rng(opts["seed"])
+    splits: tuple[list, list] = ([], [])
+    for index, name in enumerate(classes):
+        files = sorted(file for file, category in rows if category == name)
+        if len(files) < 2 * per_class:
+            raise ValueError(
+                f"{labels}: class {name!r} has {len(files)} images; a {per_class}/{per_class} split needs "
+                f"{2 * per_class}"
+            )
+        order = rng.permutation(len(files))
+        for split, chosen in zip(splits, (order[:per_class], order[per_class : 2 * per_class])):
+            split.extend((root / "images" / files[i], index) for i in chosen)
+    size = img_size or 128
+    train, val = (
+        ImageFiles(readable_images(samples, root, strict), _folder_transforms(size, training))
+        for samples, training in zip(splits, (True, False))
+    )
+    return DataSplits(spec, train, val, len(classes), 3, size, False, tuple(classes))
+
+
 def build_dataset(spec: str, img_size: int | None = None, strict: bool = False) -> DataSplits:
     """The train and val splits named by `spec` (see the module docstring), images img_size x img_size.
 
@@ -365,7 +426,7 @@ def build_dataset(spec: str, img_size: int | None = None, strict: bool = False) 
         return synthetic_splits(spec, name, options, img_size)
     if kind == "fashion-mnist":
         return fashion_mnist_splits(spec, arg, img_size)
-    if kind in ("cifar10", "cifar100", "folder", "imagenet10") and not arg:
+    if kind in ("cifar10", "cifar100", "folder", "imagenet10", "metaalbum") and not arg:
         raise ValueError(f"data spec {spec!r} needs a folder: {kind}:DIR")
     if kind in CIFAR:
         return cifar_splits(spec, kind, arg, img_size)
@@ -373,4 +434,6 @@ def build_dataset(spec: str, img_size: int | None = None, strict: bool = False) 
         return folder_splits(spec, arg, img_size, strict)
     if kind == "imagenet10":
         return folder_splits(spec, arg, img_size, strict, IMAGENET10_SYNSETS)
+    if kind == "metaalbum":
+        return metaalbum_splits(spec, arg, img_size, strict)
     raise ValueError(f"unknown data spec {spec!r}; expected one of {SPEC_HELP}")
