@@ -351,6 +351,23 @@ def train(
     elif checkpoint_path.exists():
         raise ValueError(f"{out} already holds a run ({checkpoint_path}); pass --resume or another --out")
     ctx = setup_distributed(config.device)
+    try:
+        return _train(config, model, data, on_epoch_end, state, ctx)
+    finally:  # a process that exits with gloo's threads alive can abort ("terminate called ...")
+        if ctx.world > 1:
+            dist.destroy_process_group()
+
+
+def _train(
+    config: TrainConfig,
+    model: nn.Module | None,
+    data: DataSplits | None,
+    on_epoch_end: Callable[[dict[str, Any]], bool | None] | None,
+    state: dict[str, Any] | None,
+    ctx: Dist,
+) -> TrainResult:
+    out = Path(config.out)
+    checkpoint_path = out / "last.pt"
     seed_everything(config.seed)
     data = data or build_dataset(config.data, config.img_size, config.strict)
     model = (model or make_model(config.model, data)).to(ctx.device)
