@@ -27,6 +27,21 @@ def check_width(width_mult: float) -> None:
         raise ValueError(f"width_mult must be a positive number, got {width_mult}")
 
 
+def init_like_torchvision(model: nn.Module) -> None:
+    """torchvision's conv/BN initialisation (MobileNetV2, ResNet): Kaiming normal fan-out, BN to identity.
+
+    Other modules (linear layers, RNN cells) keep their own initialisation.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def feature_level(block: int, channels: int, reduction: int) -> dict:
     """A `feature_info` entry for the output of `features[block]` (block -1 is the stem)."""
     return dict(module="stem" if block < 0 else f"features.{block}", num_chs=channels, reduction=reduction)

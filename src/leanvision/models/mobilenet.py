@@ -10,7 +10,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 from leanvision.layers import ClassifierHead, ConvNormAct, RNNPool
 from leanvision.layers.conv import ActLayer
 from leanvision.layers.downsample import create_downsample
-from leanvision.models.base import Classifier, check_input, check_width, feature_level
+from leanvision.models.base import Classifier, check_input, check_width, feature_level, init_like_torchvision
 from leanvision.registry import register_model
 
 # Pointwise output widths and depthwise strides of the 13 depthwise-separable blocks of MobileNetV1.
@@ -179,7 +179,7 @@ class MobileNetV2(nn.Module):
             else RNNPool(self.last_channel, self.last_channel // 4, self.last_channel // 4, cell)
         )
         self.classifier = nn.Sequential(nn.Dropout(drop_rate), nn.Identity())
-        _init_like_torchvision(self)
+        init_like_torchvision(self)
         self.reset_classifier(num_classes)
 
     @property
@@ -212,18 +212,6 @@ class MobileNetV2(nn.Module):
             nn.init.normal_(fc.weight, 0, 0.01)
             nn.init.zeros_(fc.bias)
         self.classifier[1] = fc
-
-
-def _init_like_torchvision(model: nn.Module) -> None:
-    """torchvision's MobileNetV2 initialisation for convs and BNs (RNN cells keep their own)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def mobilenetv2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:

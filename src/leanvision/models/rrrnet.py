@@ -37,6 +37,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from leanvision.checkpoints import CheckpointError, load_checkpoint, read_state_dict
 from leanvision.deploy import fold_batchnorm_
+from leanvision.models.base import init_like_torchvision
 from leanvision.registry import register_model
 
 Block = type[BasicBlock] | type[Bottleneck]
@@ -175,12 +176,7 @@ class RRRNet(nn.Module):
             Branch(block, 128 * block.expansion, self.widths[:2], self.blocks[2:], num_classes)
             for _ in range(branches)
         )
-        for m in self.modules():  # torchvision's ResNet initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_like_torchvision(self)
 
     @property
     def num_classes(self) -> int:
