@@ -87,10 +87,12 @@ def fashion_dir(tmp_path):
 def test_fashion_mnist_reads_idx_files(fashion_dir):
     data = build_dataset(f"fashion-mnist:{fashion_dir}")
     assert (len(data.train), len(data.val), data.num_classes, data.image_size) == (6, 4, 10, 28)
-    raw = read_idx(fashion_dir / "train-images-idx3-ubyte.gz")
-    image, target = data.train[1]
+    assert data.train.augment and not data.val.augment  # crop-and-flip on the training split only
+    raw = read_idx(fashion_dir / "t10k-images-idx3-ubyte.gz")
+    image, target = data.val[1]
     torch.testing.assert_close(image[0], (torch.from_numpy(raw[1].copy()).float() / 255 - 0.2860) / 0.3530)
-    assert target.item() == 1 and data.classes[9] == "ankle boot"
+    assert target.item() == read_idx(fashion_dir / "t10k-labels-idx1-ubyte.gz")[1]
+    assert data.classes[9] == "ankle boot"
     assert build_dataset(f"fashion-mnist:{fashion_dir}", img_size=32).train[0][0].shape == (1, 32, 32)
 
 

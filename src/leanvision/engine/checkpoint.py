@@ -16,6 +16,15 @@ import numpy as np
 import torch
 
 
+def empty_output_dir(out: str | Path) -> Path:
+    """Create `out` for an experiment's results; a folder that already holds files raises a ValueError."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
     """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`."""
     path = Path(path)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from leanvision.engine.checkpoint import empty_output_dir
 from leanvision.engine.data import DataSplits, build_dataset
 from leanvision.engine.train import TrainConfig, train
 from leanvision.layers import RNNPool
@@ -35,19 +36,26 @@ PAPER_ONE_GO = {"cifar10": {"rnnpool": 70.63, "conv": 53.13, "avg": 26.53, "max"
 
 
 class ProbeNet(nn.Module):
-    """[optional conv 8x3x3 stride 2 + ReLU] -> one RNNPool over the whole map -> linear."""
+    """[optional conv 8x3x3 stride 2 + ReLU] -> one RNNPool over the whole map -> BN -> linear.
+
+    The BatchNorm1d is an affine map at inference, so it folds into the linear layer and the classifier is
+    still one linear layer. It is there for training: at the reference initialisation (biases one, weights
+    0.1 * randn) each FastGRNN sweep shrinks the differences between images about a hundredfold, so the
+    pooled features differ by ~3e-4 between images and a bare linear layer on them stays at chance.
+    """
 
     def __init__(self, num_outputs: int, hidden1: int, hidden2: int, conv: bool, in_chans: int = 1) -> None:
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(in_chans, 8, 3, 2, 1), nn.ReLU()) if conv else nn.Identity()
         self.pool = RNNPool(8 if conv else in_chans, hidden1, hidden2)
+        self.norm = nn.BatchNorm1d(4 * hidden2)
         self.fc = nn.Linear(4 * hidden2, num_outputs)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.conv(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+        return self.fc(self.norm(self.features(x)))
 
 
 def one_go_model(kind: str, in_chans: int, size: int, num_classes: int) -> nn.Module:
@@ -73,13 +81,6 @@ def probe_candidates(max_hidden: int) -> list[tuple[int, int]]:
     )
 
 
-def _fresh_out(out: Path) -> Path:
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty; pass another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def _fit(model: nn.Module, data: DataSplits, out: Path, config: dict[str, Any], stop_at_100: bool):
     torch.manual_seed(config.get("seed", 0))
     cfg = TrainConfig("probe", data.spec, out=str(out), opt="adamw", wd=0.0, **config)
@@ -98,7 +99,7 @@ def rnnpool_probe(
     **train_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Table 7: one row per (dataset, size, conv) with the smallest fitting (h1, h2) or None."""
-    out = _fresh_out(Path(out))
+    out = empty_output_dir(out)
     config = {"epochs": epochs, "lr": 0.01, "batch_size": 64, "progress": False, **train_kwargs}
     rows, mds_model = [], None
     for name, size in settings:
@@ -182,7 +183,7 @@ def pooling_one_go(
     **train_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """C.2: test accuracy of each one-go pooling on each dataset, with the paper's CIFAR-10 numbers."""
-    out = _fresh_out(Path(out))
+    out = empty_output_dir(out)
     config = {"epochs": epochs, "lr": 0.002, "batch_size": 128, "progress": False, **train_kwargs}
     rows = []
     for spec in datasets:

@@ -75,6 +75,7 @@ class TrainConfig:
     workers: int = 0
     device: str | None = None
     amp: bool = True
+    channels_last: bool = False
     strict: bool = False
     progress: bool = True
 
@@ -251,6 +252,7 @@ def evaluate(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     workers: int = 0,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """Loss and accuracy of `model` (eval mode) over `dataset`; under DDP each process takes a shard."""
     device = torch.device(device)
@@ -261,7 +263,7 @@ def evaluate(
     model.eval()
     meter = None
     for images, targets in _loader(dataset, batch_size, workers):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images, targets = _to_device(images, device, channels_last), targets.to(device, non_blocking=True)
         with _autocast(device):
             logits = model(images).float()
         meter = meter or Meter(logits.shape[1], multilabel, device)
@@ -270,6 +272,11 @@ def evaluate(
     if meter is None:
         raise ValueError("cannot evaluate on an empty dataset")
     return meter.result()
+
+
+def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    return images.to(device, non_blocking=True, memory_format=memory_format)
 
 
 def _autocast(device: torch.device, enabled: bool = True):
@@ -371,6 +378,8 @@ def _train(
     seed_everything(config.seed)
     data = data or build_dataset(config.data, config.img_size, config.strict)
     model = (model or make_model(config.model, data)).to(ctx.device)
+    if config.channels_last:  # NHWC: faster convolutions (and their backward) on CPU and on tensor cores
+        model = model.to(memory_format=torch.channels_last)
     check_model_fits(model, data, config.model)
 
     sampler = DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=config.seed)
@@ -405,7 +414,10 @@ def _train(
             train_metrics = _train_epoch(
                 net, loader, criterion, optimizer, scheduler, scaler, data, ctx, amp, epoch, config
             )
-            val = evaluate(model, data.val, data.multilabel, config.batch_size, ctx.device, config.workers)
+            val = evaluate(
+                model, data.val, data.multilabel, config.batch_size, ctx.device, config.workers,
+                config.channels_last,
+            )  # fmt: skip
             row = {"epoch": epoch + 1, "lr": lr}
             row.update({f"train_{k}": v for k, v in train_metrics.items() if k in ("loss", "acc")})
             row.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "acc", "label_acc")})
@@ -437,7 +449,10 @@ def _train(
             done = history[-1]["epoch"] if history else start_epoch
             print(f"interrupted: {checkpoint_path} holds epoch {done}; continue with --resume")
     if val is None:  # nothing ran in this session
-        val = evaluate(model, data.val, data.multilabel, config.batch_size, ctx.device, config.workers)
+        val = evaluate(
+            model, data.val, data.multilabel, config.batch_size, ctx.device, config.workers,
+            config.channels_last,
+        )  # fmt: skip
     if ctx.main and history:
         _write_summary(out, config, status, history, val, model, ctx, time.perf_counter() - started)
         plot_curves(history, out / "curves.png")
@@ -451,10 +466,8 @@ def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, data, ctx
     with progress as bar:
         task = bar.add_task("train", total=len(loader), loss=float("nan"))
         for step, (images, targets) in enumerate(loader):
-            images, targets = (
-                images.to(ctx.device, non_blocking=True),
-                targets.to(ctx.device, non_blocking=True),
-            )
+            images = _to_device(images, ctx.device, config.channels_last)
+            targets = targets.to(ctx.device, non_blocking=True)
             with _autocast(ctx.device, amp):
                 logits = net(images).float()
                 loss = criterion(logits, targets)
@@ -519,19 +532,12 @@ def _write_summary(out, config, status, history, val, model, ctx, seconds) -> No
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def evaluate_checkpoint(
-    model_name: str,
-    checkpoint: str | Path,
-    data_spec: str,
-    img_size: int | None = None,
-    batch_size: int = 256,
-    device: str = "cpu",
-    strict: bool = False,
-) -> dict[str, Any]:
-    """Validation loss and accuracy of `model_name` with weights from `checkpoint` on `data_spec`.
+def load_model_for_data(
+    model_name: str, checkpoint: str, data_spec: str, img_size: int | None = None, strict: bool = False
+) -> tuple[nn.Module, DataSplits]:
+    """(model with weights from `checkpoint`, dataset splits), as `leanvision eval` loads them.
 
-    A training checkpoint also gives the image size (unless `img_size` is set) and is checked to be of
-    the same model; any other weights file is loaded as `create_model(..., pretrained=FILE)` would.
+    A training checkpoint gives the image size (unless `img_size` is set) and must be of `model_name`.
     """
     saved = read_training_config(checkpoint)
     if saved is not None and saved["model"] != model_name:
@@ -544,6 +550,20 @@ def evaluate_checkpoint(
         load_checkpoint(model, checkpoint)
     except CheckpointError as err:
         raise CheckpointError(f"{err} ({data_spec!r} has {data.num_classes} classes)") from err
-    model.to(device)
     check_model_fits(model, data, model_name)
-    return evaluate(model, data.val, data.multilabel, batch_size, device)
+    return model, data
+
+
+def evaluate_checkpoint(
+    model_name: str,
+    checkpoint: str | Path,
+    data_spec: str,
+    img_size: int | None = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Validation loss and accuracy of `model_name` with weights from `checkpoint` on `data_spec`
+    (loaded by `load_model_for_data`)."""
+    model, data = load_model_for_data(model_name, checkpoint, data_spec, img_size, strict)
+    return evaluate(model.to(device), data.val, data.multilabel, batch_size, device)

@@ -123,9 +123,9 @@ class MobileNetV2(nn.Module):
       (Appendix F.1.2);
     - `stem_channels` (default 32 x width_mult), `last_channel`: 8 and 320 give the Visual Wake Words
       network. A given stem width, like the downsample width, is not scaled by width_mult (as the reference).
-    """
 
-    total_stride = 32
+    `stem_stride=1` keeps the stem at full resolution (total stride 16), for 32x32-sized inputs.
+    """
 
     def __init__(
         self,
@@ -140,24 +140,29 @@ class MobileNetV2(nn.Module):
         patch_size: int = 6,
         last_pool: str = "avg",
         cell: str = "fastgrnn",
+        stem_stride: int = 2,
     ) -> None:
         super().__init__()
         check_width(width_mult)
         if last_pool not in ("avg", "rnnpool"):
             raise ValueError(f"last_pool must be 'avg' or 'rnnpool', got {last_pool!r}")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         self.in_chans = in_chans
+        self.total_stride = 16 * stem_stride
         stem_chs = stem_channels or _make_divisible(32 * width_mult, 8)
         features: list[nn.Module] = [
-            Conv2dNormActivation(in_chans, stem_chs, stride=2, activation_layer=nn.ReLU6)
+            Conv2dNormActivation(in_chans, stem_chs, stride=stem_stride, activation_layer=nn.ReLU6)
         ]
         self.feature_info = []
-        channels, reduction, stages = stem_chs, 2, MOBILENETV2_STAGES
+        channels, reduction, stages = stem_chs, stem_stride, MOBILENETV2_STAGES
         if downsample is not None:
             features.append(
                 create_downsample(downsample, stem_chs, hidden_size, patch_size, stride=4, cell=cell)
             )
             self.feature_info.append(feature_level(0, stem_chs, reduction))
-            channels, reduction, stages = 4 * hidden_size, 8, stages[MOBILENETV2_REPLACED_BY_DOWNSAMPLE:]
+            channels, reduction = 4 * hidden_size, 4 * reduction
+            stages = stages[MOBILENETV2_REPLACED_BY_DOWNSAMPLE:]
         for t, c, n, s in stages:
             if s > 1:
                 self.feature_info.append(feature_level(len(features) - 1, channels, reduction))
@@ -249,6 +254,7 @@ register_model(
     kwargs=dict(_VWW, downsample="rnnpool", hidden_size=8),
     paper=dict(source="RNNPool Table 2 (VWW)", top1=89.57, params_k=255, madds_m=37.7),
 )
+register_model("mobilenetv2_100_lowres", mobilenetv2, kwargs=dict(stem_stride=1), input_size=(3, 32, 32))
 # Published ImageNet top-1 (MobileNetV2 paper); x1.0 and x1.4 params/FLOPs as ReXNet Table 4 prints them.
 for _w, _paper in {
     0.35: dict(top1=60.3),

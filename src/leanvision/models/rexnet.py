@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from leanvision.layers import ClassifierHead, ConvNormAct, LinearBottleneck
+from leanvision.layers.downsample import create_downsample
 from leanvision.models.base import Classifier, check_width, feature_level
 from leanvision.registry import register_model
 
@@ -18,6 +19,8 @@ BLOCKS_PER_STAGE = (1, 2, 2, 3, 3, 5)
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2)
 SE_STAGES = (False, False, True, True, True, True)
 SE_REDUCTION = 12
+# A 4x downsampling layer (as RNNPool's MobileNetV2, Table 10) replaces the stages at 1/2 and 1/4 resolution.
+REXNET_REPLACED_BY_DOWNSAMPLE = 3
 
 
 def make_divisible(value: float, divisor: int) -> int:
@@ -52,6 +55,12 @@ class ReXNet(Classifier):
 
     Head width is int(1280 * w) for v1; for lite it is 1280 unless w > 1, and the head gains a
     1x1 conv to 1024 + BN + ReLU6 before the classifier.
+
+    Small-input and RNNPool options (off by default, giving the paper's network):
+    - `stem_stride=1` keeps the stem at full resolution (total stride 16), for 32x32-sized inputs;
+    - `downsample`: one of leanvision.layers.downsample.DOWNSAMPLE_KINDS replaces the first three stages
+      (the five blocks at 1/2 and 1/4 resolution) by one 4x downsampling to 4 * hidden_size channels
+      (`features.0`), as RNNPool does for MobileNetV2.
     """
 
     def __init__(
@@ -61,23 +70,36 @@ class ReXNet(Classifier):
         num_classes: int = 1000,
         in_chans: int = 3,
         drop_rate: float = 0.2,
+        stem_stride: int = 2,
+        downsample: str | None = None,
+        hidden_size: int = 16,
+        patch_size: int = 6,
+        cell: str = "fastgrnn",
     ) -> None:
         super().__init__()
         check_width(width_mult)
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         self.in_chans = in_chans
-        self.total_stride = 32
+        self.total_stride = 16 * stem_stride
         act = nn.ReLU6 if lite else nn.SiLU
         stem_chs, out_chs = rexnet_channels(width_mult, lite)
-        self.stem = ConvNormAct(in_chans, stem_chs, 3, stride=2, act_layer=act)
+        self.stem = ConvNormAct(in_chans, stem_chs, 3, stride=stem_stride, act_layer=act)
 
         strides = [s if i == 0 else 1 for s, n in zip(STAGE_STRIDES, BLOCKS_PER_STAGE) for i in range(n)]
         use_se = [se for se, n in zip(SE_STAGES, BLOCKS_PER_STAGE) for _ in range(n)]
         blocks: list[nn.Module] = []
         self.feature_info = []
-        in_chs, reduction = stem_chs, 2
-        for i, (chs, stride) in enumerate(zip(out_chs, strides)):
+        in_chs, reduction, first = stem_chs, stem_stride, 0
+        if downsample is not None:
+            blocks.append(create_downsample(downsample, stem_chs, hidden_size, patch_size, 4, act, cell))
+            self.feature_info.append(feature_level(-1, stem_chs, reduction))
+            first = sum(BLOCKS_PER_STAGE[:REXNET_REPLACED_BY_DOWNSAMPLE])
+            in_chs, reduction = 4 * hidden_size, 4 * reduction
+        for i in range(first, len(out_chs)):
+            chs, stride = out_chs[i], strides[i]
             if stride > 1:
-                self.feature_info.append(feature_level(i - 1, in_chs, reduction))
+                self.feature_info.append(feature_level(len(blocks) - 1, in_chs, reduction))
                 reduction *= stride
             expansion = 1 if i == 0 else 6
             se_chs = in_chs * expansion // SE_REDUCTION if use_se[i] and not lite else 0
@@ -134,3 +156,12 @@ for _prefix, _builder, _table in (
             kwargs=dict(width_mult=_w),
             paper=dict(top1=_top1, params_m=_params, flops_b=_flops),
         )
+# Low-resolution variants (28-64 px inputs such as Fashion-MNIST or CIFAR): the stem keeps full resolution,
+# and the RNNPool variant replaces the three high-resolution stages by one RNNPool (~1/10 the peak RAM).
+register_model("rexnet_100_lowres", rexnet, kwargs=dict(stem_stride=1), input_size=(3, 32, 32))
+register_model(
+    "rexnet_100_lowres_rnnpool",
+    rexnet,
+    kwargs=dict(stem_stride=1, downsample="rnnpool"),
+    input_size=(3, 32, 32),
+)
