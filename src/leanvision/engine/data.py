@@ -11,7 +11,10 @@
 
 Synthetic specs take options after commas: `synthetic:shapes,train=4000,val=1000,seed=1` (defaults 10000,
 2000, 0). Their image size is `img_size` (default 32 for the lines sets, 64 for shapes, as in Table 7).
-Meta-Album takes `seed` and `per_class` (default 20, the Micro protocol): `metaalbum:DIR,seed=2`.
+Meta-Album takes `seed`, `per_class` (default 20, the Micro protocol) and `holdout` (default 0):
+`metaalbum:DIR,seed=2`. `holdout=V` validates on V images per class held out of the training part (the
+test part is then not used): for model selection without touching the test images. A set folder (whose
+subfolders are Meta-Album datasets) is not one dataset: `metaalbum_datasets` lists its datasets' specs.
 """
 
 from __future__ import annotations
@@ -196,7 +199,7 @@ def _find(root: Path, name: str) -> Path:
 def fashion_mnist_splits(spec: str, root: str, img_size: int | None) -> DataSplits:
     base = Path(root or FASHION_MNIST_DIR)
     splits = []
-    for prefix in ("train", "t10k"):
+    for prefix, augment in (("train", True), ("t10k", False)):
         images = read_idx(_find(base, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_find(base, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.shape != images.shape[:1] or labels.max(initial=0) >= 10:
@@ -204,7 +207,8 @@ def fashion_mnist_splits(spec: str, root: str, img_size: int | None) -> DataSpli
                 f"fashion-mnist {prefix}: images {images.shape} and labels {labels.shape} do not match"
             )
         tensor = _resize(torch.from_numpy(images.copy())[:, None], img_size or images.shape[-1])
-        splits.append(TensorImages(tensor, torch.from_numpy(labels.astype(np.int64)), (0.2860,), (0.3530,)))
+        targets = torch.from_numpy(labels.astype(np.int64))
+        splits.append(TensorImages(tensor, targets, (0.2860,), (0.3530,), augment))
     return DataSplits(spec, *splits, 10, 1, splits[0].images.shape[-1], False, FASHION_MNIST_CLASSES)
 
 
@@ -364,24 +368,8 @@ def folder_splits(
     return DataSplits(spec, *splits, len(classes), 3, size, False, names)
 
 
-def metaalbum_splits(spec: str, arg: str, img_size: int | None, strict: bool) -> DataSplits:
-    """One Meta-Album dataset: DIR/images/, DIR/labels.csv (FILE_NAME, CATEGORY, ...), DIR/info.json.
-
-    Per class, a seeded permutation of its files (sorted by name) gives `per_class` training images and
-    the next `per_class` validation images: the same split for the same seed, on any machine.
-    """
-    root_text, _, options = arg.partition(",")
-    opts = _parse_options(spec, options, {"seed": 0, "per_class": METAALBUM_PER_CLASS})
-    root, per_class = Path(root_text), opts["per_class"]
-    labels = root / "labels.csv"
-    if not labels.is_file():
-        inside = (
-            sorted(p.name for p in root.iterdir() if (p / "labels.csv").is_file()) if root.is_dir() else []
-        )
-        hint = f"; {root} holds a set of datasets, pass one: metaalbum:{root / inside[0]}" if inside else ""
-        raise FileNotFoundError(
-            f"{spec}: {labels} not found (expected DIR/images/, DIR/labels.csv, DIR/info.json){hint}"
-        )
+def _read_metaalbum_labels(labels: Path) -> list[tuple[str, str]]:
+    """(file name, category) of every row of a Meta-Album labels.csv; a malformed file names its fault."""
     with labels.open(newline="") as f:
         reader = csv.DictReader(f)
         missing = {"FILE_NAME", "CATEGORY"} - set(reader.fieldnames or ())
@@ -390,10 +378,75 @@ def metaalbum_splits(spec: str, arg: str, img_size: int | None, strict: bool) ->
                 f"{labels}: missing column(s) {sorted(missing)}; expected FILE_NAME and CATEGORY, "
                 f"got {reader.fieldnames}"
             )
-        rows = [(row["FILE_NAME"], row["CATEGORY"]) for row in reader]
+        rows = []
+        for row in reader:
+            file, category = row["FILE_NAME"], row["CATEGORY"]
+            if not file or not category:  # None when the row is short, "" when a cell is empty
+                raise ValueError(
+                    f"{labels}, line {reader.line_num}: empty FILE_NAME or CATEGORY in {row}; every row "
+                    "needs both"
+                )
+            rows.append((file, category))
+    if not rows:
+        raise ValueError(f"{labels} has a header but no rows (expected one row per image)")
+    return rows
+
+
+def _dataset_folders(root: Path) -> list[Path]:
+    """The subfolders of `root` that hold a labels.csv (the datasets of a Meta-Album set), sorted."""
+    return sorted(p for p in root.iterdir() if (p / "labels.csv").is_file()) if root.is_dir() else []
+
+
+def metaalbum_datasets(spec: str) -> list[str]:
+    """The specs of the Meta-Album datasets `spec` names: itself for a dataset folder, one per dataset
+    (sorted by folder name, same options) for a set folder, whose subfolders hold labels.csv."""
+    kind, _, arg = spec.partition(":")
+    if kind != "metaalbum" or not arg:
+        raise ValueError(f"expected a Meta-Album spec metaalbum:DIR[,options], got {spec!r}")
+    root_text, comma, options = arg.partition(",")
+    root = Path(root_text)
+    if (root / "labels.csv").is_file():
+        return [spec]
+    datasets = _dataset_folders(root)
+    if not datasets:
+        raise FileNotFoundError(
+            f"{spec}: no Meta-Album dataset in {root} (expected DIR/labels.csv for a dataset, or "
+            "DIR/<DATASET>/labels.csv for a set)"
+        )
+    return [f"metaalbum:{path}{comma}{options}" for path in datasets]
+
+
+def metaalbum_splits(spec: str, arg: str, img_size: int | None, strict: bool) -> DataSplits:
+    """One Meta-Album dataset: DIR/images/, DIR/labels.csv (FILE_NAME, CATEGORY, ...), DIR/info.json.
+
+    Per class, a seeded permutation of its files (sorted by name) gives `per_class` training images and
+    the next `per_class` test images (the validation split): the same split for the same seed, on any
+    machine. With `holdout` V > 0, the last V of the training images are the validation split instead.
+    """
+    root_text, _, options = arg.partition(",")
+    opts = _parse_options(spec, options, {"seed": 0, "per_class": METAALBUM_PER_CLASS, "holdout": 0})
+    root, per_class, holdout = Path(root_text), opts["per_class"], opts["holdout"]
+    if per_class < 1 or not 0 <= holdout < per_class:
+        raise ValueError(
+            f"{spec}: need per_class >= 1 and 0 <= holdout < per_class, got {per_class}, {holdout}"
+        )
+    labels = root / "labels.csv"
+    if not labels.is_file():
+        inside = _dataset_folders(root)
+        hint = (
+            f"; {root} holds a set of datasets, pass one: metaalbum:{inside[0]} (`leanvision rrr run` "
+            "takes a whole set)"
+            if inside
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{spec}: {labels} not found (expected DIR/images/, DIR/labels.csv, DIR/info.json){hint}"
+        )
+    rows = _read_metaalbum_labels(labels)
     classes = sorted({category for _, category in rows})
     rng = np.random.default_rng(opts["seed"])
     splits: tuple[list, list] = ([], [])
+    cut, stop = (per_class - holdout, per_class) if holdout else (per_class, 2 * per_class)
     for index, name in enumerate(classes):
         files = sorted(file for file, category in rows if category == name)
         if len(files) < 2 * per_class:
@@ -402,7 +455,7 @@ def metaalbum_splits(spec: str, arg: str, img_size: int | None, strict: bool) ->
                 f"{2 * per_class}"
             )
         order = rng.permutation(len(files))
-        for split, chosen in zip(splits, (order[:per_class], order[per_class : 2 * per_class])):
+        for split, chosen in zip(splits, (order[:cut], order[cut:stop])):
             split.extend((root / "images" / files[i], index) for i in chosen)
     size = img_size or 128
     train, val = (

@@ -164,7 +164,7 @@ class RRRNet(nn.Module):
         self.blocks = _check_blocks(backbone, blocks)
         block = RESNETS[backbone][0]
         self.widths = branch_widths(backbone, self.blocks, branches, num_classes)
-        self.stem_frozen = False
+        self.frozen: tuple[str, ...] = ()  # names of the submodules `freeze` fixed
 
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -200,18 +200,28 @@ class RRRNet(nn.Module):
         """Log of the branches' averaged softmax probabilities, [B, classes]."""
         return average_log_probs(self.forward_branches(x))
 
+    @property
+    def stem_frozen(self) -> bool:
+        return set(STEM) <= set(self.frozen)
+
     def freeze_stem(self) -> None:
         """Stop gradients into the stem and keep its BatchNorm layers in eval mode from now on."""
-        for module in self.stem_modules():
+        self.freeze(STEM)
+
+    def freeze(self, names: Iterable[str]) -> None:
+        """Stop gradients into the named submodules (e.g. "layer1", "branches.0.layer4") and keep them in
+        eval mode from now on (a linear probe freezes everything but the classifiers)."""
+        names = tuple(names)
+        modules = [self.get_submodule(name) for name in names]  # an unknown name raises AttributeError
+        for module in modules:
             module.requires_grad_(False)
-        self.stem_frozen = True
+        self.frozen = tuple(dict.fromkeys((*self.frozen, *names)))
         self.train(self.training)
 
     def train(self, mode: bool = True) -> RRRNet:
         super().train(mode)
-        if self.stem_frozen:
-            for module in self.stem_modules():
-                module.eval()
+        for name in self.frozen:
+            self.get_submodule(name).eval()
         return self
 
     @torch.no_grad()
@@ -298,16 +308,81 @@ def _concat_convs(convs: list[nn.Conv2d], shared_input: bool) -> nn.Conv2d:
     return fused
 
 
-def _fuse_blocks(blocks: list[nn.Module], shared_input: bool) -> nn.Module:
+class _PackedWeights(dict):
+    """Input shape -> oneDNN-packed weight. A copy starts empty: packed tensors cannot be copied, and the
+    copy packs its own weights on its first call."""
+
+    def __deepcopy__(self, memo: dict) -> _PackedWeights:
+        return _PackedWeights()
+
+
+class FusedConv(nn.Module):
+    """Inference: a (BN-folded) convolution, then optionally a residual add, then optionally ReLU: one call.
+
+    On CPU it runs as one oneDNN primitive with the add and ReLU as post-ops, on a weight reordered into
+    oneDNN's blocked layout once per input shape: a plain call reorders the weight on every call, which at
+    batch 1 costs as much as the convolution for the large 1x1 kernels of the fused branches. Elsewhere it
+    runs as conv, add, relu. The packed weights are taken on first use: change `conv` only before that.
+    """
+
+    def __init__(self, conv: nn.Conv2d, relu: bool) -> None:
+        super().__init__()
+        self.conv, self.relu = conv, relu
+        self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        self.packed = _PackedWeights()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.conv
+        if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            y = c(x) if residual is None else c(x) + residual
+            return F.relu(y) if self.relu else y
+        weight = self.packed.get(x.shape)
+        if weight is None:
+            weight = torch.ops.mkldnn._reorder_convolution_weight(c.weight, *self.args, list(x.shape))
+            self.packed[x.shape] = weight
+        if residual is None:
+            unary = "relu" if self.relu else "none"
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, c.bias, *self.args, unary, [], "")
+        unary = "relu" if self.relu else None  # the binary form takes None, not "none"
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, weight, c.bias, *self.args, "add", None, unary, [], ""
+        )
+
+
+class FusedBlock(nn.Module):
+    """A BN-folded ResNet block (Basic or Bottleneck): ReLU after every convolution, the last one's after
+    the residual add, each fused into its convolution's call (FusedConv)."""
+
+    def __init__(self, convs: list[nn.Conv2d], downsample: nn.Conv2d | None) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(FusedConv(conv, relu=True) for conv in convs)
+        self.downsample = None if downsample is None else FusedConv(downsample, relu=False)
+
+    @classmethod
+    def of(cls, block: nn.Module) -> FusedBlock:
+        """From a torchvision block whose BatchNorms are folded (fold_batchnorm_)."""
+        convs = [getattr(block, name) for name in ("conv1", "conv2", "conv3") if hasattr(block, name)]
+        return cls(convs, None if block.downsample is None else block.downsample[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        for conv in self.convs[:-1]:
+            x = conv(x)
+        return self.convs[-1](x, identity)
+
+
+def _fuse_blocks(blocks: list[nn.Module], shared_input: bool) -> FusedBlock:
     """The same block at N times the width: branch b's channels are the b-th slice of every map."""
-    fused = copy.deepcopy(blocks[0])
-    for name in ("conv1", "conv2", "conv3"):
-        if hasattr(fused, name):  # conv1 reads the block input; conv2, conv3 the branch's own map
-            convs = [getattr(b, name) for b in blocks]
-            setattr(fused, name, _concat_convs(convs, shared_input and name == "conv1"))
-    if fused.downsample is not None:
-        fused.downsample = _concat_convs([b.downsample[0] for b in blocks], shared_input)
-    return fused
+    names = [name for name in ("conv1", "conv2", "conv3") if hasattr(blocks[0], name)]
+    # conv1 reads the block input; conv2, conv3 the branch's own map
+    convs = [
+        _concat_convs([getattr(b, name) for b in blocks], shared_input and i == 0)
+        for i, name in enumerate(names)
+    ]
+    downsample = None
+    if blocks[0].downsample is not None:
+        downsample = _concat_convs([b.downsample[0] for b in blocks], shared_input)
+    return FusedBlock(convs, downsample)
 
 
 class FusedRRRNet(nn.Module):
@@ -316,15 +391,19 @@ class FusedRRRNet(nn.Module):
     The first convolutions after the stem (layer3[0]'s conv1 and projection) are one wide convolution each,
     reading the stem map once for all branches; every later convolution is grouped with one group per
     branch, and the classifiers are one grouped 1x1 convolution. Being inference-only, it also folds every
-    BatchNorm (stem included) into its convolution and stores the weights channels_last, which oneDNN runs
-    faster on CPU (benchmarks/rrr_speed.py separates the gains).
+    BatchNorm (stem included) into its convolution, runs every convolution with its ReLU and residual add
+    as one oneDNN call on weights packed once (FusedConv), and keeps activations channels_last
+    (benchmarks/rrr_speed.py measures the gains).
     """
 
     def __init__(self, model: RRRNet) -> None:
         super().__init__()
         model = copy.deepcopy(model).eval()
         fold_batchnorm_(model)
-        self.stem = nn.Sequential(*model.stem_modules())
+        stem_blocks = [*model.layer1, *model.layer2]
+        self.stem = nn.Sequential(
+            FusedConv(model.conv1, relu=True), model.maxpool, *map(FusedBlock.of, stem_blocks)
+        )
         self.num_branches = len(model.branches)
         stages = []
         for stage in ("layer3", "layer4"):
@@ -341,11 +420,12 @@ class FusedRRRNet(nn.Module):
         )  # fmt: skip
         self.fc.weight.data.copy_(torch.cat([fc.weight for fc in fcs])[:, :, None, None])
         self.fc.bias.data.copy_(torch.cat([fc.bias for fc in fcs]))
-        self.eval().to(memory_format=torch.channels_last)
+        self.requires_grad_(False).eval().to(memory_format=torch.channels_last)
 
     def forward_branches(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch -> per-branch logits [B, N, classes]."""
-        x = F.adaptive_avg_pool2d(self.top(self.stem(x)), 1)
+        x = self.top(self.stem(x.contiguous(memory_format=torch.channels_last)))
+        x = F.adaptive_avg_pool2d(x, 1)
         return self.fc(x).flatten(1).unflatten(1, (self.num_branches, -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

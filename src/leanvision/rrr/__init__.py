@@ -1,5 +1,18 @@
-"""RRR-Net procedures: reducing a pretrained ResNet and training an RRR-Net's branches."""
+"""RRR-Net procedures: reducing a pretrained ResNet, selecting its blocks, training its branches, and the
+paper's four-method comparison."""
 
+from leanvision.rrr.run import METHODS, RunConfig, run_methods
+from leanvision.rrr.select import SelectConfig, block_sequence, select_blocks
 from leanvision.rrr.train import BranchTrainer, fit_rrr, reduce_checkpoint
 
-__all__ = ["BranchTrainer", "fit_rrr", "reduce_checkpoint"]
+__all__ = [
+    "METHODS",
+    "BranchTrainer",
+    "RunConfig",
+    "SelectConfig",
+    "block_sequence",
+    "fit_rrr",
+    "reduce_checkpoint",
+    "run_methods",
+    "select_blocks",
+]

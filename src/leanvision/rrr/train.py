@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from leanvision.checkpoints import save_checkpoint
 from leanvision.engine.data import DataSplits
-from leanvision.engine.train import evaluate, seed_everything
+from leanvision.engine.train import TrainConfig, evaluate, seed_everything, train
 from leanvision.models.rrrnet import RRRNet
 
 
@@ -106,3 +106,37 @@ def fit_rrr(
             {"epoch": epoch + 1, "train_loss": mean_loss, "val_loss": val["loss"], "val_acc": val["acc"]}
         )
     return RRRResult(history, evaluate(model, data.val, batch_size=256, device=device), model)
+
+
+def finetune(
+    model: RRRNet,
+    data: DataSplits,
+    out: Path,
+    epochs: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    wd: float = 0.01,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train the model's trainable parameters with AdamW at a constant lr (the paper's recipe) through
+    `leanvision.engine.train`, writing to `out`; an interrupted run in `out` is resumed. Returns the final
+    validation metrics; an interruption (Ctrl-C) raises KeyboardInterrupt."""
+    config = TrainConfig(
+        model=f"rrrnet_{model.backbone}",
+        data=data.spec,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        opt="adamw",
+        wd=wd,
+        sched="none",
+        img_size=data.image_size,
+        seed=seed,
+        out=str(out),
+        resume=(out / "last.pt").is_file(),
+        progress=False,
+    )
+    result = train(config, model, data)
+    if result.status != "completed":
+        raise KeyboardInterrupt  # `out` keeps the last epoch; the same call resumes it
+    return result.val

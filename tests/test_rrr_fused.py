@@ -1,0 +1,46 @@
+"""FusedConv / FusedRRRNet: the oneDNN path (packed weights, fused add and ReLU) equals the plain one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import randomize_
+from leanvision.deploy import fuse_for_inference
+from leanvision.models.rrrnet import FusedConv, FusedRRRNet, RRRNet
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU)")
+
+
+@pytest.mark.parametrize("groups, stride, relu", [(1, 1, True), (4, 2, False), (2, 1, False)])
+def test_fused_conv_equals_conv_add_relu(groups, stride, relu, monkeypatch):
+    conv = nn.Conv2d(8, 12, 3, stride, padding=1, groups=groups).requires_grad_(False)
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 12, 10 // stride, 10 // stride).contiguous(memory_format=torch.channels_last)
+    fused = FusedConv(conv, relu)
+    for extra in (None, residual):
+        y = conv(x) if extra is None else conv(x) + extra
+        expected = F.relu(y) if relu else y
+        torch.testing.assert_close(fused(x, extra), expected, rtol=0, atol=1e-5)
+        assert (fused(x, extra) < 0).any() != relu  # the ReLU is there exactly when asked for
+    assert list(fused.packed) == [x.shape]  # packed once for this input shape
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # the plain path
+    torch.testing.assert_close(fused(x, residual), F.relu(conv(x) + residual) if relu else conv(x) + residual)
+
+
+def test_fused_rrrnet_copies_and_other_batch_sizes():
+    model = randomize_(RRRNet("resnet18", (1, 1, 1, 1), branches=3, num_classes=5), seed=3)
+    fused = FusedRRRNet(model)
+    with torch.no_grad():
+        for batch in (1, 4):  # one packed weight per input shape
+            x = torch.randn(batch, 3, 48, 48, generator=torch.Generator().manual_seed(batch))
+            torch.testing.assert_close(fused(x), model(x), rtol=0, atol=1e-5)
+        copied = copy.deepcopy(fused)  # packed weights are not copied: the copy packs its own
+        assert not copied.top[0].convs[0].packed and fused.top[0].convs[0].packed
+        torch.testing.assert_close(copied(x), fused(x), rtol=0, atol=0)
+        torch.testing.assert_close(fuse_for_inference(fused)(x), fused(x), rtol=0, atol=1e-6)
+    assert not any(p.requires_grad for p in fused.parameters())
