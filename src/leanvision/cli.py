@@ -189,6 +189,40 @@ def compare(
     )
 
 
+@app.command()
+def demo(
+    data: Annotated[str, typer.Option(help="Dataset spec (default: generated, no download).")] = (
+        "synthetic:lines,train=4000,val=1000"
+    ),
+    models: Annotated[str, typer.Option(help="Comma-separated registered model names.")] = (
+        "mobilenetv2_100_lowres,rexnet_100_lowres,rexnet_100_lowres_rnnpool"
+    ),
+    epochs: Annotated[int, typer.Option(help="Epochs per model.")] = 3,
+    img_size: Annotated[int, typer.Option(help="Square image size the data is resized to.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of data order and initialisation.")] = 0,
+    out: Annotated[str, typer.Option(help="Empty report folder.")] = "runs/demo",
+) -> None:
+    """The main job: train a MobileNetV2, a ReXNet and an RNNPool net on the same data and compare costs."""
+    from leanvision.demo import DemoConfig, run_demo
+
+    config = DemoConfig(data, tuple(models.split(",")), epochs, img_size, seed=seed, out=out)
+    console.print(config.plan())
+    rows = _run(lambda: run_demo(config, log=console.print))
+    table = Table(
+        "model", "test acc", "params", "MACs", "peak RAM", "ms (b=1)", title=f"{data} at {img_size} px"
+    )
+    for r in rows:
+        table.add_row(
+            r["model"], f"{r['acc']:.2f}%", _millions(r["params"]), f"{r['macs'] / 1e6:.1f}M",
+            f"{r['peak_ram_bytes'] / 1024:.1f} KiB", f"{r['latency_ms']:.2f}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        "peak RAM: activations of one batch-1 fp32 inference under the layer convention (RNNPool Appendix "
+        f"E.2); ms: median batch-1 CPU latency, models timed in interleaved rounds. Report: {out}/"
+    )
+
+
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on corrupt images instead of skipping them.")]
 
 
@@ -213,6 +247,9 @@ def train(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
+    channels_last: Annotated[
+        bool, typer.Option("--channels-last", help="NHWC memory format (faster convolutions on CPU).")
+    ] = False,
     strict: StrictOpt = False,
 ) -> None:
     """Train a model; writes last.pt, metrics.csv, summary.json and curves.png to --out.
@@ -226,7 +263,7 @@ def train(
         model=model, data=data, epochs=epochs, batch_size=batch_size, lr=lr, opt=opt, momentum=momentum,
         nesterov=nesterov, wd=wd, sched=sched, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
         img_size=img_size, seed=seed, out=out or f"runs/{model}", resume=resume, workers=workers,
-        device=device, amp=amp, strict=strict,
+        device=device, amp=amp, channels_last=channels_last, strict=strict,
     )  # fmt: skip
     try:
         result = _run(lambda: run_training(config))
@@ -330,23 +367,30 @@ def memory(
 
 @app.command()
 def repro(
-    name: Annotated[str, typer.Argument(help="rnnpool-probe or pooling-one-go.")],
+    name: Annotated[str, typer.Argument(help="rnnpool-probe, pooling-one-go or rexnet-factors.")],
     out: Annotated[str | None, typer.Option(help="Empty output folder (default runs/repro-NAME).")] = None,
     epochs: Annotated[
-        int | None, typer.Option(help="Epochs per model (default 20 probe, 10 one-go).")
+        int | None, typer.Option(help="Epochs per model (default 20 probe, 10 one-go, 3 factors).")
     ] = None,
     lr: Annotated[
-        float | None, typer.Option(help="AdamW learning rate (default 0.01 probe, 0.002 one-go).")
+        float | None,
+        typer.Option(help="AdamW learning rate (default 0.01 probe, 0.002 one-go, 0.005 factors)."),
     ] = None,
     train_size: Annotated[int, typer.Option(help="rnnpool-probe: generated training images.")] = 4000,
     val_size: Annotated[int, typer.Option(help="rnnpool-probe: generated test images.")] = 1000,
     max_hidden: Annotated[int, typer.Option(help="rnnpool-probe: largest h1, h2 tried.")] = 32,
     data: Annotated[
-        list[str] | None, typer.Option(help="pooling-one-go: dataset specs (default fashion-mnist).")
+        list[str] | None,
+        typer.Option(help="pooling-one-go: dataset specs; rexnet-factors: one (default fashion-mnist)."),
     ] = None,
 ) -> None:
-    """Run one of the RNNPool paper's CPU-sized experiments and print ours beside the paper's numbers."""
+    """Run a CPU-sized experiment of the RNNPool or ReXNet paper and print ours beside the paper's numbers.
+
+    rexnet-factors: ReXNet Table 2, four two-bottleneck networks with matched MACs trained on 5000 images
+    at 16x16 (see leanvision.engine.rexnet_factors); test accuracy and nuclear norm of the final feature.
+    """
     from leanvision.engine import repro as experiments
+    from leanvision.engine.rexnet_factors import rexnet_factors
 
     out = out or f"runs/repro-{name}"
     kwargs = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
@@ -368,8 +412,24 @@ def repro(
         table = Table("data", "pooling", "test acc", "paper (CIFAR-10)", title="Appendix C.2")
         for r in rows:
             table.add_row(r["data"], r["pooling"], f"{r['acc']:.2f}%", f"{r['paper']}%" if r["paper"] else "")
+    elif name == "rexnet-factors":
+        if data is not None and len(data) != 1:
+            _fail(f"rexnet-factors takes one --data spec, got {len(data)}")
+        rows = _run(lambda: rexnet_factors(out, *(data or []), **kwargs))
+        caption = "; ".join(f"{r['network']}: {r['change']}" for r in rows[1:])
+        table = Table(
+            "network", "channels", "MACs", "acc", "nuc. norm", "s/max s", "paper FLOPs", "paper acc",
+            "paper nuc.", title="ReXNet Table 2 (paper: CIFAR-100, mean of 3)", caption=caption,
+        )  # fmt: skip
+        for r in rows:
+            paper = r["paper"]
+            table.add_row(
+                r["network"], "-".join(map(str, r["channels"])), f"{r['macs'] / 1e6:.1f}M",
+                f"{r['acc']:.2f}%", f"{r['nuclear_norm']:.1f}", f"{r['normalized_nuclear_norm']:.2f}",
+                f"{paper['flops_m']}M", f"{paper['top1']}%", f"{paper['nuclear_norm']}",
+            )  # fmt: skip
     else:
-        _fail(f"unknown experiment {name!r}; expected rnnpool-probe or pooling-one-go")
+        _fail(f"unknown experiment {name!r}; expected rnnpool-probe, pooling-one-go or rexnet-factors")
     console.print(table)
     console.print(f"results in {out}")
 
@@ -410,6 +470,103 @@ def rrr_reduce(
     )
 
 
+@rrr_app.command("select")
+def rrr_select(
+    weights: Annotated[str, typer.Option(help="Full torchvision/timm ResNet state_dict file.")],
+    data: Annotated[str, typer.Option(help="One Meta-Album dataset: metaalbum:DIR[,seed=S,per_class=P].")],
+    out: Annotated[str, typer.Option(help="Folder of the state file select.json, step runs and plot.")] = (
+        "runs/rrr-select"
+    ),
+    backbone: Annotated[str, typer.Option(help="resnet18, resnet34, resnet50, resnet101 or resnet152.")] = (
+        "resnet152"
+    ),
+    epochs: Annotated[int, typer.Option(help="Epoch budget of every step.")] = 10,
+    holdout: Annotated[int, typer.Option(help="Validation images per class, from the training part.")] = 5,
+    img_size: Annotated[int, typer.Option(help="Square image size.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
+    patience: Annotated[int | None, typer.Option(help="Stop after N steps without a better score.")] = None,
+    target: Annotated[float | None, typer.Option(help="Stop once val accuracy (%) reaches this.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many configurations.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Forward block selection: train 1111, 2111, ... (one block more per step, each warm-started from the
+    last), score each on held-out training images, stop by patience or target; re-running continues."""
+    from leanvision.rrr import SelectConfig, select_blocks
+
+    config = SelectConfig(
+        weights, data, backbone, out, epochs, holdout, img_size, batch_size, seed=seed, patience=patience,
+        target=target, max_steps=max_steps,
+    )  # fmt: skip
+
+    def show(step: dict) -> None:
+        console.print(f"blocks {step['blocks']}: {step['params']:,} params, val acc {step['val_acc']:.2f}%")
+
+    state = _run(lambda: select_blocks(config, on_step=None if as_json else show))
+    if as_json:
+        print(json.dumps(state))
+        return
+    table = Table("step", "blocks", "params", "val acc", title=f"forward block selection, {backbone}")
+    for i, step in enumerate(state["steps"]):
+        mark = " (best)" if i == state["best"] else ""
+        blocks_text = " ".join(map(str, step["blocks"]))
+        table.add_row(str(i + 1), blocks_text + mark, f"{step['params']:,}", f"{step['val_acc']:.2f}%")
+    console.print(table)
+    console.print(f"stopped: {state['stopped']}; state in {out}/select.json, plot {out}/select.png")
+
+
+@rrr_app.command("run")
+def rrr_run(
+    weights: Annotated[str, typer.Option(help="Full torchvision/timm ResNet state_dict file.")],
+    data: Annotated[str, typer.Option(help="metaalbum:DIR (a dataset) or metaalbum:SETDIR (every dataset).")],
+    backbone: Annotated[str, typer.Option(help="resnet152 (the paper's); smaller ones for quick runs.")] = (
+        "resnet152"
+    ),
+    methods: Annotated[
+        str | None, typer.Option(help="Comma-separated: linear_probe, fine_tune, resnet1111, rrrnet (all).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs of every method.")] = 300,
+    img_size: Annotated[int, typer.Option(help="Square image size.")] = 128,
+    branches: Annotated[int, typer.Option(help="Branches of RRR-Net.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    warm_epochs: Annotated[int, typer.Option(help="Stem BN warm-up epochs (ResNet 1111, RRR-Net).")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
+    out: Annotated[str, typer.Option(help="Folder of results.json, runs and plot.")] = "runs/rrr-run",
+    threads: Annotated[int, typer.Option(help="CPU threads of the latency measurement.")] = 1,
+    latency_seconds: Annotated[float, typer.Option(help="Minimum timed seconds per latency.")] = 2.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """The paper's comparison: linear probe, full fine-tuning, ResNet 1111 and RRR-Net on every dataset;
+    accuracy per dataset and mean, params, MACs and batch-1 CPU latency. Re-running continues."""
+    from leanvision.rrr import METHODS, RunConfig, run_methods
+
+    config = RunConfig(
+        data, weights, backbone, tuple(methods.split(",")) if methods else METHODS, epochs, img_size,
+        branches, batch_size, warm_epochs=warm_epochs, seed=seed, out=out, threads=threads,
+        latency_seconds=latency_seconds,
+    )  # fmt: skip
+
+    def show(entry: dict) -> None:
+        console.print(f"{entry['dataset']} {entry['method']}: test acc {entry['acc']:.2f}%")
+
+    report = _run(lambda: run_methods(config, on_result=None if as_json else show))
+    if as_json:
+        print(json.dumps(report))
+        return
+    summary = report["methods"]
+    title = f"{backbone}, {img_size}px: test accuracy; CPU latency at batch 1, {threads} thread(s)"
+    table = Table("dataset", *(entry["label"] for entry in summary.values()), title=title)
+    for name in dict.fromkeys(r["dataset"] for r in report["results"]):
+        accs = {r["method"]: r["acc"] for r in report["results"] if r["dataset"] == name}
+        table.add_row(name, *(f"{accs[m]:.2f}%" for m in summary))
+    table.add_row("mean", *(f"{e['mean_acc']:.2f}%" for e in summary.values()))
+    table.add_row("params", *(_millions(e["params"]) for e in summary.values()))
+    table.add_row("MACs", *(f"{e['macs'] / 1e9:.3f}G" for e in summary.values()))
+    table.add_row("latency", *(f"{e['latency_ms']:.2f} ms" for e in summary.values()))
+    console.print(table)
+    console.print(f"results in {out}/results.json, plot {out}/accuracy_vs_macs.png")
+
+
 def _ratios(text: str) -> list[float]:
     try:
         start, stop, step = (float(v) for v in text.split(":"))
@@ -434,19 +591,35 @@ def rank_study_command(
     ),
     batch: Annotated[int, typer.Option(help="Inputs N per network (must exceed d_out <= 64).")] = 128,
     rtol: Annotated[
-        float | None, typer.Option(help="Rank tolerance relative to the largest singular value.")
+        float,
+        typer.Option(help="Rank = singular values above rtol x the largest (torch's default: eps x N)."),
+    ] = 0.01,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="Instead: rank = fewest singular values holding this share of sum s^2."),
     ] = None,
+    bottleneck_act: Annotated[
+        str,
+        typer.Option(help="Bottleneck nonlinearity: 'expansion' (once, after the 1x1 expansion) or 'both'."),
+    ] = "expansion",
     seed: Annotated[int, typer.Option(help="Seed of sizes, weights and inputs.")] = 0,
     plot: Annotated[str | None, typer.Option(help="Save a Figure 1 style PNG to this file.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """ReXNet Section 3.2: mean rank ratio rank/d_out of random single-block networks vs d_in/d_out."""
+    """ReXNet Section 3.2: mean rank ratio rank/d_out of random single-block networks vs d_in/d_out.
+
+    Inputs are N vectors (1x1 maps) after BN; every conv is followed by BN; an inverted bottleneck has one
+    nonlinearity, after its expansion. The paper states no rank rule and f(WX) is full rank in exact
+    arithmetic, so the curves depend on it: the default counts singular values above 1% of the largest.
+    See leanvision.analysis.rank for the measured choices.
+    """
     from leanvision.analysis.rank import plot_rank_study, rank_study
 
     study = _run(
         lambda: rank_study(
             blocks=blocks.split(","), activations=activations.split(","), networks=networks,
-            ratios=_ratios(ratios), batch=batch, seed=seed, rtol=rtol,
+            ratios=_ratios(ratios), batch=batch, seed=seed, rtol=rtol, energy=energy,
+            bottleneck_act=bottleneck_act,
         )
     )  # fmt: skip
     if plot:
@@ -459,8 +632,54 @@ def rank_study_command(
         for i, ratio in enumerate(study.ratios):
             table.add_row(f"{ratio:g}", *(f"{values[i]:.3f}" for values in curves.values()))
         console.print(table)
-    tolerance = "torch default, eps * max(d_out, N)" if rtol is None else f"{rtol:g}"
-    console.print(f"N={batch}, d_out in [16, 64], float32 SVD, rtol {tolerance}; seed {seed}")
+    rule = f"rank keeps {energy:g} of sum s^2" if energy is not None else f"rank rtol {rtol:g}"
+    console.print(
+        f"N={batch}, d_out in [16, 64], float32 SVD, {rule}, bottleneck f after {bottleneck_act}; seed {seed}"
+    )
+
+
+@app.command("rank")
+def rank_command(
+    model: Annotated[list[str], typer.Option(help="Registered model name; repeat for several models.")],
+    checkpoint: Annotated[list[str], typer.Option(help="Weights file for each --model, in the same order.")],
+    data: Annotated[str, typer.Option(help="Dataset spec, e.g. fashion-mnist, cifar100:DIR.")],
+    split: Annotated[str, typer.Option(help="val or train (train includes its augmentation).")] = "val",
+    max_images: Annotated[int | None, typer.Option(help="Use the first this many images.")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Image size (default: the checkpoint's run).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    plot: Annotated[str | None, typer.Option(help="Save the CDF of normalised singular values here.")] = None,
+    strict: StrictOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """ReXNet Section 6, Figure 5: singular values of the penultimate features (the classifier's input).
+
+    Prints the nuclear norm sum(s) (Table 2; grows with the number of images), the normalised nuclear norm
+    sum(s)/max(s) (scale-free, in [1, min(N, D)]) and the rank at rtol 0.01; --plot draws the cumulative
+    distribution of s/max(s) with all models on one plot.
+    """
+    from leanvision.analysis.feature_rank import feature_spectrum, plot_spectra
+
+    if len(model) != len(checkpoint):
+        _fail(f"give one --checkpoint per --model: got {len(model)} models and {len(checkpoint)} checkpoints")
+    options = dict(split=split, max_images=max_images, img_size=img_size, batch_size=batch_size)
+    spectra = [
+        _run(lambda m=m, c=c: feature_spectrum(m, c, data, device=device, strict=strict, **options))
+        for m, c in zip(model, checkpoint)
+    ]
+    if plot:
+        plot_spectra(spectra, plot)
+    if as_json:
+        print(json.dumps([s.to_dict() for s in spectra]))
+        return
+    table = Table("model", "images", "dim", "max s", "nuclear norm", "sum s / max s", "rank")
+    for s in spectra:
+        table.add_row(
+            s.model, str(s.images), str(s.dim), f"{s.singular_values[0]:.4g}", f"{s.nuclear_norm:.1f}",
+            f"{s.normalized_nuclear_norm:.2f}", str(s.rank),
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"penultimate features of {data} ({split}); rank: singular values above 0.01 x the largest")
 
 
 def _run(work):
