@@ -89,6 +89,21 @@ def test_run_is_deterministic_and_resume_is_exact(tmp_path):
     assert summary["val"]["samples"] == 24 and (tmp_path / "part" / "curves.png").stat().st_size > 1000
 
 
+def test_channels_last_trains_the_same_run(tmp_path):
+    models = [tiny(), tiny()]
+    for model in models:  # dropout draws its mask in memory order, so it would differ between the runs
+        model.drop.p = 0.0
+    contiguous = train(config(tmp_path / "a"), model=models[0])
+    nhwc = train(config(tmp_path / "b", channels_last=True), model=models[1])
+    assert nhwc.model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(without_time(contiguous.history), without_time(nhwc.history)):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-4), key
+    state = load_training_checkpoint(tmp_path / "b" / "last.pt")
+    assert state["config"]["channels_last"] is True
+
+
 def test_ctrl_c_keeps_last_epoch_and_resume_continues(tmp_path, capsys):
     full = train(config(tmp_path / "full"), model=tiny())
     # 3 steps per epoch: the 5th training forward is in epoch 2

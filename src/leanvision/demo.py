@@ -33,6 +33,7 @@ class DemoConfig:
     lr: float = 2e-3
     seed: int = 0
     out: str = "runs/demo"
+    latency_seconds: float = 2.0  # timed seconds per model
 
     def plan(self) -> str:
         """One paragraph saying what the demo is about to do."""
@@ -88,7 +89,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> list[dic
         )
         log(f"{name}: {result.val['acc']:.2f}% test accuracy ({rows[-1]['train_s']:.0f} s)")
     log("timing batch-1 CPU latency ...")
-    latency = interleaved_latency_ms(trained, input_size, min_seconds=2.0)
+    latency = interleaved_latency_ms(trained, input_size, min_seconds=config.latency_seconds)
     for row in rows:
         row["latency_ms"] = latency[row["model"]]
     write_report(rows, config, data.spec, input_size, out)

@@ -1,0 +1,82 @@
+"""The main job (`leanvision demo`) and the low-resolution networks it compares."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from leanvision import create_model
+from leanvision.analysis.memory import peak_memory
+from leanvision.cli import app
+from leanvision.demo import DEMO_MODELS
+
+runner = CliRunner()
+
+
+def test_lowres_networks_keep_the_stem_at_full_resolution():
+    rexnet = create_model("rexnet_100_lowres", num_classes=10, in_chans=1)
+    assert rexnet.total_stride == 16
+    assert rexnet.eval().forward_features(torch.randn(1, 1, 32, 32)).shape[-2:] == (2, 2)
+    assert [f["reduction"] for f in rexnet.feature_info] == [1, 2, 4, 8, 16]
+    # only the stride differs from the paper's network: the same weights
+    paper = create_model("rexnet_100", num_classes=10, in_chans=1)
+    assert [p.shape for p in rexnet.parameters()] == [p.shape for p in paper.parameters()]
+    mobilenet = create_model("mobilenetv2_100_lowres", num_classes=10)
+    assert mobilenet.total_stride == 16 and mobilenet(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert sum(p.numel() for p in mobilenet.parameters()) == sum(
+        p.numel() for p in create_model("mobilenetv2_100", num_classes=10).parameters()
+    )
+    with pytest.raises(ValueError, match="stem_stride must be 1 or 2"):
+        create_model("rexnet", stem_stride=4)
+
+
+def test_rexnet_rnnpool_replaces_the_high_resolution_stages():
+    model = create_model("rexnet_100_lowres_rnnpool", num_classes=10, in_chans=1)
+    assert type(model.features[0]).__name__ == "RNNPoolLayer"
+    assert [f["reduction"] for f in model.feature_info] == [1, 4, 8, 16]
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    # the five blocks at 1/1 .. 1/4 resolution are gone: 16 - 5 bottlenecks, then the head conv
+    assert len(model.features) == 1 + 11 + 1
+    base = peak_memory("rexnet_100_lowres", (1, 28, 28), num_classes=10, in_chans=1)
+    small = peak_memory(model, (1, 28, 28))
+    # layer convention: the stem's 32 x 28 x 28 output and the first block's 16 x 28 x 28 output, fp32
+    assert base.peak_bytes == (32 + 16) * 28 * 28 * 4 and base.peak_layer == "features.0"
+    assert small.peak_bytes <= base.peak_bytes / 4
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(
+        app,
+        ["demo", "--data", "synthetic:lines,train=64,val=32", "--epochs", "1", "--img-size", "16",
+         "--out", str(out), "--latency-seconds", "0.05"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stdout
+    assert result.stdout.index("leanvision demo: train 3 networks") < result.stdout.index("training")
+    report = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in report["rows"]] == list(DEMO_MODELS) and report["input_size"] == [1, 16, 16]
+    for row in report["rows"]:
+        model = create_model(row["model"], num_classes=9, in_chans=1)
+        assert row["params"] == sum(p.numel() for p in model.parameters())
+        assert 0 <= row["acc"] <= 100 and row["latency_ms"] > 0 and row["macs"] > 0
+        assert (out / row["model"] / "last.pt").is_file()
+        assert row["model"] in result.stdout
+    peak = {r["model"]: r["peak_ram_bytes"] for r in report["rows"]}
+    assert peak["rexnet_100_lowres_rnnpool"] < peak["rexnet_100_lowres"] / 4
+    assert (out / "table.md").read_text().count("\n| ") == 4  # header + 3 models
+    for plot in ("accuracy_vs_macs.png", "accuracy_vs_peak_ram.png"):
+        assert (out / plot).stat().st_size > 5000
+
+
+def test_demo_bad_input(tmp_path):
+    unknown = runner.invoke(
+        app, ["demo", "--models", "rexnet_100_lowres,rexnet_bogus", "--out", str(tmp_path)]
+    )
+    assert unknown.exit_code == 2 and "unknown model 'rexnet_bogus'" in unknown.stdout
+    assert not any(tmp_path.iterdir())  # refused before anything trained
+    (tmp_path / "old.txt").write_text("x")
+    busy = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert busy.exit_code == 2 and "is not empty" in busy.stdout
