@@ -11,8 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the main job: ReXNet family vs MobileNetV2 (params, MACs, batch-1 latency)
-	$(VENV)/bin/leanvision compare
+demo: $(STAMP)  ## the main job: MobileNetV2 vs ReXNet vs ReXNet-RNNPool trained on generated data
+	$(VENV)/bin/leanvision demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)  ## fast test suite (slow tests are marked and skipped)
 	$(PY) -m pytest -q
