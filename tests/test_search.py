@@ -300,7 +300,7 @@ def test_a_model_whose_worker_died_is_queued_again(tmp_path, monkeypatch):
     assert report.untrained == [{"model": 0, "state": "running"}, {"model": 1, "state": "queued"}]
 
     monkeypatch.setattr(search_study, "_run_workers", run_workers)
-    time.sleep(1.5)  # past the grace period: the dead worker's trial is stale
+    time.sleep(2.5)  # past the 1 s grace period, with SQLite's whole-second timestamps: the trial is stale
     report = run_search(settings)
     trials = study_trials(settings)
     assert trials[0].state == optuna.trial.TrialState.FAIL and trials[2].params == {"model": 0}
