@@ -137,6 +137,7 @@ def write_report(
             ax.annotate(
                 r["model"], (r[key] / scale, r["acc"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
             )
+        ax.margins(x=0.3, y=0.15)
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{spec}, {config.epochs} epochs")
