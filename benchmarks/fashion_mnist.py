@@ -25,7 +25,7 @@ import torch
 
 from leanvision.analysis.cost import profile
 from leanvision.analysis.memory import format_bytes, peak_memory
-from leanvision.engine.data import build_dataset
+from leanvision.engine.data import DataSplits, build_dataset
 from leanvision.engine.train import TrainConfig, make_model, seed_everything, train
 from report import finish
 
@@ -45,8 +45,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run(name: str, args: argparse.Namespace) -> dict:
-    data = build_dataset(args.data)
+def run(name: str, data: DataSplits, args: argparse.Namespace) -> dict:
     input_size = (data.channels, data.image_size, data.image_size)
     seed_everything(0)
     model = make_model(name, data)
@@ -77,7 +76,8 @@ def main() -> int:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    base, variant = run(BASELINE, args), run(RNNPOOL_VARIANT, args)
+    data = build_dataset(args.data)
+    base, variant = run(BASELINE, data, args), run(RNNPOOL_VARIANT, data, args)
     ratio = variant["peak_ram_bytes"] / base["peak_ram_bytes"]
     checks = {
         f"{BASELINE} >= {TARGET_ACC}%": base["test_acc"] >= TARGET_ACC,

@@ -83,3 +83,13 @@ def test_compare_json():
 def test_import_is_cheap():
     code = "import sys, leanvision, leanvision.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_interleaved_latency_needs_a_round():
+    import pytest
+    from torch import nn
+
+    from leanvision.compare import interleaved_latency_ms
+
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        interleaved_latency_ms({"id": nn.Identity()}, (1, 4, 4), rounds=0)

@@ -72,8 +72,6 @@ def compare(
     from leanvision.bench import calibrate_batchnorm
     from leanvision.registry import create_model, get_model_config
 
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
     configs = {name: get_model_config(name) for name in names}
     models, rows = {}, []
     for name, config in configs.items():

@@ -113,13 +113,12 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 def write_report(
     rows: Sequence[dict[str, Any]], config: DemoConfig, spec: str, input_size: tuple[int, ...], out: Path
 ) -> None:
-    """results.json, table.md, accuracy_vs_macs.png and accuracy_vs_peak_ram.png in `out`."""
+    """results.json, table.md, accuracy_vs_macs.png and accuracy_vs_peak_ram.png in the existing `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
     report = dict(
         data=spec, input_size=list(input_size), epochs=config.epochs, seed=config.seed, rows=list(rows)
     )

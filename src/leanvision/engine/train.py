@@ -533,7 +533,7 @@ def _write_summary(out, config, status, history, val, model, ctx, seconds) -> No
 
 
 def load_model_for_data(
-    model_name: str, checkpoint: str, data_spec: str, img_size: int | None = None, strict: bool = False
+    model_name: str, checkpoint: str | Path, data_spec: str, img_size: int | None = None, strict: bool = False
 ) -> tuple[nn.Module, DataSplits]:
     """(model with weights from `checkpoint`, dataset splits), as `leanvision eval` loads them.
 
