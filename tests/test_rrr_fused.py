@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from conftest import randomize_
-from leanvision.deploy import fuse_for_inference
-from leanvision.models.rrrnet import FusedConv, FusedRRRNet, RRRNet
+from leanvision.deploy import fold_batchnorm_, fuse_for_inference
+from leanvision.models.rrrnet import FusedBlock, FusedConv, FusedRRRNet, RRRNet
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU)")
 
@@ -44,3 +45,17 @@ def test_fused_rrrnet_copies_and_other_batch_sizes():
         torch.testing.assert_close(copied(x), fused(x), rtol=0, atol=0)
         torch.testing.assert_close(fuse_for_inference(fused)(x), fused(x), rtol=0, atol=1e-6)
     assert not any(p.requires_grad for p in fused.parameters())
+
+
+@pytest.mark.parametrize("stride, size", [(1, 9), (2, 9), (2, 8)])
+def test_fused_block_merges_the_projection_into_the_last_conv(stride, size):
+    downsample = nn.Sequential(nn.Conv2d(16, 32, 1, stride, bias=False), nn.BatchNorm2d(32))
+    block = randomize_(Bottleneck(16, 8, stride, downsample), seed=stride + size).eval()
+    fold_batchnorm_(block)
+    fused = FusedBlock.of(block)
+    assert fused.shortcut_stride == stride and fused.downsample is None and len(fused.convs) == 3
+    x = torch.randn(2, 16, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), block(x), rtol=0, atol=1e-5)
+    plain = FusedBlock.of(randomize_(BasicBlock(16, 32, stride, downsample), seed=1).eval())
+    assert not plain.shortcut_stride and plain.downsample is not None  # a 3x3 last conv keeps its projection
