@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from conftest import randomize_
-from leanvision.deploy import fold_batchnorm_, fuse_for_inference
+from leanvision.deploy import fuse_for_inference
 from leanvision.models.rrrnet import FusedBlock, FusedConv, FusedRRRNet, RRRNet
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU)")
@@ -47,15 +46,22 @@ def test_fused_rrrnet_copies_and_other_batch_sizes():
     assert not any(p.requires_grad for p in fused.parameters())
 
 
-@pytest.mark.parametrize("stride, size", [(1, 9), (2, 9), (2, 8)])
-def test_fused_block_merges_the_projection_into_the_last_conv(stride, size):
-    downsample = nn.Sequential(nn.Conv2d(16, 32, 1, stride, bias=False), nn.BatchNorm2d(32))
-    block = randomize_(Bottleneck(16, 8, stride, downsample), seed=stride + size).eval()
-    fold_batchnorm_(block)
-    fused = FusedBlock.of(block)
+@pytest.mark.parametrize("groups, stride, size", [(1, 1, 9), (1, 2, 9), (4, 2, 8), (2, 2, 7)])
+def test_fused_block_merges_the_projection_into_the_last_conv(groups, stride, size):
+    g = torch.Generator().manual_seed(groups * 10 + stride + size)
+
+    def conv(cin: int, cout: int, k: int = 1, s: int = 1) -> nn.Conv2d:
+        c = nn.Conv2d(cin, cout, k, s, padding=k // 2, groups=groups).requires_grad_(False)
+        c.weight.copy_(torch.randn(c.weight.shape, generator=g) * 0.2)
+        c.bias.copy_(torch.randn(c.bias.shape, generator=g) * 0.2)
+        return c.to(memory_format=torch.channels_last)
+
+    c1, c2, c3, down = conv(16, 8), conv(8, 8, 3, stride), conv(8, 32), conv(16, 32, 1, stride)
+    fused = FusedBlock([c1, c2, c3], down)
     assert fused.shortcut_stride == stride and fused.downsample is None and len(fused.convs) == 3
-    x = torch.randn(2, 16, size, size).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    expected = F.relu(c3(F.relu(c2(F.relu(c1(x))))) + down(x))
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), block(x), rtol=0, atol=1e-5)
-    plain = FusedBlock.of(randomize_(BasicBlock(16, 32, stride, downsample), seed=1).eval())
-    assert not plain.shortcut_stride and plain.downsample is not None  # a 3x3 last conv keeps its projection
+        torch.testing.assert_close(fused(x), expected, rtol=0, atol=1e-5)
+    unmerged = FusedBlock([c1, conv(8, 32, 3)], down)  # a 3x3 last conv (BasicBlock) keeps its projection
+    assert not unmerged.shortcut_stride and unmerged.downsample is not None
