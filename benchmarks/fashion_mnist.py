@@ -11,7 +11,7 @@ Peak RAM is the layer convention (RNNPool paper Appendix E.2, batch 1, fp32, `le
 The public benchmark table of the dataset lists MobileNet 95.0%, ResNet18 94.9%, two conv layers + pooling +
 BN 93.4%.
 
-    python benchmarks/fashion_mnist.py [--epochs 15] [--data fashion-mnist] [--out results/fashion_mnist.json]
+    python benchmarks/fashion_mnist.py [--epochs 12] [--data fashion-mnist] [--out results/fashion_mnist.json]
 
 To use both cores for both trainings at once: `--only NAME --threads 1` for each model in parallel, then
 the same command without `--only`, which resumes the finished runs and writes the report.
@@ -38,7 +38,7 @@ TARGET_ACC, MAX_ACC_DROP, MAX_PEAK_RATIO = 93.0, 1.0, 0.25
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="fashion-mnist", help="data spec (default: the Debian package)")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument(
         "--only",
