@@ -359,7 +359,10 @@ def train(
         raise ValueError(f"{out} already holds a run ({checkpoint_path}); pass --resume or another --out")
     ctx = setup_distributed(config.device)
     try:
-        return _train(config, model, data, on_epoch_end, state, ctx)
+        result = _train(config, model, data, on_epoch_end, state, ctx)
+        if ctx.world > 1:  # leave together: a rank tearing gloo down while rank 0 still writes can abort
+            dist.barrier()
+        return result
     finally:  # a process that exits with gloo's threads alive can abort ("terminate called ...")
         if ctx.world > 1:
             dist.destroy_process_group()
