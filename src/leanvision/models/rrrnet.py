@@ -364,10 +364,9 @@ class FusedBlock(nn.Module):
         super().__init__()
         self.shortcut_stride = 0  # > 0: the projection is merged into the last convolution
         last = convs[-1]
-        if downsample is not None and _is_1x1(last) and last.stride == (1, 1) and _is_1x1(downsample):
-            if last.groups == downsample.groups:
-                self.shortcut_stride = downsample.stride[0]
-                convs, downsample = [*convs[:-1], _merge_shortcut(last, downsample)], None
+        if _mergeable(last, downsample):
+            self.shortcut_stride = downsample.stride[0]
+            convs, downsample = [*convs[:-1], _merge_shortcut(last, downsample)], None
         self.convs = nn.ModuleList(FusedConv(conv, relu=True) for conv in convs)
         self.downsample = None if downsample is None else FusedConv(downsample, relu=False)
 
@@ -387,8 +386,14 @@ class FusedBlock(nn.Module):
         return self.convs[-1](h, x if self.downsample is None else self.downsample(x))
 
 
-def _is_1x1(conv: nn.Conv2d) -> bool:
-    return conv.kernel_size == (1, 1) and conv.padding == (0, 0)
+def _mergeable(last: nn.Conv2d, downsample: nn.Conv2d | None) -> bool:
+    """Whether last(h) + downsample(x) is one 1x1 convolution over _concat_by_group([h, x[::s, ::s]])."""
+    return (
+        downsample is not None
+        and all(c.kernel_size == (1, 1) and c.padding == (0, 0) for c in (last, downsample))
+        and last.stride == (1, 1)
+        and last.groups == downsample.groups
+    )
 
 
 def _concat_by_group(maps: list[torch.Tensor], groups: int) -> torch.Tensor:
