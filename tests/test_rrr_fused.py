@@ -11,6 +11,7 @@ from torch import nn
 
 from conftest import randomize_
 from leanvision.deploy import fuse_for_inference
+from leanvision.models import rrrnet
 from leanvision.models.rrrnet import FusedBlock, FusedConv, FusedRRRNet, RRRNet
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU)")
@@ -44,6 +45,21 @@ def test_fused_rrrnet_copies_and_other_batch_sizes():
         torch.testing.assert_close(copied(x), fused(x), rtol=0, atol=0)
         torch.testing.assert_close(fuse_for_inference(fused)(x), fused(x), rtol=0, atol=1e-6)
     assert not any(p.requires_grad for p in fused.parameters())
+
+
+def test_fused_rrrnet_runs_the_stem_in_chunks(monkeypatch):
+    model = randomize_(RRRNet("resnet50", (1, 1, 1, 1), branches=2, num_classes=4), seed=5)
+    fused = FusedRRRNet(model)
+    x = torch.randn(5, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    # conv1's output is 64 x 20 x 20 fp32 per image: 102,400 bytes
+    assert fused.stem_chunk(x) == rrrnet.STEM_CHUNK_BYTES // 102_400 >= 5
+    monkeypatch.setattr(rrrnet, "STEM_CHUNK_BYTES", 2 * 102_400 + 1)
+    assert fused.stem_chunk(x) == 2
+    calls = []
+    fused.stem.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model.eval()(x), rtol=0, atol=1e-5)
+    assert calls == [2, 2, 1]
 
 
 @pytest.mark.parametrize("groups, stride, size", [(1, 1, 9), (1, 2, 9), (4, 2, 8), (2, 2, 7)])
