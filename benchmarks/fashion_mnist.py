@@ -4,7 +4,7 @@ quarter of its peak RAM stays within 1 point (Engine issue, part 5).
 Models (registry names, 28x28 grey images as they come, no resize):
 - rexnet_100_lowres: ReXNet x1.0 with a stride-1 stem (total stride 16);
 - rexnet_100_lowres_rnnpool: the same network with its three high-resolution stages replaced by one RNNPool
-  (patch 6, stride 4, h1 = h2 = 16).
+  (patch 6, stride 4, h1 = h2 = 32).
 Both train with the engine (`leanvision.engine.train`) on the same recipe: AdamW lr 2e-3, weight decay 0.05,
 cosine schedule, batch 128, label smoothing 0.1, random crop (pad 3) and horizontal flip, channels_last.
 Peak RAM is the layer convention (RNNPool paper Appendix E.2, batch 1, fp32, `leanvision memory`).
