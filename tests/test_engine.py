@@ -104,6 +104,34 @@ def test_channels_last_trains_the_same_run(tmp_path):
     assert state["config"]["channels_last"] is True
 
 
+def record_training_dtypes(model: Tiny) -> set[torch.dtype]:
+    """The dtypes of `model.conv`'s outputs in training mode, collected while it trains."""
+    dtypes = set()
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if module.training:
+            dtypes.add(out.dtype)
+
+    model.conv.register_forward_hook(hook)
+    return dtypes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_mixed_precision_trains_and_resumes(tmp_path):
+    model = tiny()
+    amp_dtypes = record_training_dtypes(model)
+    stopped = train(config(tmp_path, device="cuda"), model=model, on_epoch_end=lambda row: row["epoch"] == 2)
+    assert amp_dtypes == {torch.float16} and next(stopped.model.parameters()).is_cuda
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in stopped.history)
+    assert load_training_checkpoint(tmp_path / "last.pt")["scaler"]["scale"] > 0  # the GradScaler was on
+    resumed = train(config(tmp_path, device="cuda", resume=True), model=tiny())
+    assert resumed.status == "completed" and [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    fp32 = tiny()
+    fp32_dtypes = record_training_dtypes(fp32)
+    train(config(tmp_path / "fp32", device="cuda", amp=False), model=fp32)
+    assert fp32_dtypes == {torch.float32}
+
+
 def test_ctrl_c_keeps_last_epoch_and_resume_continues(tmp_path, capsys):
     full = train(config(tmp_path / "full"), model=tiny())
     # 3 steps per epoch: the 5th training forward is in epoch 2
