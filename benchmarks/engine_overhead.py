@@ -8,13 +8,14 @@ running metrics and a finite-loss check per step, and summary.json and curves.pn
 
 Epochs are paired: the engine's `on_epoch_end` hook runs one epoch of the plain loop, so every engine epoch
 (training, evaluation, checkpoint) is timed right next to a plain one and a slow spell of a noisy machine
-hits both alike (single epochs still vary by up to 10% here, so the run takes many short pairs). The first
+hits both alike. Single pairs still differ by up to +-20% on the 2-core machine, so the default takes 24
+timed pairs (about 15 min; with 12 pairs, three runs gave +4.9%, +5.4% and, with 24, +1.6%). The first
 pair is a warm-up. Throughput is training images per second over all timed epochs (training, evaluation,
 checkpoint), and the overhead is plain / engine throughput - 1; the per-pair ratios are reported too. The
 once-per-run cost of the engine's end (summary.json, curves.png) is reported beside it, with its share of
 the run.
 
-    python benchmarks/engine_overhead.py [--model rexnet_100_lowres] [--epochs 13] [--data SPEC]
+    python benchmarks/engine_overhead.py [--model rexnet_100_lowres] [--epochs 25] [--data SPEC]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="rexnet_100_lowres")
     parser.add_argument("--data", default="synthetic:lines,train=2000,val=500")
     parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=13, help="epoch pairs, the first one a warm-up")
+    parser.add_argument("--epochs", type=int, default=25, help="epoch pairs, the first one a warm-up")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--out", type=Path, default=Path("results/engine_overhead.json"), help="JSON output")
     return parser.parse_args()
