@@ -481,8 +481,9 @@ class FusedRRRNet(nn.Module):
 
     def forward_branches(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch -> per-branch logits [B, N, classes]."""
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = self.top(torch.cat([self.stem(chunk) for chunk in x.split(self.stem_chunk(x))]))
+        chunks = x.contiguous(memory_format=torch.channels_last).split(self.stem_chunk(x))
+        x = self.stem(chunks[0]) if len(chunks) == 1 else torch.cat([self.stem(c) for c in chunks])
+        x = self.top(x)
         x = F.adaptive_avg_pool2d(x, 1)
         return self.fc(x).flatten(1).unflatten(1, (self.num_branches, -1))
 
