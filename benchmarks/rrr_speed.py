@@ -28,8 +28,7 @@ from torch import nn
 
 import leanvision
 from leanvision.bench import calibrate_batchnorm, percentiles
-from leanvision.deploy import fuse_for_inference
-from leanvision.models.rrrnet import FusedRRRNet
+from leanvision.deploy import FusedRRRNet, fuse_for_inference
 from report import finish, interleaved_ms, paired_speedup
 
 TARGET = 2.0

@@ -89,7 +89,7 @@ def test_interleaved_latency_needs_a_round():
     import pytest
     from torch import nn
 
-    from leanvision.compare import interleaved_latency_ms
+    from leanvision.experiments.compare import interleaved_latency_ms
 
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         interleaved_latency_ms({"id": nn.Identity()}, (1, 4, 4), rounds=0)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from leanvision import create_model
 from leanvision.analysis.memory import peak_memory
 from leanvision.cli import app
-from leanvision.demo import DEMO_MODELS
+from leanvision.experiments.demo import DEMO_MODELS
 
 runner = CliRunner()
 

@@ -11,7 +11,7 @@ from torch import nn
 import leanvision
 from conftest import randomize_
 from leanvision.bench import BenchResult, benchmark, calibrate_batchnorm
-from leanvision.deploy import PointwiseConv, fold_batchnorm_, fuse_for_inference
+from leanvision.deploy.fold import PointwiseConv, fold_batchnorm_, fuse_for_inference
 
 
 def n_batchnorms(model: nn.Module) -> int:

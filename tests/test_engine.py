@@ -14,9 +14,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from leanvision.cli import app
-from leanvision.engine.checkpoint import load_training_checkpoint
 from leanvision.engine.data import build_dataset
 from leanvision.engine.train import Meter, NonFiniteLossError, TrainConfig, lr_factor, train
+from leanvision.engine.train_state import load_training_checkpoint
 
 LINES = "synthetic:lines,train=48,val=24"
 
@@ -248,7 +248,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
 
 def test_probe_and_one_go_models():
-    from leanvision.engine.repro import ProbeNet, classical_mds, one_go_model, probe_candidates
+    from leanvision.experiments.repro import ProbeNet, classical_mds, one_go_model, probe_candidates
 
     candidates = probe_candidates(16)
     assert len(candidates) == 9 and candidates[0] == (4, 4) and candidates[-1] == (16, 16)
@@ -270,7 +270,7 @@ def test_probe_and_one_go_models():
 @pytest.mark.slow
 def test_rnnpool_probe_learns_the_lines_set(tmp_path):
     """Table 7's first row (the paper's h1=4, h2=16 after a conv): the probe fits the lines test set."""
-    from leanvision.engine.repro import ProbeNet
+    from leanvision.experiments.repro import ProbeNet
 
     data = build_dataset("synthetic:lines,train=3000,val=1000", 32)
     torch.manual_seed(0)

@@ -11,17 +11,13 @@ from torch import nn
 from typer.testing import CliRunner
 
 from leanvision.analysis.cost import profile
-from leanvision.analysis.feature_rank import (
-    feature_spectrum,
-    penultimate_features,
-    spectrum_of,
-    summarize,
-)
-from leanvision.checkpoints import save_checkpoint
+from leanvision.analysis.feature_rank import penultimate_features, spectrum_of, summarize
 from leanvision.cli import app
 from leanvision.engine.data import build_dataset
-from leanvision.engine.rexnet_factors import TABLE2, FactorNet, rexnet_factors, stem_widths
 from leanvision.engine.train import make_model
+from leanvision.experiments.feature_rank import feature_spectrum
+from leanvision.experiments.rexnet_factors import TABLE2, FactorNet, rexnet_factors, stem_widths
+from leanvision.models.weights import save_checkpoint
 
 DATA = "synthetic:lines,train=8,val=48"  # 9 classes, 1 channel, 32x32
 

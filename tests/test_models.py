@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import leanvision
+from leanvision.models.registry import UnknownModelError
 from leanvision.models.rexnet import rexnet_channels
-from leanvision.registry import UnknownModelError
 
 # rexnet-reference.md (ReXNet, ReXNet-lite), MobileNetV1/V2 reference counts (torchvision, timm).
 EXACT_PARAMS = {

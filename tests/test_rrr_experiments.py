@@ -13,12 +13,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import leanvision
-from leanvision.checkpoints import read_state_dict
 from leanvision.cli import app
 from leanvision.engine.data import build_dataset, metaalbum_datasets
+from leanvision.experiments.rrr import SelectConfig, block_sequence, select_blocks
+from leanvision.experiments.rrr.select import stop_reason, warm_start_
 from leanvision.models.rrrnet import RRRNet
-from leanvision.rrr import SelectConfig, block_sequence, select_blocks
-from leanvision.rrr.select import stop_reason, warm_start_
+from leanvision.models.weights import read_state_dict
 
 
 def make_dataset(root: Path, shade: int, classes: int = 2, per_class: int = 8) -> None:

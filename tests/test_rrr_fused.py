@@ -10,11 +10,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import randomize_
-from leanvision.deploy import fuse_for_inference
-from leanvision.models import rrrnet
-from leanvision.models.rrrnet import FusedBlock, FusedConv, FusedRRRNet, RRRNet
+from leanvision.deploy import fuse_for_inference, fused_rrr, onednn
+from leanvision.deploy.fused_rrr import FusedBlock, FusedConv, FusedRRRNet
+from leanvision.models.rrrnet import RRRNet
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU)")
+pytestmark = pytest.mark.skipif(not onednn.private_ops_usable(), reason="needs oneDNN's private ops (CPU)")
+
+
+def test_packed_weights_keep_at_most_max_shapes():
+    conv = nn.Conv2d(4, 6, 3, padding=1).requires_grad_(False)
+    packed = onednn.PackedWeights(max_shapes=2)
+    for size in (5, 6, 5, 7):  # 5 is used again before 7 arrives, so 6 is the one dropped
+        x = torch.randn(1, 4, size, size)
+        y = onednn.conv_add_relu(conv, x, None, False, packed)
+        torch.testing.assert_close(y, conv(x), atol=1e-5, rtol=0)
+    assert len(packed) == 2 and set(packed._by_shape) == {torch.Size([1, 4, 5, 5]), torch.Size([1, 4, 7, 7])}
+
+
+def test_private_ops_are_used_only_on_checked_releases(monkeypatch):
+    onednn.private_ops_usable.cache_clear()
+    monkeypatch.setattr(torch, "__version__", "3.0.0")
+    try:
+        assert not onednn.private_ops_usable()
+    finally:
+        onednn.private_ops_usable.cache_clear()
 
 
 @pytest.mark.parametrize("groups, stride, relu", [(1, 1, True), (4, 2, False), (2, 1, False)])
@@ -28,8 +47,8 @@ def test_fused_conv_equals_conv_add_relu(groups, stride, relu, monkeypatch):
         expected = F.relu(y) if relu else y
         torch.testing.assert_close(fused(x, extra), expected, rtol=0, atol=1e-5)
         assert (fused(x, extra) < 0).any() != relu  # the ReLU is there exactly when asked for
-    assert list(fused.packed) == [x.shape]  # packed once for this input shape
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # the plain path
+    assert len(fused.packed) == 1  # packed once for this input shape
+    monkeypatch.setattr(onednn, "private_ops_usable", lambda: False)  # the plain path
     torch.testing.assert_close(fused(x, residual), F.relu(conv(x) + residual) if relu else conv(x) + residual)
 
 
@@ -52,8 +71,8 @@ def test_fused_rrrnet_runs_the_stem_in_chunks(monkeypatch):
     fused = FusedRRRNet(model)
     x = torch.randn(5, 3, 40, 40, generator=torch.Generator().manual_seed(0))
     # conv1's output is 64 x 20 x 20 fp32 per image: 102,400 bytes
-    assert fused.stem_chunk(x) == rrrnet.STEM_CHUNK_BYTES // 102_400 >= 5
-    monkeypatch.setattr(rrrnet, "STEM_CHUNK_BYTES", 2 * 102_400 + 1)
+    assert fused.stem_chunk(x) == fused_rrr.STEM_CHUNK_BYTES // 102_400 >= 5
+    monkeypatch.setattr(fused_rrr, "STEM_CHUNK_BYTES", 2 * 102_400 + 1)
     assert fused.stem_chunk(x) == 2
     calls = []
     fused.stem.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))

@@ -13,11 +13,12 @@ from typer.testing import CliRunner
 import leanvision
 from conftest import randomize_
 from leanvision.analysis.cost import profile
-from leanvision.checkpoints import CheckpointError
 from leanvision.cli import app
+from leanvision.deploy import FusedRRRNet
 from leanvision.engine.data import DataSplits, TensorImages
-from leanvision.models.rrrnet import FusedRRRNet, RRRNet, branch_widths, count_branch_params
-from leanvision.rrr import BranchTrainer, fit_rrr
+from leanvision.experiments.rrr import BranchTrainer, fit_rrr
+from leanvision.models.rrrnet import RRRNet, branch_widths, count_branch_params
+from leanvision.models.weights import CheckpointError
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 

@@ -22,15 +22,15 @@ from typer.testing import CliRunner
 from leanvision import profile
 from leanvision.cli import app
 from leanvision.engine.train import NonFiniteLossError
-from leanvision.search import study as search_study
-from leanvision.search.channels import (
+from leanvision.experiments.channel_search import study as search_study
+from leanvision.experiments.channel_search.space import (
     ChannelSearchNet,
     SearchSpace,
     network_cost,
     sample_candidates,
     widest_flat,
 )
-from leanvision.search.study import SearchSettings, group_slices, open_storage, run_search
+from leanvision.experiments.channel_search.study import SearchSettings, group_slices, open_storage, run_search
 
 DATA = "synthetic:lines,train=32,val=16"
 TINY = dict(blocks=3, max_params=20_000, max_macs=2_000_000, data=DATA, img_size=16, epochs=1, repeats=1)

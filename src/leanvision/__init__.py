@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "create_model": "leanvision.registry",
-    "list_models": "leanvision.registry",
-    "get_model_config": "leanvision.registry",
-    "load_checkpoint": "leanvision.checkpoints",
-    "save_checkpoint": "leanvision.checkpoints",
+    "create_model": "leanvision.models.registry",
+    "list_models": "leanvision.models.registry",
+    "get_model_config": "leanvision.models.registry",
+    "load_checkpoint": "leanvision.models.weights",
+    "save_checkpoint": "leanvision.models.weights",
     "profile": "leanvision.analysis.cost",
     "peak_memory": "leanvision.analysis.memory",
     "recompute_cost": "leanvision.analysis.recompute",
@@ -40,9 +40,9 @@ if TYPE_CHECKING:
     from leanvision.analysis.memory import peak_memory
     from leanvision.analysis.recompute import recompute_cost
     from leanvision.bench import benchmark
-    from leanvision.checkpoints import load_checkpoint, save_checkpoint
     from leanvision.deploy import fuse_for_inference
-    from leanvision.registry import create_model, get_model_config, list_models
+    from leanvision.models.registry import create_model, get_model_config, list_models
+    from leanvision.models.weights import load_checkpoint, save_checkpoint
 
 
 def __getattr__(name: str) -> Any:

@@ -129,7 +129,7 @@ def benchmark(
 ) -> BenchResult:
     """Time eval-mode forward passes of one fixed random batch under torch.inference_mode.
 
-    A name is built with `leanvision.registry.create_model(name, **model_kwargs)`; without `pretrained`
+    A name is built with `leanvision.models.registry.create_model(name, **model_kwargs)`; without `pretrained`
     weights its BN statistics are calibrated on random images first (see `calibrate_batchnorm`, which
     keeps denormal floats out of the timings). A module is timed as it is and copied, so
     the caller's model keeps its mode, layout and device. `deploy=True` runs
@@ -140,7 +140,7 @@ def benchmark(
     """
     dev = _check(batch_size, tuple(input_size), threads, warmup, min_iters, min_seconds, device)
     if isinstance(model_or_name, str):
-        from leanvision.registry import create_model
+        from leanvision.models.registry import create_model
 
         name, model = model_or_name, create_model(model_or_name, **model_kwargs)
         if model_kwargs.get("pretrained") is None:

@@ -170,7 +170,7 @@ def profile(
     `create_model(name, **model_kwargs)`.
     """
     if isinstance(model_or_name, str):
-        from leanvision.registry import create_model
+        from leanvision.models.registry import create_model
 
         model, label = create_model(model_or_name, **model_kwargs), model_or_name
     else:

@@ -23,9 +23,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from leanvision.analysis.rank import RANK_RTOL, numerical_rank
-from leanvision.engine.train import load_model_for_data
-
-SPLITS = ("val", "train")
 
 
 @dataclass
@@ -106,60 +103,3 @@ def spectrum_of(features: torch.Tensor) -> torch.Tensor:
     if features.ndim != 2 or not features.shape[0] or not features.shape[1]:
         raise ValueError(f"expected a non-empty feature matrix [N, D], got {list(features.shape)}")
     return torch.linalg.svdvals(features.double())
-
-
-def feature_spectrum(
-    model_name: str,
-    checkpoint: str,
-    data_spec: str,
-    split: str = "val",
-    max_images: int | None = None,
-    img_size: int | None = None,
-    batch_size: int = 256,
-    device: str = "cpu",
-    strict: bool = False,
-) -> FeatureSpectrum:
-    """Singular values of `model_name`'s penultimate features (weights from `checkpoint`) over a split.
-
-    The train split is read as training reads it, augmentation included (seeded, so repeatable).
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    model, data = load_model_for_data(model_name, checkpoint, data_spec, img_size, strict)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # the train split's augmentation draws from the global generator
-        features = penultimate_features(
-            model.to(device), getattr(data, split), max_images, batch_size, device
-        )
-    values = spectrum_of(features)
-    nuclear, normalized, rank = summarize(values)
-    return FeatureSpectrum(
-        model_name, checkpoint, data_spec, split, features.shape[0], features.shape[1],
-        values.tolist(), nuclear, normalized, rank,
-    )  # fmt: skip
-
-
-def plot_spectra(spectra: list[FeatureSpectrum], path: str) -> None:
-    """Figure 5 (right): cumulative distribution of sigma_i / sigma_1, one curve per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for s in spectra:
-        values = torch.tensor(s.singular_values)
-        normalized = (values / values[0]).flip(0)  # ascending
-        fraction = torch.arange(1, len(values) + 1) / len(values)
-        label = f"{s.model} (sum sigma/sigma_1 = {s.normalized_nuclear_norm:.1f})"
-        ax.step(normalized.numpy(), fraction.numpy(), where="post", label=label)
-    ax.set_xlabel("singular value / largest")
-    ax.set_ylabel("fraction of singular values")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(f"Penultimate features, {spectra[0].data} ({spectra[0].split})", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

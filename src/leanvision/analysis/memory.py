@@ -71,7 +71,7 @@ def trace(model_or_name: nn.Module | str, input_size: tuple[int, ...] | int = (3
     """Trace a model (or build a registered one) once, to evaluate several conventions on it."""
     size = input_shape(input_size)
     if isinstance(model_or_name, str):
-        from leanvision.registry import create_model
+        from leanvision.models.registry import create_model
 
         return trace_graph(create_model(model_or_name, **model_kwargs), size, model_or_name)
     if not isinstance(model_or_name, nn.Module):
@@ -167,12 +167,9 @@ def _planner_report(
 
 def plot_timeline(reports: list[MemoryReport], path: str, budget_bytes: int | None = None) -> None:
     """Save live memory per step (KiB), one panel per report, the peak marked and the budget drawn."""
-    import matplotlib
+    from leanvision.plotting import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(reports), 1, figsize=(10, 3 * len(reports)), squeeze=False)
+    fig, axes = new_figure(len(reports), 1, figsize=(10, 3 * len(reports)), squeeze=False)
     for ax, report in zip(axes[:, 0], reports):
         live = [s.live_bytes / 2**10 for s in report.steps]
         ax.step(range(len(live)), live, where="mid", label="live memory")
@@ -188,6 +185,4 @@ def plot_timeline(reports: list[MemoryReport], path: str, budget_bytes: int | No
         ax.set_xlabel("step" if report.convention != "planner" else "operator")
         ax.set_ylabel("KiB")
         ax.legend(loc="upper right", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -210,13 +210,10 @@ def rank_study(
 
 def plot_rank_study(study: RankStudy, path: str) -> None:
     """Figure 1: rank ratio vs dimension ratio, one panel per block, one curve per activation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from leanvision.plotting import new_figure, save_figure
 
     blocks = list(study.rank_ratio)
-    fig, axes = plt.subplots(1, len(blocks), figsize=(4 * len(blocks), 3.6), squeeze=False)
+    fig, axes = new_figure(1, len(blocks), figsize=(4 * len(blocks), 3.6), squeeze=False)
     for ax, block in zip(axes[0], blocks):
         for activation, values in study.rank_ratio[block].items():
             style = "k--" if activation == "identity" else "-"
@@ -228,6 +225,4 @@ def plot_rank_study(study: RankStudy, path: str) -> None:
     axes[0][0].set_ylabel("rank ratio rank / d_out")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"Rank study, mean over {study.networks} random networks per point (N={study.batch})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

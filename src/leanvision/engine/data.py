@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from leanvision.engine import synthetic
-from leanvision.registry import IMAGENET_MEAN, IMAGENET_STD
+from leanvision.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (

@@ -32,15 +32,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from leanvision.checkpoints import CheckpointError, load_checkpoint
-from leanvision.engine.checkpoint import (
+from leanvision.engine.data import DataSplits, build_dataset
+from leanvision.engine.train_state import (
     load_training_checkpoint,
     read_training_config,
     rng_state,
     save_atomic,
     set_rng_state,
 )
-from leanvision.engine.data import DataSplits, build_dataset
+from leanvision.models.weights import CheckpointError, load_checkpoint
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "none")
@@ -136,7 +136,7 @@ def seed_everything(seed: int) -> None:
 
 def make_model(name: str, data: DataSplits) -> nn.Module:
     """The registered model `name` sized for `data` (classes, and input channels when not 3)."""
-    from leanvision.registry import create_model
+    from leanvision.models.registry import create_model
 
     kwargs: dict[str, Any] = {"num_classes": data.num_classes}
     if data.channels != 3:
@@ -293,13 +293,10 @@ def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss and accuracy per epoch, train and validation, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from leanvision.plotting import new_figure, save_figure
 
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = new_figure(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "acc")):
         for split in ("train", "val"):
             ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
@@ -307,9 +304,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("accuracy (%)" if metric == "acc" else "loss")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from leanvision.layers import ClassifierHead, ConvNormAct, RNNPool
 from leanvision.layers.conv import ActLayer
 from leanvision.layers.downsample import create_downsample
 from leanvision.models.base import Classifier, check_input, check_width, feature_level, init_like_torchvision
-from leanvision.registry import register_model
+from leanvision.models.registry import register_model
 
 # Pointwise output widths and depthwise strides of the 13 depthwise-separable blocks of MobileNetV1.
 MOBILENETV1_WIDTHS = (64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)

@@ -3,7 +3,7 @@
 Sixteen linear bottlenecks whose output widths grow linearly with the block index (the paper's searched
 channel rule), on a MobileNetV2 skeleton. Shapes follow the official NAVER code exactly; the module layout
 follows timm, so timm checkpoints load by name and clovaai checkpoints load by position
-(see leanvision.checkpoints).
+(see leanvision.models.weights).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 from leanvision.layers import ClassifierHead, ConvNormAct, LinearBottleneck
 from leanvision.layers.downsample import create_downsample
 from leanvision.models.base import Classifier, check_width, feature_level
-from leanvision.registry import register_model
+from leanvision.models.registry import register_model
 
 BLOCKS_PER_STAGE = (1, 2, 2, 3, 3, 5)
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2)

@@ -24,7 +24,7 @@ from torchvision.models.efficientnet import MBConv, MBConvConfig
 
 from leanvision.layers import RNNPool, RNNPoolLayer
 from leanvision.layers.downsample import create_downsample
-from leanvision.registry import register_model
+from leanvision.models.registry import register_model
 
 _googlenet = sys.modules["torchvision.models.googlenet"]  # the module, shadowed by the builder function
 

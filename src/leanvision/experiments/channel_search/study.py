@@ -39,7 +39,12 @@ from optuna.trial import TrialState
 
 from leanvision.engine.data import DataSplits, build_dataset
 from leanvision.engine.train import NonFiniteLossError, TrainConfig, train
-from leanvision.search.channels import Candidate, ChannelSearchNet, SearchSpace, sample_candidates
+from leanvision.experiments.channel_search.space import (
+    Candidate,
+    ChannelSearchNet,
+    SearchSpace,
+    sample_candidates,
+)
 
 HEARTBEAT_S = 60
 GRACE_S = 300
@@ -365,14 +370,11 @@ def table3_markdown(report: SearchReport) -> str:
 
 def plot_figure2(report: SearchReport, path: str | Path) -> None:
     """Mean width per block index with a 1-sigma band for each group (red top, blue middle, green bottom)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from leanvision.plotting import new_figure, save_figure
 
     s = report.settings
     index = np.arange(1, s["blocks"] + 1)
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = new_figure(figsize=(5, 4))
     for name, g in report.groups.items():
         mean, std = np.array(g["channels_mean"]), np.array(g["channels_std"])
         color = GROUP_COLORS[name]
@@ -385,9 +387,7 @@ def plot_figure2(report: SearchReport, path: str | Path) -> None:
     ax.set_title(f"{s['blocks']} blocks, {limits}, {len(report.ranked)} models", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def write_report(report: SearchReport, out: str | Path) -> None:

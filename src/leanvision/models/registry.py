@@ -83,7 +83,7 @@ def create_model(
     model = config.builder(**{**config.kwargs, **kwargs})
     model.default_cfg = config
     if pretrained is not None:
-        from leanvision.checkpoints import load_checkpoint
+        from leanvision.models.weights import load_checkpoint
 
         # a model that also reads foreign layouts of its own (e.g. RRR-Net from a full ResNet) says so
         getattr(model, "load_pretrained", lambda path: load_checkpoint(model, path))(pretrained)

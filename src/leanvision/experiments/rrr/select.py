@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from leanvision.checkpoints import CheckpointError, read_state_dict
 from leanvision.engine.data import DataSplits, build_dataset
 from leanvision.engine.train import seed_everything
+from leanvision.experiments.rrr.state import load_state, write_json_atomic
+from leanvision.experiments.rrr.train import finetune
 from leanvision.models.rrrnet import RESNETS, RRRNet
-from leanvision.rrr.state import load_state, write_json_atomic
-from leanvision.rrr.train import finetune
+from leanvision.models.weights import CheckpointError, read_state_dict
 
 STOP_SETTINGS = ("patience", "target", "max_steps")  # may change between runs; the others may not
 
@@ -171,14 +171,11 @@ def select_blocks(
 
 def plot_selection(steps: list[dict[str, Any]], best: int, path: Path) -> None:
     """Validation accuracy against parameters, one point per step in sequence order, the best starred."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from leanvision.plotting import new_figure, save_figure
 
     params = [step["params"] / 1e6 for step in steps]
     accs = [step["val_acc"] for step in steps]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     ax.plot(params, accs, marker="o")
     ax.plot(params[best], accs[best], marker="*", markersize=16, linestyle="none", label="best")
     for i in {0, best, len(steps) - 1}:
@@ -188,6 +185,4 @@ def plot_selection(steps: list[dict[str, Any]], best: int, path: Path) -> None:
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -70,7 +70,7 @@ def compare(
     """
     from leanvision.analysis.cost import profile
     from leanvision.bench import calibrate_batchnorm
-    from leanvision.registry import create_model, get_model_config
+    from leanvision.models.registry import create_model, get_model_config
 
     configs = {name: get_model_config(name) for name in names}
     models, rows = {}, []

@@ -50,11 +50,11 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> list[dic
     """Train and measure every model of `config`; one row per model, also written to `config.out`."""
     from leanvision.analysis.cost import profile
     from leanvision.analysis.memory import peak_memory
-    from leanvision.compare import interleaved_latency_ms
-    from leanvision.engine.checkpoint import empty_output_dir
     from leanvision.engine.data import build_dataset
     from leanvision.engine.train import TrainConfig, train
-    from leanvision.registry import get_model_config
+    from leanvision.engine.train_state import empty_output_dir
+    from leanvision.experiments.compare import interleaved_latency_ms
+    from leanvision.models.registry import get_model_config
 
     if config.epochs < 1 or not config.models:
         raise ValueError(f"need epochs >= 1 and at least one model, got {config.epochs} and {config.models}")
@@ -114,10 +114,7 @@ def write_report(
     rows: Sequence[dict[str, Any]], config: DemoConfig, spec: str, input_size: tuple[int, ...], out: Path
 ) -> None:
     """results.json, table.md, accuracy_vs_macs.png and accuracy_vs_peak_ram.png in the existing `out`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from leanvision.plotting import new_figure, save_figure
 
     report = dict(
         data=spec, input_size=list(input_size), epochs=config.epochs, seed=config.seed, rows=list(rows)
@@ -130,7 +127,7 @@ def write_report(
         ("macs", 1e6, "MACs (millions)", "accuracy_vs_macs.png"),
         ("peak_ram_bytes", 1024, "peak RAM, layer convention (KiB)", "accuracy_vs_peak_ram.png"),
     ):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = new_figure(figsize=(6, 4))
         for r in rows:
             ax.scatter(r[key] / scale, r["acc"], s=40)
             ax.annotate(
@@ -141,6 +138,4 @@ def write_report(
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{spec}, {config.epochs} epochs")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / filename, dpi=100)
-        plt.close(fig)
+        save_figure(fig, out / filename, dpi=100)

@@ -39,9 +39,9 @@ from torch.utils.data import Subset
 
 from leanvision.analysis.cost import profile
 from leanvision.analysis.feature_rank import penultimate_features, spectrum_of, summarize
-from leanvision.engine.checkpoint import empty_output_dir
 from leanvision.engine.data import DataSplits, build_dataset
 from leanvision.engine.train import TrainConfig, train
+from leanvision.engine.train_state import empty_output_dir
 from leanvision.layers import ClassifierHead, ConvNormAct, LinearBottleneck
 from leanvision.models.base import Classifier, feature_level
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from leanvision.engine.checkpoint import empty_output_dir
 from leanvision.engine.data import DataSplits, build_dataset
 from leanvision.engine.train import TrainConfig, train
+from leanvision.engine.train_state import empty_output_dir
 from leanvision.layers import RNNPool
 
 PROBE_SETTINGS = (("lines", 32), ("multilines", 32), ("multilines", 64), ("shapes", 64))
@@ -144,10 +144,7 @@ def plot_permuted_mds(
 ) -> None:
     """Figure 4 right: MDS of RNNPool outputs of the test set plus row/column-permuted 80 and 100 degree
     images (black: 80, brown: 100)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from leanvision.plotting import new_figure, save_figure
 
     images = torch.stack([data.val[i][0] for i in range(len(data.val))])
     labels = torch.stack([data.val[i][1] for i in range(len(data.val))])
@@ -163,7 +160,7 @@ def plot_permuted_mds(
             extra_labels.append(label)
     model.eval()
     points = classical_mds(model.features(torch.cat([images, torch.stack(extra)])).double().numpy())
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig, ax = new_figure(figsize=(6, 6))
     n = len(images)
     ax.scatter(*points[:n].T, c=labels.numpy(), cmap="tab10", s=6, label="test images (colour: class)")
     for label, colour in ((4, "black"), (5, "saddlebrown")):
@@ -171,8 +168,7 @@ def plot_permuted_mds(
         ax.scatter(*points[mask].T, c=colour, s=10, label=f"{20 * label} degrees, rows/cols permuted")
     ax.set_title("RNNPool outputs on the lines test set (classical MDS)")
     ax.legend(fontsize=7)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100, tight=False)
 
 
 def pooling_one_go(

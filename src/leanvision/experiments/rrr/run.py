@@ -29,12 +29,13 @@ import torch
 
 from leanvision.analysis.cost import profile
 from leanvision.bench import benchmark, calibrate_batchnorm
-from leanvision.checkpoints import save_checkpoint
+from leanvision.deploy.fused_rrr import FusedRRRNet
 from leanvision.engine.data import DataSplits, build_dataset, metaalbum_datasets
 from leanvision.engine.train import seed_everything
-from leanvision.models.rrrnet import RESNETS, STEM, FusedRRRNet, RRRNet
-from leanvision.rrr.state import load_state, write_json_atomic
-from leanvision.rrr.train import finetune, fit_rrr
+from leanvision.experiments.rrr.state import load_state, write_json_atomic
+from leanvision.experiments.rrr.train import finetune, fit_rrr
+from leanvision.models.rrrnet import RESNETS, STEM, RRRNet
+from leanvision.models.weights import save_checkpoint
 
 METHODS = ("linear_probe", "fine_tune", "resnet1111", "rrrnet")
 
@@ -197,12 +198,9 @@ def run_methods(
 
 def plot_accuracy_vs_macs(methods: dict[str, dict[str, Any]], path: Path) -> None:
     """Mean accuracy against MACs, one point per method."""
-    import matplotlib
+    from leanvision.plotting import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     for entry in methods.values():
         ax.plot(entry["macs"] / 1e9, entry["mean_acc"], marker="o", linestyle="none", label=entry["label"])
     ax.set_xscale("log")
@@ -210,6 +208,4 @@ def plot_accuracy_vs_macs(methods: dict[str, dict[str, Any]], path: Path) -> Non
     ax.set_ylabel("mean test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -37,7 +37,7 @@ def models(
     as_json: JsonOpt = False,
 ) -> None:
     """List the registered model names."""
-    from leanvision.registry import get_model_config, list_models
+    from leanvision.models.registry import get_model_config, list_models
 
     names = list_models(pattern)
     if as_json:
@@ -152,8 +152,8 @@ def compare(
     as_json: JsonOpt = False,
 ) -> None:
     """Compare models side by side: params, MACs, batch-1 CPU latency, and the papers' numbers."""
-    from leanvision.compare import TABLE5_MODELS
-    from leanvision.compare import compare as run_compare
+    from leanvision.experiments.compare import TABLE5_MODELS
+    from leanvision.experiments.compare import compare as run_compare
 
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True, disable=as_json
@@ -204,7 +204,7 @@ def demo(
     latency_seconds: Annotated[float, typer.Option(help="Timed seconds of latency per model.")] = 2.0,
 ) -> None:
     """The main job: train a MobileNetV2, a ReXNet and an RNNPool net on the same data and compare costs."""
-    from leanvision.demo import DemoConfig, run_demo
+    from leanvision.experiments.demo import DemoConfig, run_demo
 
     config = DemoConfig(
         data, tuple(models.split(",")), epochs, img_size, seed=seed, out=out, latency_seconds=latency_seconds
@@ -390,10 +390,10 @@ def repro(
     """Run a CPU-sized experiment of the RNNPool or ReXNet paper and print ours beside the paper's numbers.
 
     rexnet-factors: ReXNet Table 2, four two-bottleneck networks with matched MACs trained on 5000 images
-    at 16x16 (see leanvision.engine.rexnet_factors); test accuracy and nuclear norm of the final feature.
+    at 16x16 (see leanvision.experiments.rexnet_factors); test accuracy and nuclear norm of the final feature.
     """
-    from leanvision.engine import repro as experiments
-    from leanvision.engine.rexnet_factors import rexnet_factors
+    from leanvision.experiments import repro as experiments
+    from leanvision.experiments.rexnet_factors import rexnet_factors
 
     out = out or f"runs/repro-{name}"
     kwargs = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
@@ -461,7 +461,7 @@ def rrr_reduce(
     seed: Annotated[int, typer.Option(help="Seed of the random part of the branch kernel slices.")] = 0,
 ) -> None:
     """Keep the first blocks of each stage of a pretrained ResNet (by name) and write the checkpoint."""
-    from leanvision.rrr import reduce_checkpoint
+    from leanvision.experiments.rrr import reduce_checkpoint
 
     kept = _blocks(blocks)
     model = _run(lambda: reduce_checkpoint(backbone, weights, kept, out, num_classes, branches, seed))
@@ -495,7 +495,7 @@ def rrr_select(
 ) -> None:
     """Forward block selection: train 1111, 2111, ... (one block more per step, each warm-started from the
     last), score each on held-out training images, stop by patience or target; re-running continues."""
-    from leanvision.rrr import SelectConfig, select_blocks
+    from leanvision.experiments.rrr import SelectConfig, select_blocks
 
     config = SelectConfig(
         weights, data, backbone, out, epochs, holdout, img_size, batch_size, seed=seed, patience=patience,
@@ -541,7 +541,7 @@ def rrr_run(
 ) -> None:
     """The paper's comparison: linear probe, full fine-tuning, ResNet 1111 and RRR-Net on every dataset;
     accuracy per dataset and mean, params, MACs and batch-1 CPU latency. Re-running continues."""
-    from leanvision.rrr import METHODS, RunConfig, run_methods
+    from leanvision.experiments.rrr import METHODS, RunConfig, run_methods
 
     config = RunConfig(
         data, weights, backbone, tuple(methods.split(",")) if methods else METHODS, epochs, img_size,
@@ -661,7 +661,7 @@ def rank_command(
     sum(s)/max(s) (scale-free, in [1, min(N, D)]) and the rank at rtol 0.01; --plot draws the cumulative
     distribution of s/max(s) with all models on one plot.
     """
-    from leanvision.analysis.feature_rank import feature_spectrum, plot_spectra
+    from leanvision.experiments.feature_rank import feature_spectrum, plot_spectra
 
     if len(model) != len(checkpoint):
         _fail(f"give one --checkpoint per --model: got {len(model)} models and {len(checkpoint)} checkpoints")
@@ -731,7 +731,12 @@ def search_channels(
     """Sample channel configurations under the limits, train each, report Figure 2 and Table 3 (ReXNet S4).
 
     Re-run the same command to resume; run it on several machines with one --storage to share the work."""
-    from leanvision.search.study import SearchSettings, WorkerError, run_search, table3_rows
+    from leanvision.experiments.channel_search.study import (
+        SearchSettings,
+        WorkerError,
+        run_search,
+        table3_rows,
+    )
 
     settings = SearchSettings(
         blocks=blocks, max_params=_count(max_params, "--max-params"), max_macs=_count(max_macs, "--max-macs"),
@@ -766,7 +771,7 @@ def search_channels(
 
 def _run(work):
     """Run `work`, turning the library's input errors into one clear line and exit code 2."""
-    from leanvision.checkpoints import CheckpointError
+    from leanvision.models.weights import CheckpointError
 
     try:
         return work()
@@ -774,5 +779,9 @@ def _run(work):
         _fail(str(err))
 
 
-if __name__ == "__main__":
+def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from leanvision.checkpoints import save_checkpoint
 from leanvision.engine.data import DataSplits
 from leanvision.engine.train import TrainConfig, evaluate, seed_everything, train
 from leanvision.models.rrrnet import RRRNet
+from leanvision.models.weights import save_checkpoint
 
 
 def reduce_checkpoint(
