@@ -20,8 +20,10 @@ test: $(STAMP)  ## fast test suite (slow tests are marked and skipped)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, and the import contract (imports go downward only: [tool.importlinter] in pyproject)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)  ## speed comparison against timm, writes results/rexnet_speed.json
 	$(PY) benchmarks/rexnet_speed.py

@@ -7,7 +7,8 @@ import torch
 
 import leanvision
 from conftest import randomize_
-from leanvision.models.weights import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
+from leanvision.errors import CheckpointError
+from leanvision.models.weights import load_checkpoint, read_state_dict, save_checkpoint
 
 
 @pytest.mark.parametrize("name", ["rexnet_100", "rexnet_130"])

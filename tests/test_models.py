@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import leanvision
-from leanvision.models.registry import UnknownModelError
+from leanvision.errors import UnknownModelError
 from leanvision.models.rexnet import rexnet_channels
 
 # rexnet-reference.md (ReXNet, ReXNet-lite), MobileNetV1/V2 reference counts (torchvision, timm).

@@ -7,11 +7,11 @@ import torch
 
 import leanvision
 from conftest import randomize_
+from leanvision.errors import CheckpointError
 from leanvision.layers import RNNPool, RNNPoolLayer
 from leanvision.layers.downsample import DOWNSAMPLE_KINDS, create_downsample
 from leanvision.models.mobilenet import MobileNetV1, MobileNetV2
 from leanvision.models.rnnpool_nets import DenseNet
-from leanvision.models.weights import CheckpointError
 from test_rnnpool import load_golden
 
 RNNPOOL_MODELS = [

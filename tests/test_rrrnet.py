@@ -16,9 +16,9 @@ from leanvision.analysis.cost import profile
 from leanvision.cli import app
 from leanvision.deploy import FusedRRRNet
 from leanvision.engine.data import DataSplits, TensorImages
+from leanvision.errors import CheckpointError
 from leanvision.experiments.rrr import BranchTrainer, fit_rrr
 from leanvision.models.rrrnet import RRRNet, branch_widths, count_branch_params
-from leanvision.models.weights import CheckpointError
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from leanvision.errors import InvalidArgumentError
+
 
 @dataclass
 class BenchResult:
@@ -97,19 +99,23 @@ def _check(
 ) -> torch.device:
     """Raise a ValueError naming the first bad argument; returns the parsed device."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
     if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1 (or None for PyTorch's default), got {threads}")
+        raise InvalidArgumentError(f"threads must be >= 1 (or None for PyTorch's default), got {threads}")
     if len(input_size) != 3 or min(input_size) < 1:
-        raise ValueError(f"input_size must be (channels, height, width) of positive sizes, got {input_size}")
+        raise InvalidArgumentError(
+            f"input_size must be (channels, height, width) of positive sizes, got {input_size}"
+        )
     if warmup < 0 or min_iters < 1 or min_seconds < 0:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"need warmup >= 0, min_iters >= 1 and min_seconds >= 0, got {warmup}, {min_iters}, {min_seconds}"
         )
     if device.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda' (optionally 'cuda:<index>'), got {device!r}")
+        raise InvalidArgumentError(
+            f"device must be 'cpu' or 'cuda' (optionally 'cuda:<index>'), got {device!r}"
+        )
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but torch.cuda.is_available() is False")
+        raise InvalidArgumentError(f"device {device!r} was asked for but torch.cuda.is_available() is False")
     return torch.device(device)
 
 

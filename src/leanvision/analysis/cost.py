@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from leanvision.errors import InvalidArgumentError
+
 aten = torch.ops.aten
 
 
@@ -179,7 +181,7 @@ def profile(
         model, label = model_or_name, type(model_or_name).__name__
     size = (3, input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     if any(s < 1 for s in size):
-        raise ValueError(f"input_size must be positive (C, H, W), got {size}")
+        raise InvalidArgumentError(f"input_size must be positive (C, H, W), got {size}")
     first = next(model.parameters(), None)
     x = torch.randn(1, *size, device=first.device if first is not None else "cpu")
 

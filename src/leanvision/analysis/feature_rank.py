@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from leanvision.analysis.rank import RANK_RTOL, numerical_rank
+from leanvision.errors import InvalidArgumentError
 
 
 @dataclass
@@ -55,7 +56,7 @@ def classifier_of(model: nn.Module) -> nn.Module:
             layer = layer[-1]
         if isinstance(layer, nn.Module):
             return layer
-    raise ValueError(
+    raise InvalidArgumentError(
         f"{type(model).__name__} has no classifier to take the penultimate features from: expected "
         "get_classifier(), or a `fc` or `classifier` layer"
     )
@@ -72,10 +73,10 @@ def penultimate_features(
     """[N, D] inputs of the classifier of `model` (eval mode) for the first `max_images` of `dataset`."""
     if max_images is not None:
         if max_images < 1:
-            raise ValueError(f"max_images must be at least 1, got {max_images}")
+            raise InvalidArgumentError(f"max_images must be at least 1, got {max_images}")
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
     if len(dataset) == 0:
-        raise ValueError("cannot take features of an empty dataset")
+        raise InvalidArgumentError("cannot take features of an empty dataset")
     captured: list[torch.Tensor] = []
     hook = classifier_of(model).register_forward_pre_hook(
         lambda module, inputs: captured.append(inputs[0].flatten(1).float().cpu())
@@ -101,5 +102,5 @@ def summarize(singular_values: torch.Tensor) -> tuple[float, float, int]:
 def spectrum_of(features: torch.Tensor) -> torch.Tensor:
     """Descending singular values (float64) of a feature matrix [N, D]."""
     if features.ndim != 2 or not features.shape[0] or not features.shape[1]:
-        raise ValueError(f"expected a non-empty feature matrix [N, D], got {list(features.shape)}")
+        raise InvalidArgumentError(f"expected a non-empty feature matrix [N, D], got {list(features.shape)}")
     return torch.linalg.svdvals(features.double())

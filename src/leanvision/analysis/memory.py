@@ -25,6 +25,7 @@ from leanvision.analysis.memory_blocks import group_ops, layer_cost
 from leanvision.analysis.memory_min import min_steps
 from leanvision.analysis.memory_planner import live_per_op, place_greedy_by_size, plan_buffers
 from leanvision.analysis.memory_trace import Graph, input_shape, trace_graph
+from leanvision.errors import InvalidArgumentError
 
 CONVENTIONS = ("layer", "min", "planner")
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "uint8": 1}
@@ -93,7 +94,9 @@ def as_graph(
 def check_dtype_bytes(dtype_bytes: int) -> None:
     """Raise ValueError unless `dtype_bytes` is an element size we count (1, 2, 4 or 8)."""
     if dtype_bytes not in set(DTYPE_BYTES.values()) | {8}:
-        raise ValueError(f"dtype_bytes must be 1 (int8), 2 (fp16/bf16), 4 (fp32) or 8, got {dtype_bytes!r}")
+        raise InvalidArgumentError(
+            f"dtype_bytes must be 1 (int8), 2 (fp16/bf16), 4 (fp32) or 8, got {dtype_bytes!r}"
+        )
 
 
 def peak_memory(
@@ -111,7 +114,7 @@ def peak_memory(
     `create_model(name, **model_kwargs)`; a `trace(...)` result is reused as it is.
     """
     if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+        raise InvalidArgumentError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     check_dtype_bytes(dtype_bytes)
     graph = as_graph(model_or_name, input_size, **model_kwargs)
     notes = [f"activations only, batch 1, {dtype_bytes} bytes per element; KiB/MiB are 2^10/2^20 bytes"]

@@ -23,6 +23,7 @@ from torchvision.models import densenet, efficientnet, mobilenetv2, mobilenetv3,
 from torchvision.models.googlenet import Inception
 
 from leanvision.analysis.memory_trace import CONV_OPS, ELEMENTWISE_OPS, VIEW_OPS, Graph, Op
+from leanvision.errors import InvalidArgumentError
 from leanvision.layers.inverted_residual import LinearBottleneck
 from leanvision.layers.rnnpool import RNNPool, RNNPoolLayer
 
@@ -144,7 +145,9 @@ def _inception_paths(graph: Graph, group: Group) -> tuple[str, ...]:
     while last.alias_of is not None and last.base_kind != "cat":
         last = graph.by_name[last.alias_of]
     if last.base_kind != "cat":
-        raise ValueError(f"inception block {group.name} does not end in a concatenation of its paths")
+        raise InvalidArgumentError(
+            f"inception block {group.name} does not end in a concatenation of its paths"
+        )
     return last.inputs
 
 

@@ -17,8 +17,10 @@ import torch
 from torch import fx, nn
 from torch.fx.operator_schemas import normalize_function
 
+from leanvision.errors import InvalidArgumentError
 
-class TraceError(ValueError):
+
+class TraceError(InvalidArgumentError):
     """The model could not be traced into a static graph."""
 
 
@@ -129,7 +131,9 @@ def input_shape(input_size: tuple[int, ...] | int) -> tuple[int, int, int]:
     """(C, H, W) from a tuple or one int (a square 3-channel image); raises on anything else."""
     size = (3, input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     if len(size) != 3 or any(not isinstance(s, int) or s < 1 for s in size):
-        raise ValueError(f"input_size must be (C, H, W) positive ints or one int, got {input_size!r}")
+        raise InvalidArgumentError(
+            f"input_size must be (C, H, W) positive ints or one int, got {input_size!r}"
+        )
     return size
 
 

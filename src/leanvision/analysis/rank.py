@@ -66,6 +66,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from leanvision.errors import InvalidArgumentError
+
 BLOCKS = ("conv1x1", "conv3x3", "ib_conv", "ib_dwconv")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -166,23 +168,29 @@ def rank_study(
     for name, given, known in (("block", blocks, BLOCKS), ("activation", activations, ACTIVATIONS)):
         unknown = [b for b in given if b not in known]
         if unknown or not given:
-            raise ValueError(f"unknown {name} {unknown or given!r}; expected some of {', '.join(known)}")
+            raise InvalidArgumentError(
+                f"unknown {name} {unknown or given!r}; expected some of {', '.join(known)}"
+            )
     bad = [r for r in ratios if not 0 < r <= 1]
     if bad or not ratios:
-        raise ValueError(f"dimension ratios must lie in (0, 1], got {list(ratios)!r}")
+        raise InvalidArgumentError(f"dimension ratios must lie in (0, 1], got {list(ratios)!r}")
     d_min, d_max = d_out_range
     if not 1 <= d_min <= d_max:
-        raise ValueError(f"d_out_range must be (low, high) with 1 <= low <= high, got {d_out_range!r}")
+        raise InvalidArgumentError(
+            f"d_out_range must be (low, high) with 1 <= low <= high, got {d_out_range!r}"
+        )
     if batch <= d_max:
-        raise ValueError(f"batch must exceed the largest d_out ({d_max}) as N > d_out, got {batch}")
+        raise InvalidArgumentError(f"batch must exceed the largest d_out ({d_max}) as N > d_out, got {batch}")
     if networks < 1:
-        raise ValueError(f"networks must be at least 1, got {networks}")
+        raise InvalidArgumentError(f"networks must be at least 1, got {networks}")
     if rtol is not None and not 0 <= rtol < 1:
-        raise ValueError(f"rtol must lie in [0, 1), got {rtol}")
+        raise InvalidArgumentError(f"rtol must lie in [0, 1), got {rtol}")
     if energy is not None and not 0 < energy <= 1:
-        raise ValueError(f"energy must lie in (0, 1], got {energy}")
+        raise InvalidArgumentError(f"energy must lie in (0, 1], got {energy}")
     if bottleneck_act not in BOTTLENECK_ACTS:
-        raise ValueError(f"unknown bottleneck_act {bottleneck_act!r}; expected one of {BOTTLENECK_ACTS}")
+        raise InvalidArgumentError(
+            f"unknown bottleneck_act {bottleneck_act!r}; expected one of {BOTTLENECK_ACTS}"
+        )
     if rtol is None:
         rtol = torch.finfo(torch.float32).eps * max(d_max, batch)
 

@@ -33,6 +33,7 @@ from leanvision.analysis.memory import as_graph, check_dtype_bytes, format_bytes
 from leanvision.analysis.memory_blocks import Group, group_ops, is_pointwise, layer_cost
 from leanvision.analysis.memory_min import receptive_fields
 from leanvision.analysis.memory_trace import CONV_OPS, Graph, Op
+from leanvision.errors import InvalidArgumentError
 
 
 @dataclass
@@ -81,12 +82,12 @@ def recompute_cost(
     from leanvision.analysis.cost import profile
 
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
-        raise ValueError(f"budget_bytes must be a positive int, got {budget_bytes!r}")
+        raise InvalidArgumentError(f"budget_bytes must be a positive int, got {budget_bytes!r}")
     check_dtype_bytes(dtype_bytes)
     graph = as_graph(model_or_name, input_size, **model_kwargs)
     groups, unknown = group_ops(graph)
     if unknown:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{graph.label}: blocks of unknown structure ({', '.join(unknown)}); recomputation is "
             "planned over the layer convention's known blocks"
         )
@@ -98,7 +99,7 @@ def recompute_cost(
     limit = budget_bytes // dtype_bytes  # elements
     smallest = min(s.peak for s in schedules)
     if limit < smallest:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{graph.label}: budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the "
             f"smallest peak recomputation reaches, {format_bytes(smallest * dtype_bytes)} "
             f"({smallest * dtype_bytes} bytes at {dtype_bytes} bytes per element)"

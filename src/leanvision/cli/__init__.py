@@ -770,12 +770,13 @@ def search_channels(
 
 
 def _run(work):
-    """Run `work`, turning the library's input errors into one clear line and exit code 2."""
-    from leanvision.models.weights import CheckpointError
+    """Run `work`, turning leanvision's input errors into one clear line and exit code 2; any other
+    exception is a bug and keeps its traceback."""
+    from leanvision.errors import LeanvisionError
 
     try:
         return work()
-    except (ValueError, KeyError, FileNotFoundError, CheckpointError) as err:
+    except LeanvisionError as err:
         _fail(str(err))
 
 

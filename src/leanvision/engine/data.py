@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from leanvision.engine import synthetic
+from leanvision.errors import DataError, MissingFileError
 from leanvision.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -105,7 +106,7 @@ class TensorImages(Dataset):
         augment: bool = False,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(targets):
-            raise ValueError(f"expected uint8 images [N, C, H, W] and N targets, got {list(images.shape)}")
+            raise DataError(f"expected uint8 images [N, C, H, W] and N targets, got {list(images.shape)}")
         self.images, self.targets, self.augment = images, targets, augment
         self.mean = torch.tensor(mean).view(-1, 1, 1) * 255
         self.std = torch.tensor(std).view(-1, 1, 1) * 255
@@ -141,7 +142,7 @@ def _parse_options(spec: str, text: str, allowed: dict[str, int]) -> dict[str, i
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key not in allowed or not value.lstrip("-").isdigit():
-            raise ValueError(
+            raise DataError(
                 f"bad option {item!r} in {spec!r}: expected key=integer with keys {sorted(allowed)}"
             )
         options[key] = int(value)
@@ -150,7 +151,7 @@ def _parse_options(spec: str, text: str, allowed: dict[str, int]) -> dict[str, i
 
 def synthetic_splits(spec: str, name: str, options: str, img_size: int | None) -> DataSplits:
     if name not in synthetic.SYNTHETIC:
-        raise ValueError(
+        raise DataError(
             f"unknown synthetic dataset {name!r} in {spec!r}; expected one of {sorted(synthetic.SYNTHETIC)}"
         )
     opts = _parse_options(spec, options, {"train": 10000, "val": 2000, "seed": 0})
@@ -173,14 +174,14 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable idx file: {err}") from err
+        raise DataError(f"{path} is not a readable idx file: {err}") from err
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an idx file of unsigned bytes (bad magic number {data[:4].hex()})")
+        raise DataError(f"{path} is not an idx file of unsigned bytes (bad magic number {data[:4].hex()})")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
     if len(data) - offset != int(np.prod(dims)):
-        raise ValueError(
+        raise DataError(
             f"{path} is truncated or corrupt: header says {dims}, found {len(data) - offset} bytes"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
@@ -190,7 +191,7 @@ def _find(root: Path, name: str) -> Path:
     for candidate in (root / f"{name}.gz", root / name):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"fashion-mnist: {name}.gz not found in {root}. Install it with `apt-get install "
         f"dataset-fashion-mnist` (or `make data`), or pass fashion-mnist:DIR with the four idx files"
     )
@@ -203,7 +204,7 @@ def fashion_mnist_splits(spec: str, root: str, img_size: int | None) -> DataSpli
         images = read_idx(_find(base, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_find(base, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.shape != images.shape[:1] or labels.max(initial=0) >= 10:
-            raise ValueError(
+            raise DataError(
                 f"fashion-mnist {prefix}: images {images.shape} and labels {labels.shape} do not match"
             )
         tensor = _resize(torch.from_numpy(images.copy())[:, None], img_size or images.shape[-1])
@@ -235,9 +236,9 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
         data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[label_key], dtype=np.int64)
     except (OSError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as err:
-        raise ValueError(f"{path} is not a readable CIFAR batch file: {err}") from err
+        raise DataError(f"{path} is not a readable CIFAR batch file: {err}") from err
     if len(labels) != len(data):
-        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
+        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
     return data, labels
 
 
@@ -247,7 +248,7 @@ def cifar_splits(spec: str, kind: str, root: str, img_size: int | None) -> DataS
     base = base if (base / train_files[0]).is_file() else base / folder
     missing = [f for f in train_files + test_files if not (base / f).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{kind}: {missing} not found in {base}. Download it once with "
             f"torchvision.datasets.{kind.upper()}('{root}', download=True) and pass {kind}:{root}"
         )
@@ -287,7 +288,7 @@ def scan_images(root: Path, classes: list[str], strict: bool) -> list[tuple[Path
     ]
     samples = readable_images(samples, root, strict)
     if not samples:
-        raise ValueError(f"no readable images under {root}/{{{','.join(classes[:3])}...}}")
+        raise DataError(f"no readable images under {root}/{{{','.join(classes[:3])}...}}")
     return samples
 
 
@@ -302,7 +303,7 @@ def readable_images(samples: list[tuple[Path, int]], root: Path, strict: bool) -
                 image.verify()
         except (OSError, UnidentifiedImageError, SyntaxError) as err:
             if strict:
-                raise ValueError(f"corrupt or missing image {path}: {err}") from err
+                raise DataError(f"corrupt or missing image {path}: {err}") from err
             bad.append(path)
             continue
         readable.append((path, index))
@@ -339,7 +340,7 @@ def folder_splits(
     base = Path(root)
     for split in ("train", "val"):
         if not (base / split).is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{spec}: {base / split} is not a folder "
                 "(expected DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg)"
             )
@@ -349,7 +350,7 @@ def folder_splits(
             f"{split}/{s}" for split in ("train", "val") for s in classes if not (base / split / s).is_dir()
         ]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"imagenet10: {base} lacks {missing}. ImageNet-10 (RNNPool Table 6) needs train/ and val/ "
                 "folders per synset; n02430045 (deer) is not in ImageNet-1K: "
                 "the paper took it from ImageNet-22K"
@@ -358,7 +359,7 @@ def folder_splits(
     else:
         classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
         if not classes:
-            raise ValueError(f"{spec}: no class folders in {base / 'train'}")
+            raise DataError(f"{spec}: no class folders in {base / 'train'}")
         names = tuple(classes)
     size = img_size or 224
     splits = [
@@ -374,7 +375,7 @@ def _read_metaalbum_labels(labels: Path) -> list[tuple[str, str]]:
         reader = csv.DictReader(f)
         missing = {"FILE_NAME", "CATEGORY"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{labels}: missing column(s) {sorted(missing)}; expected FILE_NAME and CATEGORY, "
                 f"got {reader.fieldnames}"
             )
@@ -382,13 +383,13 @@ def _read_metaalbum_labels(labels: Path) -> list[tuple[str, str]]:
         for row in reader:
             file, category = row["FILE_NAME"], row["CATEGORY"]
             if not file or not category:  # None when the row is short, "" when a cell is empty
-                raise ValueError(
+                raise DataError(
                     f"{labels}, line {reader.line_num}: empty FILE_NAME or CATEGORY in {row}; every row "
                     "needs both"
                 )
             rows.append((file, category))
     if not rows:
-        raise ValueError(f"{labels} has a header but no rows (expected one row per image)")
+        raise DataError(f"{labels} has a header but no rows (expected one row per image)")
     return rows
 
 
@@ -402,14 +403,14 @@ def metaalbum_datasets(spec: str) -> list[str]:
     (sorted by folder name, same options) for a set folder, whose subfolders hold labels.csv."""
     kind, _, arg = spec.partition(":")
     if kind != "metaalbum" or not arg:
-        raise ValueError(f"expected a Meta-Album spec metaalbum:DIR[,options], got {spec!r}")
+        raise DataError(f"expected a Meta-Album spec metaalbum:DIR[,options], got {spec!r}")
     root_text, comma, options = arg.partition(",")
     root = Path(root_text)
     if (root / "labels.csv").is_file():
         return [spec]
     datasets = _dataset_folders(root)
     if not datasets:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{spec}: no Meta-Album dataset in {root} (expected DIR/labels.csv for a dataset, or "
             "DIR/<DATASET>/labels.csv for a set)"
         )
@@ -427,7 +428,7 @@ def metaalbum_splits(spec: str, arg: str, img_size: int | None, strict: bool) ->
     opts = _parse_options(spec, options, {"seed": 0, "per_class": METAALBUM_PER_CLASS, "holdout": 0})
     root, per_class, holdout = Path(root_text), opts["per_class"], opts["holdout"]
     if per_class < 1 or not 0 <= holdout < per_class:
-        raise ValueError(
+        raise DataError(
             f"{spec}: need per_class >= 1 and 0 <= holdout < per_class, got {per_class}, {holdout}"
         )
     labels = root / "labels.csv"
@@ -439,7 +440,7 @@ def metaalbum_splits(spec: str, arg: str, img_size: int | None, strict: bool) ->
             if inside
             else ""
         )
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{spec}: {labels} not found (expected DIR/images/, DIR/labels.csv, DIR/info.json){hint}"
         )
     rows = _read_metaalbum_labels(labels)
@@ -450,7 +451,7 @@ def metaalbum_splits(spec: str, arg: str, img_size: int | None, strict: bool) ->
     for index, name in enumerate(classes):
         files = sorted(file for file, category in rows if category == name)
         if len(files) < 2 * per_class:
-            raise ValueError(
+            raise DataError(
                 f"{labels}: class {name!r} has {len(files)} images; a {per_class}/{per_class} split needs "
                 f"{2 * per_class}"
             )
@@ -472,7 +473,7 @@ def build_dataset(spec: str, img_size: int | None = None, strict: bool = False) 
     `strict` fails on the first corrupt image file instead of skipping it with a warning.
     """
     if img_size is not None and img_size < 16:
-        raise ValueError(f"img_size must be >= 16, got {img_size}")
+        raise DataError(f"img_size must be >= 16, got {img_size}")
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
         name, _, options = arg.partition(",")
@@ -480,7 +481,7 @@ def build_dataset(spec: str, img_size: int | None = None, strict: bool = False) 
     if kind == "fashion-mnist":
         return fashion_mnist_splits(spec, arg, img_size)
     if kind in ("cifar10", "cifar100", "folder", "imagenet10", "metaalbum") and not arg:
-        raise ValueError(f"data spec {spec!r} needs a folder: {kind}:DIR")
+        raise DataError(f"data spec {spec!r} needs a folder: {kind}:DIR")
     if kind in CIFAR:
         return cifar_splits(spec, kind, arg, img_size)
     if kind == "folder":
@@ -489,4 +490,4 @@ def build_dataset(spec: str, img_size: int | None = None, strict: bool = False) 
         return folder_splits(spec, arg, img_size, strict, IMAGENET10_SYNSETS)
     if kind == "metaalbum":
         return metaalbum_splits(spec, arg, img_size, strict)
-    raise ValueError(f"unknown data spec {spec!r}; expected one of {SPEC_HELP}")
+    raise DataError(f"unknown data spec {spec!r}; expected one of {SPEC_HELP}")

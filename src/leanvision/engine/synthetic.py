@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from leanvision.errors import DataError
+
 ORIENTATIONS = tuple(range(0, 180, 20))
 SHAPES = ("circle", "triangle", "square", "pentagon", "hexagon")
 SYNTHETIC = {"lines": ORIENTATIONS, "multilines": ORIENTATIONS, "shapes": SHAPES}
@@ -89,10 +91,10 @@ def generate(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`count` samples of dataset `name`: images [count, size, size] uint8 and targets."""
     if name not in SYNTHETIC:
-        raise ValueError(f"unknown synthetic dataset {name!r}; expected one of {sorted(SYNTHETIC)}")
+        raise DataError(f"unknown synthetic dataset {name!r}; expected one of {sorted(SYNTHETIC)}")
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     if size < 16 or count < 1:
-        raise ValueError(f"need an image size >= 16 and a count >= 1, got size {size} and count {count}")
+        raise DataError(f"need an image size >= 16 and a count >= 1, got size {size} and count {count}")
     images, targets = zip(*(make_sample(name, size, seed, split, i) for i in range(count)))
     return np.stack(images), np.stack(targets)

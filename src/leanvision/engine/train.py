@@ -40,7 +40,8 @@ from leanvision.engine.train_state import (
     save_atomic,
     set_rng_state,
 )
-from leanvision.models.weights import CheckpointError, load_checkpoint
+from leanvision.errors import CheckpointError, InvalidArgumentError
+from leanvision.models.weights import load_checkpoint
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "none")
@@ -82,18 +83,20 @@ class TrainConfig:
     def check(self) -> None:
         """Raise a ValueError naming the first bad setting."""
         if self.opt not in OPTIMIZERS:
-            raise ValueError(f"opt must be one of {OPTIMIZERS}, got {self.opt!r}")
+            raise InvalidArgumentError(f"opt must be one of {OPTIMIZERS}, got {self.opt!r}")
         if self.sched not in SCHEDULES:
-            raise ValueError(f"sched must be one of {SCHEDULES}, got {self.sched!r}")
+            raise InvalidArgumentError(f"sched must be one of {SCHEDULES}, got {self.sched!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 0:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"need epochs >= 1, batch_size >= 1, workers >= 0; got {self.epochs}, {self.batch_size}, "
                 f"{self.workers}"
             )
         if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+            raise InvalidArgumentError(
+                f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"
+            )
         if not self.lr > 0 or self.wd < 0 or not 0 <= self.label_smoothing < 1 or not 0 <= self.momentum < 1:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"need lr > 0, wd >= 0, 0 <= label_smoothing < 1, 0 <= momentum < 1; got lr={self.lr}, "
                 f"wd={self.wd}, label_smoothing={self.label_smoothing}, momentum={self.momentum}"
             )
@@ -116,7 +119,7 @@ def setup_distributed(device: str | None) -> Dist:
     """Join the torchrun process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1."""
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but torch.cuda.is_available() is False")
+        raise InvalidArgumentError(f"device {device!r} was asked for but torch.cuda.is_available() is False")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(device=torch.device(device or ("cuda" if use_cuda else "cpu")))
@@ -146,7 +149,7 @@ def make_model(name: str, data: DataSplits) -> nn.Module:
     except TypeError as err:
         if "in_chans" not in str(err):
             raise
-        raise ValueError(
+        raise InvalidArgumentError(
             f"model {name!r} takes 3-channel images (it has no in_chans option) but {data.spec!r} has "
             f"{data.channels}-channel images"
         ) from err
@@ -161,14 +164,14 @@ def check_model_fits(model: nn.Module, data: DataSplits, name: str) -> None:
         with torch.no_grad():
             out = model.eval()(images.to(device))
     except (ValueError, RuntimeError) as err:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"model {name!r} cannot take the {list(images.shape[1:])} images of {data.spec!r}: {err} "
             "(change --img-size)"
         ) from err
     finally:
         model.train(was_training)
     if out.ndim != 2 or out.shape[1] != data.num_classes:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"model {name!r} gives {list(out.shape[1:])} outputs per image but {data.spec!r} has "
             f"{data.num_classes} classes"
         )
@@ -270,7 +273,7 @@ def evaluate(
         meter.update(criterion(logits, targets), logits, targets)
     model.train(was_training)
     if meter is None:
-        raise ValueError("cannot evaluate on an empty dataset")
+        raise InvalidArgumentError("cannot evaluate on an empty dataset")
     return meter.result()
 
 
@@ -324,7 +327,7 @@ def _resume_config(config: TrainConfig, state: dict[str, Any], path: Path) -> Tr
     saved = state["config"]
     for key in ("model", "data"):
         if saved[key] != getattr(config, key):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"cannot resume: {path} is a checkpoint of {key} {saved[key]!r}, not {getattr(config, key)!r}"
             )
     known = {f.name for f in fields(TrainConfig)}
@@ -351,7 +354,9 @@ def train(
         state = load_training_checkpoint(checkpoint_path)
         config = _resume_config(config, state, checkpoint_path)
     elif checkpoint_path.exists():
-        raise ValueError(f"{out} already holds a run ({checkpoint_path}); pass --resume or another --out")
+        raise InvalidArgumentError(
+            f"{out} already holds a run ({checkpoint_path}); pass --resume or another --out"
+        )
     ctx = setup_distributed(config.device)
     try:
         result = _train(config, model, data, on_epoch_end, state, ctx)
@@ -539,7 +544,9 @@ def load_model_for_data(
     """
     saved = read_training_config(checkpoint)
     if saved is not None and saved["model"] != model_name:
-        raise ValueError(f"{checkpoint} is a checkpoint of model {saved['model']!r}, not {model_name!r}")
+        raise InvalidArgumentError(
+            f"{checkpoint} is a checkpoint of model {saved['model']!r}, not {model_name!r}"
+        )
     if saved is not None and img_size is None:
         img_size = saved["img_size"]
     data = build_dataset(data_spec, img_size, strict)

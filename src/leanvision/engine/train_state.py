@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from leanvision.errors import InvalidArgumentError, MissingFileError
+
 
 def empty_output_dir(out: str | Path) -> Path:
     """Create `out` for an experiment's results; a folder that already holds files raises a ValueError."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty; pass another --out")
+        raise InvalidArgumentError(f"{out} is not empty; pass another --out")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -71,11 +73,13 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint written by the trainer; anything else raises a ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
+        raise MissingFileError(f"no checkpoint to resume from: {path} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=True)
     missing = {"model", "optimizer", "epoch", "config", "rng"} - set(state)
     if missing:
-        raise ValueError(f"{path} is not a leanvision training checkpoint (missing {sorted(missing)})")
+        raise InvalidArgumentError(
+            f"{path} is not a leanvision training checkpoint (missing {sorted(missing)})"
+        )
     return state
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from leanvision.errors import InvalidArgumentError
+
 # ReXNet paper Table 5 widths, with the MobileNetV2 baselines the paper compares against.
 TABLE5_MODELS = (
     "mobilenetv2_100",
@@ -35,7 +37,7 @@ def interleaved_latency_ms(
     from leanvision.bench import benchmark
 
     if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+        raise InvalidArgumentError(f"rounds must be >= 1, got {rounds}")
     sizes = input_size if isinstance(input_size, dict) else dict.fromkeys(models, input_size)
     round_ms: dict[str, list[float]] = {name: [] for name in models}
     for r in range(rounds):

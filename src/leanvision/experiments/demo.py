@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from leanvision.errors import InvalidArgumentError
+
 DEMO_MODELS = ("mobilenetv2_100_lowres", "rexnet_100_lowres", "rexnet_100_lowres_rnnpool")
 DEMO_DATA = "synthetic:lines,train=4000,val=1000"
 
@@ -57,7 +59,9 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> list[dic
     from leanvision.models.registry import get_model_config
 
     if config.epochs < 1 or not config.models:
-        raise ValueError(f"need epochs >= 1 and at least one model, got {config.epochs} and {config.models}")
+        raise InvalidArgumentError(
+            f"need epochs >= 1 and at least one model, got {config.epochs} and {config.models}"
+        )
     for name in config.models:
         get_model_config(name)  # an unknown name fails now, not after the others have trained
     out = empty_output_dir(config.out)

@@ -7,6 +7,7 @@ import torch
 
 from leanvision.analysis.feature_rank import FeatureSpectrum, penultimate_features, spectrum_of, summarize
 from leanvision.engine.train import load_model_for_data
+from leanvision.errors import InvalidArgumentError
 
 SPLITS = ("val", "train")
 
@@ -27,7 +28,7 @@ def feature_spectrum(
     The train split is read as training reads it, augmentation included (seeded, so repeatable).
     """
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise InvalidArgumentError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     model, data = load_model_for_data(model_name, checkpoint, data_spec, img_size, strict)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the train split's augmentation draws from the global generator

@@ -22,6 +22,7 @@ from torch import nn
 from leanvision.engine.data import DataSplits, build_dataset
 from leanvision.engine.train import TrainConfig, train
 from leanvision.engine.train_state import empty_output_dir
+from leanvision.errors import InvalidArgumentError
 from leanvision.layers import RNNPool
 
 PROBE_SETTINGS = (("lines", 32), ("multilines", 32), ("multilines", 64), ("shapes", 64))
@@ -68,7 +69,7 @@ def one_go_model(kind: str, in_chans: int, size: int, num_classes: int) -> nn.Mo
         reduce = nn.AdaptiveAvgPool2d(1) if kind == "avg" else nn.AdaptiveMaxPool2d(1)
         pool = nn.Sequential(reduce, nn.Conv2d(in_chans, 128, 1), nn.Flatten())
     else:
-        raise ValueError(f"unknown one-go pooling {kind!r}; expected one of {ONE_GO_KINDS}")
+        raise InvalidArgumentError(f"unknown one-go pooling {kind!r}; expected one of {ONE_GO_KINDS}")
     return nn.Sequential(pool, nn.Linear(128, num_classes))
 
 

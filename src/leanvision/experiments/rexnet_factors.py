@@ -42,6 +42,7 @@ from leanvision.analysis.feature_rank import penultimate_features, spectrum_of, 
 from leanvision.engine.data import DataSplits, build_dataset
 from leanvision.engine.train import TrainConfig, train
 from leanvision.engine.train_state import empty_output_dir
+from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ClassifierHead, ConvNormAct, LinearBottleneck
 from leanvision.models.base import Classifier, feature_level
 
@@ -105,7 +106,7 @@ def macs_of(model: nn.Module, data: DataSplits) -> int:
 def stem_widths(data: DataSplits, width: int = 8, head: int = 256) -> list[int]:
     """Stem width of each TABLE2 network for `data`: `width` for the baseline, then MACs matched to it."""
     if width < 1 or head < 1:
-        raise ValueError(f"width and head must be positive channel counts, got {width} and {head}")
+        raise InvalidArgumentError(f"width and head must be positive channel counts, got {width} and {head}")
 
     def macs(stem: int, factors: Factors) -> int:
         return macs_of(FactorNet(stem, factors, head, data.num_classes, data.channels), data)
@@ -139,11 +140,11 @@ def rexnet_factors(
     nuclear norms over the whole test split, beside the paper's numbers. Writes one training folder per
     run and rexnet_factors.json to `out` (which must be empty). The defaults fit a few CPU minutes."""
     if seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {seeds}")
+        raise InvalidArgumentError(f"seeds must be at least 1, got {seeds}")
     out = empty_output_dir(out)
     splits = build_dataset(data, img_size)
     if splits.multilabel:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{data!r} is multi-label; Table 2 needs a single-label dataset such as fashion-mnist"
         )
     if train_size is not None:

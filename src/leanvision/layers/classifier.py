@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanvision.errors import InvalidArgumentError
 from leanvision.layers.conv import ConvNormAct
 
 
@@ -31,7 +32,7 @@ class ClassifierHead(nn.Module):
     def reset(self, num_classes: int) -> None:
         """Replace the final layer with a fresh one for `num_classes` outputs (0 = no classifier)."""
         if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+            raise InvalidArgumentError(f"num_classes must be >= 0, got {num_classes}")
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from leanvision.errors import InvalidArgumentError
 from leanvision.layers.conv import ActLayer, ConvNormAct
 from leanvision.layers.renet import ReNetLayer
 from leanvision.layers.rnnpool import RNNPoolLayer
@@ -37,9 +38,9 @@ def create_downsample(
     `act_layer` follows the 1x1 conv of the pooling kinds and the strided conv; `cell` is RNNPool's RNN.
     """
     if kind not in DOWNSAMPLE_KINDS:
-        raise ValueError(f"downsample must be one of {DOWNSAMPLE_KINDS}, got {kind!r}")
+        raise InvalidArgumentError(f"downsample must be one of {DOWNSAMPLE_KINDS}, got {kind!r}")
     if hidden_size < 1 or patch_size < stride:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"downsample needs hidden_size >= 1 and patch_size >= stride, got hidden_size={hidden_size}, "
             f"patch_size={patch_size}, stride={stride}"
         )

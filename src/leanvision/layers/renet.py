@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanvision.errors import InvalidArgumentError
 from leanvision.layers.rnn_cells import RecurrentCell, create_cell
 
 
@@ -34,7 +35,7 @@ class ReNetLayer(nn.Module):
     def __init__(self, in_channels: int, hidden: int, patch_size: int, cell: str = "gru") -> None:
         super().__init__()
         if not isinstance(patch_size, int) or patch_size < 1:
-            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+            raise InvalidArgumentError(f"patch_size must be a positive int, got {patch_size!r}")
         self.in_channels, self.hidden, self.patch_size = in_channels, hidden, patch_size
         flat = in_channels * patch_size * patch_size
         self.down, self.up = create_cell(cell, flat, hidden), create_cell(cell, flat, hidden)
@@ -47,9 +48,11 @@ class ReNetLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"ReNetLayer expects input [B, {self.in_channels}, H, W], got {list(x.shape)}")
+            raise InvalidArgumentError(
+                f"ReNetLayer expects input [B, {self.in_channels}, H, W], got {list(x.shape)}"
+            )
         if x.shape[2] < p or x.shape[3] < p:
-            raise ValueError(f"patch {p}x{p} is larger than the {x.shape[2]}x{x.shape[3]} input")
+            raise InvalidArgumentError(f"patch {p}x{p} is larger than the {x.shape[2]}x{x.shape[3]} input")
         # [B, C, H', W', p, p] -> [B, W', H', C*p*p]: patch vectors, columns of the grid as sequences
         grid = x.unfold(2, p, p).unfold(3, p, p).permute(0, 3, 2, 1, 4, 5).flatten(3)
         vertical = torch.cat(

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from leanvision.errors import InvalidArgumentError
+
 
 def quant_sigmoid(x: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear sigmoid of the reference: clamp((x + 1) / 2, 0, 1)."""
@@ -40,14 +42,14 @@ NONLINEARITIES = {
 
 def _nonlinearity(name: str):
     if name not in NONLINEARITIES:
-        raise ValueError(f"unknown nonlinearity {name!r}; expected one of {sorted(NONLINEARITIES)}")
+        raise InvalidArgumentError(f"unknown nonlinearity {name!r}; expected one of {sorted(NONLINEARITIES)}")
     return NONLINEARITIES[name]
 
 
 def _check_sizes(**sizes: int) -> None:
     for name, value in sizes.items():
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _split_like(final: torch.Tensor, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -94,7 +96,7 @@ class RecurrentCell(nn.Module):
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """One step from raw input x [..., input_size]; returns the new state."""
         if x.shape[-1] != self.input_size:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{type(self).__name__} expects inputs [..., {self.input_size}], got {list(x.shape)}"
             )
         if state is None:
@@ -135,7 +137,7 @@ class FastGRNNCell(RecurrentCell):
         _check_sizes(input_size=input_size, hidden_size=hidden_size)
         for name, value in (("w_sparsity", w_sparsity), ("u_sparsity", u_sparsity)):
             if not 0 < value <= 1:
-                raise ValueError(f"{name} is the fraction of weights kept, in (0, 1]; got {value}")
+                raise InvalidArgumentError(f"{name} is the fraction of weights kept, in (0, 1]; got {value}")
         self.input_size, self.hidden_size, self.state_size = input_size, hidden_size, hidden_size
         self.gate_nonlinearity, self.update_nonlinearity = gate_nonlinearity, update_nonlinearity
         self._gate, self._update = _nonlinearity(gate_nonlinearity), _nonlinearity(update_nonlinearity)
@@ -458,5 +460,5 @@ CELLS = {"fastgrnn": FastGRNNCell, "gru": GRUCell, "lstm": LSTMCell}
 def create_cell(name: str, input_size: int, hidden_size: int, **kwargs) -> RecurrentCell:
     """Build a cell by name: 'fastgrnn', 'gru' or 'lstm'."""
     if name not in CELLS:
-        raise ValueError(f"unknown cell {name!r}; expected one of {sorted(CELLS)}")
+        raise InvalidArgumentError(f"unknown cell {name!r}; expected one of {sorted(CELLS)}")
     return CELLS[name](input_size, hidden_size, **kwargs)

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from leanvision.errors import InvalidArgumentError
 from leanvision.layers.rnn_cells import FastGRNNCell, RecurrentCell, create_cell
 
 PADDINGS = ("edgeml", "valid", "same")
@@ -36,7 +37,7 @@ FUSED_TILE_PATCHES = 8192
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or any(not isinstance(v, int) or v < 1 for v in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return pair
 
 
@@ -109,7 +110,7 @@ class RNNPool(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         if patches.ndim != 4 or patches.shape[1] != self.in_channels:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"RNNPool expects patches [N, {self.in_channels}, kh, kw], got {list(patches.shape)}"
             )
         size = (patches.shape[2], patches.shape[3])
@@ -131,7 +132,7 @@ class RNNPool(nn.Module):
             }
             missing = {"W", "U", "bias_gate", "bias_update", "zeta", "nu"} - set(found)
             if missing:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"not an EdgeML RNNPool state_dict: missing {sorted(prefix + m for m in missing)} "
                     f"(got keys {sorted(state_dict)[:6]} ...)"
                 )
@@ -140,7 +141,7 @@ class RNNPool(nn.Module):
         in_channels, hidden1 = rnn1["W"].shape
         hidden2 = rnn2["W"].shape[1]
         if rnn2["W"].shape[0] != hidden1:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"EdgeML state_dict: RNN2 input size {rnn2['W'].shape[0]} != RNN1 hidden size {hidden1}"
             )
         module = cls(int(in_channels), int(hidden1), int(hidden2))
@@ -155,7 +156,7 @@ def _load_fastgrnn(cell: FastGRNNCell, tensors: Mapping[str, torch.Tensor]) -> N
         for name, param in own.items():
             value = tensors[name]
             if value.shape != param.shape:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"EdgeML tensor {name!r} has shape {list(value.shape)}, expected {list(param.shape)}"
                 )
             param.copy_(value)
@@ -184,7 +185,7 @@ class RNNPoolLayer(nn.Module):
     ) -> None:
         super().__init__()
         if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+            raise InvalidArgumentError(f"padding must be one of {PADDINGS}, got {padding!r}")
         self.patch_size, self.stride, self.padding = (
             _pair(patch_size, "patch_size"),
             _pair(stride, "stride"),
@@ -206,7 +207,7 @@ class RNNPoolLayer(nn.Module):
         if self.padding == "same":
             return -(-height // sh), -(-width // sw)
         if height < kh or width < kw:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"patch {kh}x{kw} is larger than the {height}x{width} input (padding={self.padding!r})"
             )
         extra = 1 if self.padding == "edgeml" else 0
@@ -214,7 +215,9 @@ class RNNPoolLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"RNNPoolLayer expects input [B, {self.in_channels}, H, W], got {list(x.shape)}")
+            raise InvalidArgumentError(
+                f"RNNPoolLayer expects input [B, {self.in_channels}, H, W], got {list(x.shape)}"
+            )
         (kh, kw), (sh, sw) = self.patch_size, self.stride
         oh, ow = self.output_size(x.shape[2], x.shape[3])
         if self.padding == "same":  # zeros, evenly, extra at the bottom/right

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanvision.errors import InvalidArgumentError
+
 
 class SqueezeExcite(nn.Module):
     """Global average pool -> 1x1 conv -> BN -> ReLU -> 1x1 conv -> sigmoid -> channel scale.
@@ -22,7 +24,7 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.shape[0] < 2:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "SqueezeExcite has a BatchNorm over a 1x1 map: training needs a batch of at least 2 images, "
                 f"got {x.shape[0]} (use model.eval() for single-image inference)"
             )

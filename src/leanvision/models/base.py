@@ -7,15 +7,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ClassifierHead
 
 
 def check_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
     """Raise a ValueError naming the expected layout when `x` cannot go through the network."""
     if x.ndim != 4 or x.shape[1] != in_chans:
-        raise ValueError(f"{model_name} expects input [B, {in_chans}, H, W], got {list(x.shape)}")
+        raise InvalidArgumentError(f"{model_name} expects input [B, {in_chans}, H, W], got {list(x.shape)}")
     if x.shape[2] < min_size or x.shape[3] < min_size:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{model_name} downsamples by {min_size}: input height and width must be >= {min_size}, "
             f"got {x.shape[2]}x{x.shape[3]}"
         )
@@ -24,7 +25,7 @@ def check_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) 
 def check_width(width_mult: float) -> None:
     """Raise a ValueError unless the width multiplier is a positive number."""
     if not width_mult > 0:
-        raise ValueError(f"width_mult must be a positive number, got {width_mult}")
+        raise InvalidArgumentError(f"width_mult must be a positive number, got {width_mult}")
 
 
 def init_like_torchvision(model: nn.Module) -> None:
@@ -102,7 +103,9 @@ class FeatureExtractor(nn.Module):
         out_indices = list(range(len(levels))) if out_indices is None else list(out_indices)
         bad = [i for i in out_indices if not -len(levels) <= i < len(levels)]
         if bad:
-            raise ValueError(f"out_indices {bad} out of range: the model has {len(levels)} feature levels")
+            raise InvalidArgumentError(
+                f"out_indices {bad} out of range: the model has {len(levels)} feature levels"
+            )
         self.feature_info = [levels[i] for i in out_indices]
         wanted = {info["module"] for info in self.feature_info}
         stages: list[tuple[str, nn.Module]] = []

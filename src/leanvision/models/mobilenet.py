@@ -7,6 +7,7 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual, _make_divisible
 from torchvision.ops.misc import Conv2dNormActivation
 
+from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ClassifierHead, ConvNormAct, RNNPool
 from leanvision.layers.conv import ActLayer
 from leanvision.layers.downsample import create_downsample
@@ -145,9 +146,9 @@ class MobileNetV2(nn.Module):
         super().__init__()
         check_width(width_mult)
         if last_pool not in ("avg", "rnnpool"):
-            raise ValueError(f"last_pool must be 'avg' or 'rnnpool', got {last_pool!r}")
+            raise InvalidArgumentError(f"last_pool must be 'avg' or 'rnnpool', got {last_pool!r}")
         if stem_stride not in (1, 2):
-            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+            raise InvalidArgumentError(f"stem_stride must be 1 or 2, got {stem_stride}")
         self.in_chans = in_chans
         self.total_stride = 16 * stem_stride
         stem_chs = stem_channels or _make_divisible(32 * width_mult, 8)
@@ -211,7 +212,7 @@ class MobileNetV2(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the final Linear by a fresh one for `num_classes` (0 removes it)."""
         if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+            raise InvalidArgumentError(f"num_classes must be >= 0, got {num_classes}")
         fc = nn.Linear(self.last_channel, num_classes) if num_classes else nn.Identity()
         if num_classes:
             nn.init.normal_(fc.weight, 0, 0.01)

@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from leanvision.errors import InvalidArgumentError, UnknownModelError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -30,14 +32,10 @@ class ModelConfig:
 _REGISTRY: dict[str, ModelConfig] = {}
 
 
-class UnknownModelError(ValueError):
-    """Raised for a model name that is not registered."""
-
-
 def register_model(name: str, builder: Callable[..., nn.Module], **config: Any) -> None:
     """Register `name`; `config` holds ModelConfig fields (kwargs, input_size, paper, ...)."""
     if name in _REGISTRY:
-        raise ValueError(f"model name {name!r} is already registered")
+        raise InvalidArgumentError(f"model name {name!r} is already registered")
     _REGISTRY[name] = ModelConfig(name=name, builder=builder, **config)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ClassifierHead, ConvNormAct, LinearBottleneck
 from leanvision.layers.downsample import create_downsample
 from leanvision.models.base import Classifier, check_width, feature_level
@@ -79,7 +80,7 @@ class ReXNet(Classifier):
         super().__init__()
         check_width(width_mult)
         if stem_stride not in (1, 2):
-            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+            raise InvalidArgumentError(f"stem_stride must be 1 or 2, got {stem_stride}")
         self.in_chans = in_chans
         self.total_stride = 16 * stem_stride
         act = nn.ReLU6 if lite else nn.SiLU

@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.models.densenet import _Transition
 from torchvision.models.efficientnet import MBConv, MBConvConfig
 
+from leanvision.errors import InvalidArgumentError
 from leanvision.layers import RNNPool, RNNPoolLayer
 from leanvision.layers.downsample import create_downsample
 from leanvision.models.registry import register_model
@@ -43,7 +44,9 @@ def efficientnet_b0_rnnpool(num_classes: int = 1000, hidden_size: int = 16, patc
 def resnet18_rnnpool(num_classes: int = 1000, hidden_size: int = 32, patch_size: int = 8) -> nn.Module:
     """torchvision's ResNet18 with max pool, conv2_x and conv3_x replaced by an RNNPoolLayer (64 -> 128)."""
     if 4 * hidden_size != 128:
-        raise ValueError("ResNet18-RNNPool feeds conv4_x, which takes 128 channels: hidden_size must be 32")
+        raise InvalidArgumentError(
+            "ResNet18-RNNPool feeds conv4_x, which takes 128 channels: hidden_size must be 32"
+        )
     model = torchvision.models.resnet18(num_classes=num_classes)
     model.maxpool = RNNPoolLayer(64, hidden_size, hidden_size, patch_size, stride=4)
     model.layer1, model.layer2 = nn.Identity(), nn.Identity()
@@ -74,7 +77,7 @@ class DenseNet(torchvision.models.DenseNet):
         super().__init__(32, block_config, 64, num_classes=num_classes, drop_rate=drop_rate)
         for option, value in (("transition_pool", transition_pool), ("last_pool", last_pool)):
             if value not in ("avg", "rnnpool"):
-                raise ValueError(f"{option} must be 'avg' or 'rnnpool', got {value!r}")
+                raise InvalidArgumentError(f"{option} must be 'avg' or 'rnnpool', got {value!r}")
         blocks = OrderedDict(self.features.named_children())
         if downsample is not None:
             t2 = blocks["transition2"].conv.out_channels

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
+from leanvision.errors import CheckpointError, InvalidArgumentError
 from leanvision.models.base import init_like_torchvision
 from leanvision.models.registry import register_model
-from leanvision.models.weights import CheckpointError, load_checkpoint, read_state_dict
+from leanvision.models.weights import load_checkpoint, read_state_dict
 
 Block = type[BasicBlock] | type[Bottleneck]
 RESNETS: dict[str, tuple[Block, tuple[int, int, int, int]]] = {
@@ -98,7 +99,7 @@ def branch_widths(
         widths = (base3 - shift, base4 - shift)
         if branches * count_branch_params(block, widths, top_blocks, num_classes) <= budget:
             return (*widths, shift)
-    raise ValueError(
+    raise InvalidArgumentError(
         f"branches={branches} leaves no width: {branches} branches of {backbone}'s top (floor(256/sqrt(N)) = "
         f"{base3} channels before the shift) cannot fit in the unsplit top's {budget:,} parameters"
     )
@@ -108,10 +109,10 @@ def _check_blocks(backbone: str, blocks: tuple[int, ...]) -> tuple[int, int, int
     depths = RESNETS[backbone][1]
     blocks = tuple(blocks)
     if len(blocks) != 4 or not all(isinstance(b, int) for b in blocks):
-        raise ValueError(f"blocks must be four integers (layer1..layer4), got {blocks}")
+        raise InvalidArgumentError(f"blocks must be four integers (layer1..layer4), got {blocks}")
     for stage, (kept, depth) in enumerate(zip(blocks, depths), start=1):
         if not 1 <= kept <= depth:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"blocks={blocks}: layer{stage} of {backbone} has {depth} blocks, so its count must be in "
                 f"1..{depth} (got {kept}); {backbone} has {depths}"
             )
@@ -155,9 +156,9 @@ class RRRNet(nn.Module):
     ) -> None:
         super().__init__()
         if backbone not in RESNETS:
-            raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(RESNETS)}")
+            raise InvalidArgumentError(f"unknown backbone {backbone!r}; expected one of {sorted(RESNETS)}")
         if not isinstance(branches, int) or branches < 1:
-            raise ValueError(f"branches must be an integer >= 1, got {branches!r}")
+            raise InvalidArgumentError(f"branches must be an integer >= 1, got {branches!r}")
         self.backbone, self.seed = backbone, seed
         self.blocks = _check_blocks(backbone, blocks)
         block = RESNETS[backbone][0]

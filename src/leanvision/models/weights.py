@@ -24,18 +24,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from leanvision.errors import CheckpointError, MissingFileError
+
 WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_state_dict", "net")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or that does not fit the model."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a local checkpoint file, unwrapped from common containers, `module.` prefixes removed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"checkpoint file not found: {path} (leanvision loads weights from local files only)"
         )
     if path.suffix == ".safetensors":

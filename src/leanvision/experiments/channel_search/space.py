@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from torch import nn
 
+from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ClassifierHead, ConvNormAct, LinearBottleneck
 from leanvision.models.base import Classifier, feature_level
 
@@ -78,17 +79,21 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         if self.blocks < 2:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"blocks must be >= 2 (ReXNet footnote 4: one block cannot reach the budget), "
                 f"got {self.blocks}"
             )
         if self.act not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.act!r}; expected one of {sorted(ACTIVATIONS)}")
+            raise InvalidArgumentError(
+                f"unknown activation {self.act!r}; expected one of {sorted(ACTIVATIONS)}"
+            )
         if self.block not in BLOCKS:
-            raise ValueError(f"unknown block type {self.block!r}; expected one of {sorted(BLOCKS)}")
+            raise InvalidArgumentError(f"unknown block type {self.block!r}; expected one of {sorted(BLOCKS)}")
         sizes = {n: getattr(self, n) for n in ("in_chans", "img_size", "num_classes", "min_channels")}
         if min(sizes.values()) < 1:
-            raise ValueError(f"in_chans, img_size, num_classes and min_channels must be >= 1, got {sizes}")
+            raise InvalidArgumentError(
+                f"in_chans, img_size, num_classes and min_channels must be >= 1, got {sizes}"
+            )
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -103,9 +108,9 @@ class SearchSpace:
 def check_channels(channels: Sequence[int], space: SearchSpace) -> None:
     """Raise a ValueError unless `channels` are space.blocks positive, non-decreasing integers."""
     if len(channels) != space.blocks or any(not isinstance(c, int) or c < 1 for c in channels):
-        raise ValueError(f"expected {space.blocks} positive integer widths, got {list(channels)}")
+        raise InvalidArgumentError(f"expected {space.blocks} positive integer widths, got {list(channels)}")
     if any(a > b for a, b in zip(channels, channels[1:])):
-        raise ValueError(f"widths must be non-decreasing (paper eq. 1), got {list(channels)}")
+        raise InvalidArgumentError(f"widths must be non-decreasing (paper eq. 1), got {list(channels)}")
 
 
 def network_cost(channels: Sequence[int], space: SearchSpace) -> tuple[int, int]:
@@ -175,11 +180,13 @@ def _fits(channels: list[int], space: SearchSpace, max_params: int, max_macs: in
 def widest_flat(space: SearchSpace, max_params: int, max_macs: int) -> int:
     """The largest width b whose flat network (every block b) fits; a ValueError when none does."""
     if max_params < 1 or max_macs < 1:
-        raise ValueError(f"max_params and max_macs must be positive, got {max_params} and {max_macs}")
+        raise InvalidArgumentError(
+            f"max_params and max_macs must be positive, got {max_params} and {max_macs}"
+        )
     smallest = [space.min_channels] * space.blocks
     if not _fits(smallest, space, max_params, max_macs):
         params, macs = network_cost(smallest, space)
-        raise ValueError(
+        raise InvalidArgumentError(
             f"no network of {space.blocks} blocks meets max_params {max_params:,} and max_macs "
             f"{max_macs:,}: the smallest (every block {space.min_channels} channels) has {params:,} params "
             f"and {macs:,} MACs"
@@ -235,7 +242,7 @@ def sample_candidates(
             candidates.append(candidate)
             if len(candidates) == count:
                 return candidates
-    raise ValueError(
+    raise InvalidArgumentError(
         f"only {len(candidates)} distinct configurations in {draws} draws: the limits leave too little room "
         f"for {count} models; raise max_params/max_macs or ask for fewer models"
     )

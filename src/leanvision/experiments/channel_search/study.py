@@ -39,6 +39,7 @@ from optuna.trial import TrialState
 
 from leanvision.engine.data import DataSplits, build_dataset
 from leanvision.engine.train import NonFiniteLossError, TrainConfig, train
+from leanvision.errors import InvalidArgumentError
 from leanvision.experiments.channel_search.space import (
     Candidate,
     ChannelSearchNet,
@@ -87,13 +88,13 @@ class SearchSettings:
             n: getattr(self, n) for n in ("models", "epochs", "repeats", "workers", "threads", "batch_size")
         }
         if min(counts.values()) < 1:
-            raise ValueError(f"{', '.join(counts)} must be >= 1, got {counts}")
+            raise InvalidArgumentError(f"{', '.join(counts)} must be >= 1, got {counts}")
         if not 0 < self.fraction <= 1:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"fraction (the share of models in each group) must be in (0, 1], got {self.fraction}"
             )
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise InvalidArgumentError(f"lr must be positive, got {self.lr}")
 
     @property
     def storage_url(self) -> str:
@@ -146,7 +147,7 @@ def _check_study_settings(study: optuna.Study, settings: SearchSettings) -> None
     changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if changed:
         detail = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise ValueError(
+        raise InvalidArgumentError(
             f"study {settings.study_name!r} in {_display_url(settings.storage_url)} was created with other "
             f"settings ({detail}); use the same settings to resume, or another --out / --study-name"
         )

@@ -32,6 +32,7 @@ from leanvision.bench import benchmark, calibrate_batchnorm
 from leanvision.deploy.fused_rrr import FusedRRRNet
 from leanvision.engine.data import DataSplits, build_dataset, metaalbum_datasets
 from leanvision.engine.train import seed_everything
+from leanvision.errors import InvalidArgumentError
 from leanvision.experiments.rrr.state import load_state, write_json_atomic
 from leanvision.experiments.rrr.train import finetune, fit_rrr
 from leanvision.models.rrrnet import RESNETS, STEM, RRRNet
@@ -64,13 +65,15 @@ class RunConfig:
         """Raise a ValueError naming the first bad setting."""
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"unknown method(s) {unknown} in {list(self.methods)}; expected some of {METHODS}"
             )
         if self.backbone not in RESNETS:
-            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {sorted(RESNETS)}")
+            raise InvalidArgumentError(
+                f"unknown backbone {self.backbone!r}; expected one of {sorted(RESNETS)}"
+            )
         if self.epochs < 1 or self.branches < 1 or self.threads < 1:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"need epochs, branches and threads >= 1, got {self.epochs}, {self.branches}, {self.threads}"
             )
 

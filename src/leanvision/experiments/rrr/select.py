@@ -24,10 +24,11 @@ from typing import Any
 
 from leanvision.engine.data import DataSplits, build_dataset
 from leanvision.engine.train import seed_everything
+from leanvision.errors import CheckpointError, InvalidArgumentError
 from leanvision.experiments.rrr.state import load_state, write_json_atomic
 from leanvision.experiments.rrr.train import finetune
 from leanvision.models.rrrnet import RESNETS, RRRNet
-from leanvision.models.weights import CheckpointError, read_state_dict
+from leanvision.models.weights import read_state_dict
 
 STOP_SETTINGS = ("patience", "target", "max_steps")  # may change between runs; the others may not
 
@@ -54,26 +55,32 @@ class SelectConfig:
     def check(self) -> None:
         """Raise a ValueError naming the first bad setting."""
         if self.backbone not in RESNETS:
-            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {sorted(RESNETS)}")
+            raise InvalidArgumentError(
+                f"unknown backbone {self.backbone!r}; expected one of {sorted(RESNETS)}"
+            )
         if not self.data.startswith("metaalbum:"):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"block selection validates on images held out of a Meta-Album dataset's training part: "
                 f"pass --data metaalbum:DIR, got {self.data!r}"
             )
         if self.epochs < 1 or self.holdout < 1:
-            raise ValueError(f"need epochs >= 1 and holdout >= 1, got {self.epochs}, {self.holdout}")
+            raise InvalidArgumentError(
+                f"need epochs >= 1 and holdout >= 1, got {self.epochs}, {self.holdout}"
+            )
         if (self.patience is not None and self.patience < 1) or (
             self.max_steps is not None and self.max_steps < 1
         ):
-            raise ValueError(f"need patience >= 1 and max_steps >= 1, got {self.patience}, {self.max_steps}")
+            raise InvalidArgumentError(
+                f"need patience >= 1 and max_steps >= 1, got {self.patience}, {self.max_steps}"
+            )
         if self.target is not None and not 0 < self.target <= 100:
-            raise ValueError(f"target is a validation accuracy in (0, 100] %, got {self.target}")
+            raise InvalidArgumentError(f"target is a validation accuracy in (0, 100] %, got {self.target}")
 
 
 def block_sequence(backbone: str) -> list[tuple[int, ...]]:
     """1111, then one more block per step, each stage filled before the next: up to the full backbone."""
     if backbone not in RESNETS:
-        raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(RESNETS)}")
+        raise InvalidArgumentError(f"unknown backbone {backbone!r}; expected one of {sorted(RESNETS)}")
     depths = RESNETS[backbone][1]
     blocks = [1, 1, 1, 1]
     sequence = [tuple(blocks)]

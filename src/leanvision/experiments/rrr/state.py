@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from leanvision.errors import InvalidArgumentError
+
 
 def write_json_atomic(data: Any, path: Path) -> None:
     """Write JSON to a temporary file in the same folder, then rename it over `path`."""
@@ -25,7 +27,7 @@ def load_state(path: Path, settings: dict[str, Any], fresh: dict[str, Any]) -> d
     saved = state.get("settings", {})
     if saved != settings:
         changed = sorted(k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k))
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{path} was made with other settings ({', '.join(changed)} differ); run with the same settings "
             "to continue it, or pass another --out"
         )

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from leanvision.engine.data import DataSplits
 from leanvision.engine.train import TrainConfig, evaluate, seed_everything, train
+from leanvision.errors import InvalidArgumentError
 from leanvision.models.rrrnet import RRRNet
 from leanvision.models.weights import save_checkpoint
 
@@ -47,7 +48,9 @@ class BranchTrainer:
 
     def __init__(self, model: RRRNet, lr: float = 1e-3, wd: float = 0.01) -> None:
         if not model.stem_frozen:
-            raise ValueError("freeze the stem first (model.freeze_stem()): branches share it, frozen")
+            raise InvalidArgumentError(
+                "freeze the stem first (model.freeze_stem()): branches share it, frozen"
+            )
         self.model = model
         self.optimizers = [torch.optim.AdamW(b.parameters(), lr=lr, weight_decay=wd) for b in model.branches]
 
@@ -87,7 +90,7 @@ def fit_rrr(
 ) -> RRRResult:
     """Freeze and warm the stem, then train every branch independently for `epochs` (module docstring)."""
     if epochs < 1 or batch_size < 1 or warm_epochs < 0:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"need epochs >= 1, batch_size >= 1, warm_epochs >= 0; got {epochs}, {batch_size}, {warm_epochs}"
         )
     seed_everything(seed)
