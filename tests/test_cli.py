@@ -1,14 +1,21 @@
-"""The `leanvision` command: models, profile, bench, compare, and its error messages."""
+"""The `leanvision` command: models, profile, bench, compare, repro, its error messages, and option defaults
+that agree with the library's."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import subprocess
 import sys
 
+import click
+import pytest
+import typer
 from typer.testing import CliRunner
 
 from leanvision.cli import app
+from leanvision.cli.common import parse_ratios, square_input
 
 runner = CliRunner()
 
@@ -93,3 +100,90 @@ def test_interleaved_latency_needs_a_round():
 
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         interleaved_latency_ms({"id": nn.Identity()}, (1, 4, 4), rounds=0)
+
+
+def command(*path: str) -> click.Command:
+    """The click command at `path` (e.g. "rrr", "run") of the app."""
+    found = typer.main.get_command(app)
+    for name in path:
+        found = found.commands[name]
+    return found
+
+
+def test_repro_has_one_command_per_experiment():
+    assert sorted(command("repro").commands) == ["pooling-one-go", "rexnet-factors", "rnnpool-probe"]
+    unknown = invoke("repro", "table9")
+    assert unknown.exit_code == 2 and "No such command 'table9'" in unknown.output
+    foreign = invoke("repro", "pooling-one-go", "--max-hidden", "8")  # rnnpool-probe's option
+    assert foreign.exit_code == 2 and "No such option: --max-hidden" in foreign.output
+
+
+REPRO = {  # sub-command -> the experiment it runs
+    "rnnpool-probe": "leanvision.experiments.repro.rnnpool_probe",
+    "pooling-one-go": "leanvision.experiments.repro.pooling_one_go",
+    "rexnet-factors": "leanvision.experiments.rexnet_factors.rexnet_factors",
+}
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["rnnpool-probe"], (("runs/repro-rnnpool-probe", 4000, 1000), {"max_hidden": 32})),
+        (["rnnpool-probe", "--max-hidden", "8", "--epochs", "2", "--lr", "0.1", "--train-size", "16"],
+         (("runs/repro-rnnpool-probe", 16, 1000), {"max_hidden": 8, "epochs": 2, "lr": 0.1})),
+        (["pooling-one-go", "--out", "o"], (("o",), {})),
+        (["pooling-one-go", "--data", "a", "--data", "b", "--epochs", "1"],
+         (("runs/repro-pooling-one-go",), {"datasets": ("a", "b"), "epochs": 1})),
+        (["rexnet-factors"], (("runs/repro-rexnet-factors",), {})),
+        (["rexnet-factors", "--data", "a", "--lr", "0.5"],
+         (("runs/repro-rexnet-factors",), {"data": "a", "lr": 0.5})),
+    ],
+)  # fmt: skip
+def test_repro_passes_only_the_given_options(monkeypatch, args, expected):
+    """Options left out are not passed: the experiment's own defaults apply."""
+    calls = []
+    monkeypatch.setattr(REPRO[args[0]], lambda *a, **kw: calls.append((a, kw)) or [])
+    result = invoke("repro", *args)
+    assert result.exit_code == 0, result.output
+    assert calls == [expected]
+
+
+# (command, the library config or function its options feed, options whose default differs on purpose)
+LIBRARY_DEFAULTS = [
+    (("train",), "leanvision.engine.train.TrainConfig", {"out"}),  # runs/MODEL
+    (("eval",), "leanvision.engine.train.evaluate_checkpoint", set()),
+    (("demo",), "leanvision.experiments.demo.DemoConfig", set()),
+    (("compare",), "leanvision.experiments.compare.compare", {"names"}),  # none: the Table 5 set
+    (("profile",), "leanvision.analysis.cost.profile", set()),
+    (("bench",), "leanvision.bench.benchmark", set()),
+    (("memory",), "leanvision.analysis.memory.peak_memory", set()),
+    (("rank-study",), "leanvision.analysis.rank.rank_study", set()),
+    (("rank",), "leanvision.experiments.feature_rank.feature_spectrum", set()),
+    # --epochs and --lr of repro are passed only when given (test_repro_passes_only_the_given_options)
+    (("repro", "rnnpool-probe"), REPRO["rnnpool-probe"], {"epochs"}),
+    (("rrr", "reduce"), "leanvision.experiments.rrr.reduce_checkpoint", set()),
+    (("rrr", "select"), "leanvision.experiments.rrr.SelectConfig", set()),
+    (("rrr", "run"), "leanvision.experiments.rrr.RunConfig", {"methods"}),  # none: all METHODS
+    (("search", "channels"), "leanvision.experiments.channel_search.study.SearchSettings", set()),
+]  # fmt: skip
+PARSED = {"input_size": square_input, "ratios": lambda text: tuple(parse_ratios(text))}
+
+
+@pytest.mark.parametrize(
+    "path, target, differ", LIBRARY_DEFAULTS, ids=[" ".join(p) for p, *_ in LIBRARY_DEFAULTS]
+)
+def test_option_defaults_are_the_library_defaults(path, target, differ):
+    """The CLI writes out defaults that live in modules importing torch; they must not drift."""
+    module, name = target.rsplit(".", 1)
+    library = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    checked = 0
+    for param in command(*path).params:
+        wanted = library.get(param.name)
+        if wanted is None or wanted.default is inspect.Parameter.empty or param.name in differ:
+            continue
+        value = PARSED.get(param.name, lambda v: v)(param.default)
+        if isinstance(wanted.default, tuple) and isinstance(value, str):
+            value = tuple(value.split(","))  # comma-separated names
+        assert value == wanted.default, f"{' '.join(path)} --{param.name.replace('_', '-')}"
+        checked += 1
+    assert checked, f"no option of {' '.join(path)} has a library default"

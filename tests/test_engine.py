@@ -297,4 +297,4 @@ def test_repro_commands_run_end_to_end(tmp_path):
     again = runner.invoke(app, ["repro", "rnnpool-probe", "--out", str(tmp_path / "probe")])
     assert again.exit_code == 2 and "not empty" in again.stdout
     unknown = runner.invoke(app, ["repro", "table9"])
-    assert unknown.exit_code == 2 and "unknown experiment 'table9'" in unknown.stdout
+    assert unknown.exit_code == 2 and "No such command 'table9'" in unknown.output

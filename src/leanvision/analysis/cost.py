@@ -1,116 +1,47 @@
 """Cost counter: parameters and multiply-accumulates (MACs), counted at the aten-operator level.
 
-MACs are counted by a TorchDispatchMode that sees every aten operator the forward pass runs, so the
-count works on any module, including recurrent cells written with matmuls. One small handler per
-operator in `MAC_RULES` (fvcore style): adding an operator is one line. Convolution and matmul-like
-operators are always counted; elementwise work (activations, adds, BN, pooling, one op per output
-element) only with `elementwise=True`. Each op is attributed to the innermost module running it.
+MACs are counted by torch's FlopCounterMode, a TorchDispatchMode that sees every aten operator the
+forward pass runs, so the count works on any module, including recurrent cells written with matmuls.
+Convolutions and matmuls use torch's FLOP formulas (FLOPs = 2 x MACs); what torch has no formula for
+(matrix-vector products, elementwise work) comes from the operator table of `analysis.ops`.
+Convolution and matmul-like operators are always counted; elementwise work (activations, adds, BN,
+pooling, one op per element) only with `elementwise=True`. Each op is attributed to the innermost
+module running it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
+from leanvision.analysis import ops
 from leanvision.errors import InvalidArgumentError
 
 aten = torch.ops.aten
 
 
-def _conv_macs(args: tuple, out: torch.Tensor) -> int:
-    weight, transposed = args[1], args[6]
-    if transposed:  # every input element is scattered through Cout/groups * kernel weights
-        return args[0].numel() * math.prod(weight.shape[1:])
-    return out.numel() * math.prod(weight.shape[1:])
+def _as_flops(macs: ops.MacRule) -> Callable[..., int]:
+    def flops(*args, **kwargs) -> int:
+        return 2 * macs(*args, **kwargs)
+
+    return flops
 
 
-def _mm_macs(a: torch.Tensor, b: torch.Tensor) -> int:
-    return a.numel() * b.shape[-1]
-
-
-MAC_RULES: dict[Any, Callable[[tuple, Any], int]] = {
-    aten.convolution: _conv_macs,
-    aten.mm: lambda args, out: _mm_macs(args[0], args[1]),
-    aten.addmm: lambda args, out: _mm_macs(args[1], args[2]),
-    aten.bmm: lambda args, out: _mm_macs(args[0], args[1]),
-    aten.baddbmm: lambda args, out: _mm_macs(args[1], args[2]),
-    aten.mv: lambda args, out: args[0].numel(),
-    aten.addmv: lambda args, out: args[1].numel(),
-    aten.dot: lambda args, out: args[0].numel(),
-}
-
-
-def _output_elements(args: tuple, out: Any) -> int:
-    return out.numel() if isinstance(out, torch.Tensor) else out[0].numel()
-
-
-def _input_elements(args: tuple, out: Any) -> int:
-    return args[0].numel()
-
-
-_POINTWISE = [
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "neg",
-    "exp",
-    "log",
-    "sqrt",
-    "rsqrt",
-    "pow",
-    "abs",
-    "sign",
-    "clamp",
-    "clamp_min",
-    "clamp_max",
-    "maximum",
-    "minimum",
-    "where",
-    "relu",
-    "relu6",
-    "hardtanh",
-    "sigmoid",
-    "tanh",
-    "silu",
-    "hardswish",
-    "hardsigmoid",
-    "gelu",
-    "elu",
-    "leaky_relu",
-    "softplus",
-    "_softmax",
-    "_log_softmax",
-    "native_batch_norm",
-    "_native_batch_norm_legit",
-    "_native_batch_norm_legit_no_training",
-    "native_layer_norm",
-    "native_group_norm",
-]
-_REDUCING = [
-    "mean",
-    "sum",
-    "avg_pool2d",
-    "max_pool2d_with_indices",
-    "_adaptive_avg_pool2d",
-    "adaptive_max_pool2d",
-]
-
-ELEMENTWISE_RULES: dict[Any, Callable[[tuple, Any], int]] = {
-    **{
-        getattr(aten, n): _output_elements
-        for name in _POINTWISE
-        for n in (name, name + "_")
-        if hasattr(aten, n)
-    },
-    **{getattr(aten, name): _input_elements for name in _REDUCING if hasattr(aten, name)},
-}
+def _flop_formulas(elementwise: bool) -> dict[Any, Callable[..., int]]:
+    """FlopCounterMode's `custom_mapping`: FLOPs of the table's operators that torch has no formula for."""
+    formulas = {}
+    for name, op in ops.OPS.items():
+        if op.macs is None or not (elementwise or op.kind in ops.ALWAYS_COUNTED):
+            continue
+        for variant in (name, name + "_"):  # the operator and its in-place form
+            if hasattr(aten, variant):
+                formulas[getattr(aten, variant)] = _as_flops(op.macs)
+    return formulas
 
 
 @dataclass
@@ -144,22 +75,6 @@ class CostReport:
         return asdict(self)
 
 
-class _MacCounter(TorchDispatchMode):
-    def __init__(self, rules: dict[Any, Callable[[tuple, Any], int]]) -> None:
-        super().__init__()
-        self.rules = rules
-        self.scope: list[str] = [""]
-        self.macs: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        rule = self.rules.get(func.overloadpacket)
-        if rule is not None:
-            name = self.scope[-1]
-            self.macs[name] = self.macs.get(name, 0) + int(rule(args, out))
-        return out
-
-
 def profile(
     model_or_name: nn.Module | str,
     input_size: tuple[int, ...] | int = (3, 224, 224),
@@ -185,16 +100,24 @@ def profile(
     first = next(model.parameters(), None)
     x = torch.randn(1, *size, device=first.device if first is not None else "cpu")
 
-    rules = {**MAC_RULES, **ELEMENTWISE_RULES} if elementwise else MAC_RULES
-    counter = _MacCounter(rules)
-    shapes: dict[str, list[int]] = {}
+    counter = FlopCounterMode(display=False, custom_mapping=_flop_formulas(elementwise))
     names = {m: n for n, m in model.named_modules()}
+    scope, flops, settled = [""], dict.fromkeys(names.values(), 0), 0
+    shapes: dict[str, list[int]] = {}
+
+    def settle() -> None:  # the FLOPs counted since the last module boundary are the innermost module's
+        nonlocal settled
+        total = counter.get_total_flops()
+        flops[scope[-1]] += total - settled
+        settled = total
 
     def enter(module: nn.Module, inputs: Any) -> None:
-        counter.scope.append(names[module])
+        settle()
+        scope.append(names[module])
 
     def leave(module: nn.Module, inputs: Any, output: Any) -> None:
-        counter.scope.pop()
+        settle()
+        scope.pop()
         if isinstance(output, torch.Tensor):
             shapes[names[module]] = list(output.shape)
 
@@ -214,11 +137,11 @@ def profile(
     layers = []
     for module, name in names.items():
         own_params = sum(p.numel() for p in module.parameters(recurse=False))
-        macs = counter.macs.get(name, 0)
+        macs = flops[name] // 2
         if own_params or macs:
             layers.append(
                 LayerCost(name or "(model)", type(module).__name__, shapes.get(name), own_params, macs)
             )
     params = sum(p.numel() for p in model.parameters())
     counted = "conv, linear, matmul" + (" + elementwise (1 op per element)" if elementwise else "")
-    return CostReport(label, size, params, sum(counter.macs.values()), counted, layers)
+    return CostReport(label, size, params, counter.get_total_flops() // 2, counted, layers)

@@ -22,7 +22,8 @@ from torch import nn
 from torchvision.models import densenet, efficientnet, mobilenetv2, mobilenetv3, resnet
 from torchvision.models.googlenet import Inception
 
-from leanvision.analysis.memory_trace import CONV_OPS, ELEMENTWISE_OPS, VIEW_OPS, Graph, Op
+from leanvision.analysis.memory_trace import Graph, Op
+from leanvision.analysis.ops import CONV_OPS, ELEMENTWISE_OPS, VIEW_OPS
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers.inverted_residual import LinearBottleneck
 from leanvision.layers.rnnpool import RNNPool, RNNPoolLayer

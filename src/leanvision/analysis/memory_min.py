@@ -19,11 +19,11 @@ MobileNetV2's); an RNNPool block runs patch by patch and is a segment of its own
 from __future__ import annotations
 
 from leanvision.analysis.memory_blocks import Group, layer_cost
-from leanvision.analysis.memory_trace import CONV_OPS, ELEMENTWISE_OPS, POOL_OPS, VIEW_OPS, Graph, Op
+from leanvision.analysis.memory_trace import Graph, Op
+from leanvision.analysis.ops import CONCAT_OPS, CONV_OPS, ELEMENTWISE_OPS, GLOBAL_POOL_OPS, POOL_OPS, VIEW_OPS
 
 MAX_SEGMENT = 8  # groups per row-by-row segment (longer ones never helped on the paper's networks)
-ROW_LOCAL_OPS = ELEMENTWISE_OPS | VIEW_OPS | {"cat"}
-GLOBAL_POOL_OPS = {"adaptive_avg_pool2d", "mean"}
+ROW_LOCAL_OPS = ELEMENTWISE_OPS | VIEW_OPS | CONCAT_OPS
 
 
 def min_steps(graph: Graph, groups: list[Group]) -> list[tuple[str, str, int, str]]:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from leanvision.analysis.memory_trace import CONV_OPS, ELEMENTWISE_OPS, Graph, Op
+from leanvision.analysis.memory_trace import Graph, Op
+from leanvision.analysis.ops import CONV_OPS, ELEMENTWISE_OPS
 
 
 @dataclass

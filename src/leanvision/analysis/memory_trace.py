@@ -17,67 +17,12 @@ import torch
 from torch import fx, nn
 from torch.fx.operator_schemas import normalize_function
 
+from leanvision.analysis.ops import CONV_OPS, POOL_OPS, VIEW_OPS
 from leanvision.errors import InvalidArgumentError
 
 
 class TraceError(InvalidArgumentError):
     """The model could not be traced into a static graph."""
-
-
-# Operators whose output is a view of their first input: no new memory.
-VIEW_OPS = {
-    "view",
-    "reshape",
-    "flatten",
-    "permute",
-    "transpose",
-    "t",
-    "numpy_T",
-    "unsqueeze",
-    "squeeze",
-    "expand",
-    "slice",
-    "select",
-    "narrow",
-    "unfold",
-    "movedim",
-    "chunk",
-    "split",
-    "split_with_sizes",
-    "unbind",
-    "alias",
-    "detach",
-    "contiguous",
-    "dropout",
-    "getitem",
-    "as_strided",
-    "unsafe_view",
-    "_unsafe_view",
-}
-# Elementwise operators (output has an input's shape): a runtime fuses them or writes them in place.
-ELEMENTWISE_OPS = {
-    "batch_norm",
-    "relu",
-    "relu6",
-    "hardtanh",
-    "silu",
-    "sigmoid",
-    "tanh",
-    "hardswish",
-    "hardsigmoid",
-    "gelu",
-    "elu",
-    "leaky_relu",
-    "clamp",
-    "clamp_min",
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "addcmul",
-}
-CONV_OPS = {"conv2d", "convolution"}
-POOL_OPS = {"max_pool2d", "avg_pool2d"}
 
 
 @dataclass

@@ -32,7 +32,8 @@ from torch import nn
 from leanvision.analysis.memory import as_graph, check_dtype_bytes, format_bytes
 from leanvision.analysis.memory_blocks import Group, group_ops, is_pointwise, layer_cost
 from leanvision.analysis.memory_min import receptive_fields
-from leanvision.analysis.memory_trace import CONV_OPS, Graph, Op
+from leanvision.analysis.memory_trace import Graph, Op
+from leanvision.analysis.ops import CONV_OPS
 from leanvision.errors import InvalidArgumentError
 
 

@@ -1,0 +1,212 @@
+"""Commands that run a study over several models: `demo`, `compare` and the `repro` group."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn
+from rich.table import Table
+
+from leanvision.cli.common import (
+    JsonOpt,
+    ReproEpochsOpt,
+    ReproLrOpt,
+    ReproOutOpt,
+    ThreadsOpt,
+    console,
+    fail,
+    millions,
+    run,
+)
+from leanvision.experiments.demo import DemoConfig
+
+_DEMO = DemoConfig()  # the demo's options default to its config's defaults
+
+
+def compare(
+    names: Annotated[list[str] | None, typer.Argument(help="Models (default: ReXNet Table 5 set).")] = None,
+    threads: ThreadsOpt = None,
+    min_seconds: Annotated[float, typer.Option(help="Minimum timed seconds per model.")] = 1.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare models side by side: params, MACs, batch-1 CPU latency, and the papers' numbers."""
+    rows = run(lambda: _measure(names, threads, min_seconds, show_progress=not as_json))
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table("model", "params", "MACs", "ms (b=1)", "top-1*", "params*", "FLOPs*")
+    for r in rows:
+        table.add_row(
+            r["model"],
+            millions(r["params"]),
+            f"{r['macs'] / 1e9:.3f}G",
+            f"{r['latency_ms']:.1f}",
+            f"{r['paper_top1']}%" if r["paper_top1"] else "",
+            f"{r['paper_params_m']}M" if r["paper_params_m"] else "",
+            f"{r['paper_flops_b']}B" if r["paper_flops_b"] else "",
+        )
+    console.print(table)
+    console.print(
+        "At 224x224. MACs: conv + linear multiply-accumulates (papers print them as FLOPs). "
+        "ms: median batch-1 CPU latency on this machine, eager PyTorch, models timed in interleaved rounds. "
+        "*: ImageNet numbers published in the ReXNet paper (Tables 4, 5, A1, A2)."
+    )
+
+
+def _measure(
+    names: list[str] | None, threads: int | None, min_seconds: float, show_progress: bool
+) -> list[dict[str, Any]]:
+    """The rows of `compare`; on a terminal a spinner names the model being measured (elsewhere it would
+    only leave a blank line)."""
+    from leanvision.experiments.compare import TABLE5_MODELS
+    from leanvision.experiments.compare import compare as run_compare
+
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True,
+        disable=not (show_progress and console.is_terminal),
+    ) as progress:  # fmt: skip
+        task = progress.add_task("measuring")
+        return run_compare(
+            names or TABLE5_MODELS,
+            threads=threads,
+            min_seconds=min_seconds,
+            on_model=lambda step: progress.update(task, description=step),
+        )
+
+
+def demo(
+    data: Annotated[str, typer.Option(help="Dataset spec (default: generated, no download).")] = _DEMO.data,
+    models: Annotated[str, typer.Option(help="Comma-separated registered model names.")] = ",".join(
+        _DEMO.models
+    ),
+    epochs: Annotated[int, typer.Option(help="Epochs per model.")] = _DEMO.epochs,
+    img_size: Annotated[int, typer.Option(help="Square image size the data is resized to.")] = _DEMO.img_size,
+    seed: Annotated[int, typer.Option(help="Seed of data order and initialisation.")] = _DEMO.seed,
+    out: Annotated[str, typer.Option(help="Empty report folder.")] = _DEMO.out,
+    latency_seconds: Annotated[float, typer.Option(help="Timed seconds of latency per model.")] = (
+        _DEMO.latency_seconds
+    ),
+) -> None:
+    """The main job: train a MobileNetV2, a ReXNet and an RNNPool net on the same data and compare costs."""
+    from leanvision.experiments.demo import run_demo
+
+    config = DemoConfig(
+        data, tuple(models.split(",")), epochs, img_size, seed=seed, out=out, latency_seconds=latency_seconds
+    )
+    console.print(config.plan())
+    rows = run(lambda: run_demo(config, log=console.print))
+    table = Table(
+        "model", "test acc", "params", "MACs", "peak RAM", "ms (b=1)", title=f"{data} at {img_size} px"
+    )
+    for r in rows:
+        table.add_row(
+            r["model"], f"{r['acc']:.2f}%", millions(r["params"]), f"{r['macs'] / 1e6:.1f}M",
+            f"{r['peak_ram_bytes'] / 1024:.1f} KiB", f"{r['latency_ms']:.2f}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        "peak RAM: activations of one batch-1 fp32 inference under the layer convention (RNNPool Appendix "
+        f"E.2); ms: median batch-1 CPU latency, models timed in interleaved rounds. Report: {out}/"
+    )
+
+
+repro_app = typer.Typer(
+    help="Run a CPU-sized experiment of the RNNPool or ReXNet paper and print ours beside the paper's "
+    "numbers.",
+    no_args_is_help=True,
+)
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options that were given (not None); the experiment keeps its own defaults for the others."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _show(table: Table, out: str) -> None:
+    """Print an experiment's table and where its results are."""
+    console.print(table)
+    console.print(f"results in {out}")
+
+
+@repro_app.command("rnnpool-probe")
+def repro_rnnpool_probe(
+    out: ReproOutOpt = "runs/repro-rnnpool-probe",
+    epochs: ReproEpochsOpt = None,
+    lr: ReproLrOpt = None,
+    train_size: Annotated[int, typer.Option(help="Generated training images.")] = 4000,
+    val_size: Annotated[int, typer.Option(help="Generated test images.")] = 1000,
+    max_hidden: Annotated[int, typer.Option(help="Largest h1, h2 tried.")] = 32,
+) -> None:
+    """RNNPool Table 7 and Figure 4: the smallest RNNPool that lets one linear layer fit each probe dataset.
+
+    By default each model trains 20 epochs at lr 0.01.
+    """
+    from leanvision.experiments.repro import rnnpool_probe
+
+    overrides = _given(epochs=epochs, lr=lr)
+    rows = run(lambda: rnnpool_probe(out, train_size, val_size, max_hidden=max_hidden, **overrides))
+    table = Table("data", "size", "conv", "ours (h1, h2)", "best test acc", "paper (h1, h2)", title="Table 7")
+    for r in rows:
+        ours = f"{r['ours'][0]}, {r['ours'][1]}" if r["ours"] else f"none <= {max_hidden}"
+        paper = f"{r['paper'][0]}, {r['paper'][1]}"
+        table.add_row(
+            r["data"], str(r["size"]), "yes" if r["conv"] else "no", ours, f"{r['best_acc']:.2f}%", paper
+        )
+    _show(table, out)
+
+
+@repro_app.command("pooling-one-go")
+def repro_pooling_one_go(
+    out: ReproOutOpt = "runs/repro-pooling-one-go",
+    epochs: ReproEpochsOpt = None,
+    lr: ReproLrOpt = None,
+    data: Annotated[list[str] | None, typer.Option(help="Dataset specs (default fashion-mnist).")] = None,
+) -> None:
+    """RNNPool Appendix C.2: the whole image pooled in one go by RNNPool, a strided conv, or max or average
+    pooling, then a linear layer.
+
+    By default each model trains 10 epochs at lr 0.002.
+    """
+    from leanvision.experiments.repro import pooling_one_go
+
+    overrides = _given(epochs=epochs, lr=lr, datasets=tuple(data) if data else None)
+    rows = run(lambda: pooling_one_go(out, **overrides))
+    table = Table("data", "pooling", "test acc", "paper (CIFAR-10)", title="Appendix C.2")
+    for r in rows:
+        table.add_row(r["data"], r["pooling"], f"{r['acc']:.2f}%", f"{r['paper']}%" if r["paper"] else "")
+    _show(table, out)
+
+
+@repro_app.command("rexnet-factors")
+def repro_rexnet_factors(
+    out: ReproOutOpt = "runs/repro-rexnet-factors",
+    epochs: ReproEpochsOpt = None,
+    lr: ReproLrOpt = None,
+    data: Annotated[list[str] | None, typer.Option(help="One dataset spec (default fashion-mnist).")] = None,
+) -> None:
+    """ReXNet Table 2: four two-bottleneck networks with matched MACs trained on 5000 images at 16x16
+    (see leanvision.experiments.rexnet_factors); test accuracy and nuclear norm of the final feature.
+
+    By default each model trains 3 epochs at lr 0.005.
+    """
+    from leanvision.experiments.rexnet_factors import rexnet_factors
+
+    if data is not None and len(data) != 1:
+        fail(f"rexnet-factors takes one --data spec, got {len(data)}")
+    overrides = _given(epochs=epochs, lr=lr, data=data[0] if data else None)
+    rows = run(lambda: rexnet_factors(out, **overrides))
+    caption = "; ".join(f"{r['network']}: {r['change']}" for r in rows[1:])
+    table = Table(
+        "network", "channels", "MACs", "acc", "nuc. norm", "s/max s", "paper FLOPs", "paper acc",
+        "paper nuc.", title="ReXNet Table 2 (paper: CIFAR-100, mean of 3)", caption=caption,
+    )  # fmt: skip
+    for r in rows:
+        paper = r["paper"]
+        table.add_row(
+            r["network"], "-".join(map(str, r["channels"])), f"{r['macs'] / 1e6:.1f}M",
+            f"{r['acc']:.2f}%", f"{r['nuclear_norm']:.1f}", f"{r['normalized_nuclear_norm']:.2f}",
+            f"{paper['flops_m']}M", f"{paper['top1']}%", f"{paper['nuclear_norm']}",
+        )  # fmt: skip
+    _show(table, out)

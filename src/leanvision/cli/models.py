@@ -1,0 +1,195 @@
+"""Commands that measure one model: `models`, `profile`, `bench` and `memory`."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from leanvision.cli.common import (
+    DeviceOpt,
+    ForwardBatchOpt,
+    InputSizeOpt,
+    JsonOpt,
+    NumClassesOpt,
+    ThreadsOpt,
+    console,
+    fail,
+    run,
+    square_input,
+)
+
+if TYPE_CHECKING:
+    from leanvision.analysis.memory import MemoryReport
+    from leanvision.analysis.memory_trace import Graph
+
+
+def models(
+    pattern: Annotated[str, typer.Argument(help="Shell-style pattern, e.g. 'rexnet_*'.")] = "*",
+    as_json: JsonOpt = False,
+) -> None:
+    """List the registered model names."""
+    from leanvision.models.registry import get_model_config, list_models
+
+    names = list_models(pattern)
+    if as_json:
+        print(json.dumps(names))
+        return
+    table = Table("model", "paper top-1", "paper params", "paper FLOPs")
+    for name in names:
+        paper = get_model_config(name).paper
+        table.add_row(
+            name,
+            *(
+                f"{paper[k]}{unit}" if k in paper else ""
+                for k, unit in (("top1", "%"), ("params_m", "M"), ("flops_b", "B"))
+            ),
+        )
+    console.print(table)
+
+
+def profile(
+    name: str,
+    input_size: InputSizeOpt = 224,
+    num_classes: NumClassesOpt = None,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Show one row per layer.")] = False,
+    elementwise: Annotated[bool, typer.Option("--elementwise", help="Also count elementwise ops.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Count parameters and MACs of a model at one input size (batch 1)."""
+    from leanvision.analysis.cost import profile as count
+
+    report = run(
+        lambda: count(
+            name, input_size=square_input(input_size), elementwise=elementwise, num_classes=num_classes
+        )
+    )
+    if as_json:
+        print(json.dumps(report.to_dict() if per_layer else {**report.to_dict(), "layers": None}))
+        return
+    if per_layer:
+        table = Table("layer", "type", "output", "params", "MACs", title=f"{name} per layer")
+        for row in report.layers:
+            shape = "x".join(map(str, row.output_shape[1:])) if row.output_shape else ""
+            table.add_row(row.name, row.type, shape, f"{row.params:,}", f"{row.macs:,}")
+        console.print(table)
+    console.print(
+        f"[bold]{name}[/bold] at {input_size}x{input_size}: {report.params:,} params, {report.macs:,} MACs "
+        f"({report.macs / 1e9:.3f} GMACs; counted: {report.counted}; FLOPs = 2 x MACs)"
+    )
+
+
+def bench(
+    name: str,
+    batch_size: ForwardBatchOpt = 1,
+    input_size: InputSizeOpt = 224,
+    threads: ThreadsOpt = None,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="NHWC memory format.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    deploy: Annotated[bool, typer.Option("--deploy", help="Fold BN and use the fastest CPU layout.")] = False,
+    min_seconds: Annotated[float, typer.Option(help="Minimum timed seconds.")] = 2.0,
+    device: DeviceOpt = "cpu",
+    pretrained: Annotated[
+        str | None, typer.Option(help="Local checkpoint (default: random weights, BN calibrated).")
+    ] = None,
+    num_classes: NumClassesOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure latency and throughput after warm-up: median, p10/p90 and images/s."""
+    from leanvision.bench import benchmark
+
+    result = run(
+        lambda: benchmark(
+            name, batch_size=batch_size, input_size=square_input(input_size), threads=threads,
+            channels_last=channels_last, compile=compile, deploy=deploy, min_seconds=min_seconds,
+            device=device, pretrained=pretrained, num_classes=num_classes,
+        )
+    )  # fmt: skip
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    modes = (("deploy", deploy), ("channels-last", channels_last), ("compile", compile))
+    mode = ", ".join(m for m, on in modes if on) or "eager"
+    console.print(
+        f"[bold]{name}[/bold] batch {batch_size} at {input_size}x{input_size} ({mode}, {result.device}, "
+        f"{result.threads} threads, {result.iterations} runs): median {result.median_ms:.2f} ms "
+        f"(p10 {result.p10_ms:.2f}, p90 {result.p90_ms:.2f}), {result.images_per_s:.1f} images/s; "
+        f"weights: {pretrained or 'random, BN statistics calibrated'}"
+    )
+
+
+def memory(
+    name: str,
+    convention: Annotated[str, typer.Option(help="layer, min, planner or all.")] = "layer",
+    dtype: Annotated[str, typer.Option(help="Element type: fp32, fp16, bf16 or int8.")] = "fp32",
+    input_size: InputSizeOpt = 224,
+    inplace_depthwise: Annotated[
+        bool, typer.Option("--inplace-depthwise", help="Planner: depthwise convs overwrite their input.")
+    ] = False,
+    budget_kib: Annotated[
+        float | None, typer.Option("--budget-kib", help="RAM budget (KiB): on --plot; met by recompute.")
+    ] = None,
+    per_step: Annotated[bool, typer.Option("--per-step", help="Show the timeline, one row per step.")] = (
+        False
+    ),
+    plot: Annotated[str | None, typer.Option(help="Save live memory per step to this PNG file.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Peak inference RAM (activations, batch 1) under the layer, min or planner convention."""
+    from leanvision.analysis.memory import CONVENTIONS, DTYPE_BYTES, peak_memory, plot_timeline
+    from leanvision.analysis.memory import trace as trace_model
+
+    if convention not in (*CONVENTIONS, "all"):
+        fail(f"--convention must be one of {', '.join(CONVENTIONS)} or all, got {convention!r}")
+    if dtype not in DTYPE_BYTES:
+        fail(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    graph = run(lambda: trace_model(name, square_input(input_size)))
+    options = dict(dtype_bytes=DTYPE_BYTES[dtype], inplace_depthwise=inplace_depthwise)
+    reports = [
+        run(lambda c=c: peak_memory(graph, convention=c, **options))
+        for c in (CONVENTIONS if convention == "all" else (convention,))
+    ]
+    if plot:
+        plot_timeline(reports, plot, None if budget_kib is None else int(budget_kib * 2**10))
+    if as_json:
+        print(json.dumps([r.to_dict() if per_step else {**r.to_dict(), "steps": None} for r in reports]))
+        return
+    _print_memory(reports, name, f"{name} at {input_size}x{input_size}, {dtype}", per_step)
+    if budget_kib is not None:
+        _print_recompute(graph, int(budget_kib * 2**10), DTYPE_BYTES[dtype])
+
+
+def _print_memory(reports: list[MemoryReport], name: str, title: str, per_step: bool) -> None:
+    """The timeline of each report (with --per-step), then one row per convention and the notes."""
+    from leanvision.analysis.memory import format_bytes
+
+    for report in reports if per_step else ():
+        table = Table("step", "kind", "live", "detail", title=f"{name}: {report.convention} convention")
+        for step in report.steps:
+            table.add_row(step.name, step.kind, format_bytes(step.live_bytes), step.detail)
+        console.print(table)
+    table = Table("convention", "peak", "bytes", "peak at", title=title)
+    for r in reports:
+        table.add_row(r.convention, format_bytes(r.peak_bytes), f"{r.peak_bytes:,}", r.peak_layer)
+    console.print(table)
+    for note in dict.fromkeys(n for r in reports for n in r.notes):
+        console.print(f"- {note}")
+
+
+def _print_recompute(graph: Graph, budget_bytes: int, dtype_bytes: int) -> None:
+    """The line of what patch-by-patch recompute (RNNPool E.3) costs to meet `budget_bytes`."""
+    from leanvision.analysis.memory import format_bytes
+    from leanvision.analysis.recompute import recompute_cost
+
+    try:
+        cost = recompute_cost(graph, budget_bytes, dtype_bytes=dtype_bytes)
+    except ValueError as err:
+        console.print(f"- recompute (RNNPool E.3): {err}")
+        return
+    console.print(
+        f"- recompute (RNNPool E.3) for {format_bytes(cost.budget_bytes)}: layer peak "
+        f"{format_bytes(cost.peak_bytes)} at {cost.conv_block_a}, {cost.macs / 1e9:.3f}G MACs "
+        f"({cost.extra_macs / 1e9:+.3f}G), rebuilding {cost.activation or 'nothing'} patch by patch"
+    )

@@ -1,0 +1,366 @@
+"""Streaming inference: run an RNNPool network in the RAM that its memory analysis reports.
+
+`stream(model, input_size)` returns a StreamedModel, an inference-only copy of `model` (BatchNorm folded)
+with the same output, in which
+- the layers before the first RNNPoolLayer and the layer itself run patch group by patch group
+  (StreamedRNNPool): for each group of neighbouring patches of one patch row, the stem layers compute only
+  the input region those patches read (receptive fields, recomputing the overlap of neighbouring groups),
+  RNN1 and RNN2 pool it, and the pooled values are written into the output map. No map of the stem's
+  resolution is ever whole;
+- inverted-residual blocks (torchvision's InvertedResidual, leanvision's LinearBottleneck without SE and
+  DepthwiseSeparable) run channel group by channel group (ChunkedBottleneck): expand -> depthwise for a
+  group of the expanded channels, then that group's share of the projection is added into the output. The
+  expanded map is never whole: the block holds its input, its output and one group, the layer
+  convention's "input + output";
+- every other layer runs as it is.
+Batch 1 is the target; larger batches run image by image.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual
+
+from leanvision.deploy.fold import fold_batchnorm_
+from leanvision.errors import InvalidArgumentError
+from leanvision.layers import LinearBottleneck, RNNPoolLayer
+from leanvision.layers.rnnpool import rnnpool_map
+
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Identity, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Rows (or columns) [start, stop) of a map, which may reach past its edges into zero padding."""
+
+    start: int
+    stop: int
+
+    def clip(self, size: int) -> tuple[_Span, int, int]:
+        """The part inside [0, size), and how much padding lies before and after it."""
+        inside = _Span(max(self.start, 0), min(self.stop, size))
+        return inside, inside.start - self.start, self.stop - inside.stop
+
+    def through(self, kernel: int, stride: int, padding: int, dilation: int) -> _Span:
+        """The input span a convolution reads to produce this output span."""
+        start = self.start * stride - padding
+        return _Span(start, (self.stop - 1) * stride - padding + dilation * (kernel - 1) + 1)
+
+
+class StreamedRNNPool(nn.Module):
+    """`prefix` (convolutions and elementwise layers, in order) followed by `pool`, computed patch group by
+    patch group so that only one group's input region of the prefix output is alive at a time."""
+
+    def __init__(self, prefix: Sequence[nn.Module], pool: RNNPoolLayer, patches_per_group: int) -> None:
+        super().__init__()
+        for layer in prefix:
+            if not isinstance(layer, (nn.Conv2d, *ELEMENTWISE)):
+                raise InvalidArgumentError(
+                    f"streaming supports convolutions and elementwise layers before the RNNPoolLayer, "
+                    f"got {type(layer).__name__}"
+                )
+        if patches_per_group < 1:
+            raise InvalidArgumentError(f"patches_per_group must be >= 1, got {patches_per_group}")
+        self.prefix, self.pool, self.patches_per_group = nn.ModuleList(prefix), pool, patches_per_group
+
+    def _sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(H, W) of the input of every prefix layer, and of the pool's input last."""
+        sizes = [(height, width)]
+        for layer in self.prefix:
+            if isinstance(layer, nn.Conv2d):
+                height, width = (
+                    (size + 2 * p - d * (k - 1) - 1) // s + 1
+                    for size, k, s, p, d in zip(
+                        (height, width), layer.kernel_size, layer.stride, layer.padding, layer.dilation
+                    )
+                )
+            sizes.append((height, width))
+        return sizes
+
+    def _region(self, x: torch.Tensor, depth: int, rows: _Span, cols: _Span, sizes) -> torch.Tensor:
+        """Output of the first `depth` prefix layers on rows x cols (inside that output's bounds)."""
+        if depth == 0:
+            return x[:, :, rows.start : rows.stop, cols.start : cols.stop]
+        layer = self.prefix[depth - 1]
+        if not isinstance(layer, nn.Conv2d):
+            return layer(self._region(x, depth - 1, rows, cols, sizes))
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+        )
+        (in_rows, top, bottom), (in_cols, left, right) = (
+            span.through(k, s, p, d).clip(size)
+            for span, k, s, p, d, size in zip(
+                (rows, cols), (kh, kw), (sh, sw), (ph, pw), (dh, dw), sizes[depth - 1]
+            )
+        )
+        inner = F.pad(self._region(x, depth - 1, in_rows, in_cols, sizes), (left, right, top, bottom))
+        return F.conv2d(inner, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool, (kh, kw), (sh, sw) = self.pool, self.pool.patch_size, self.pool.stride
+        sizes = self._sizes(x.shape[2], x.shape[3])
+        height, width = sizes[-1]
+        oh, ow = pool.output_size(height, width)
+        extra = 1 if pool.padding == "edgeml" else 0
+        out = x.new_empty(x.shape[0], pool.out_channels, oh, ow)
+        top = left = 0
+        if pool.padding == "same":  # the zero padding RNNPoolLayer adds: evenly, extra at the bottom/right
+            top, left = max((oh - 1) * sh + kh - height, 0) // 2, max((ow - 1) * sw + kw - width, 0) // 2
+        valid_h, valid_w = oh - extra, ow - extra
+        for i in range(valid_h):
+            rows = _Span(i * sh - top, i * sh - top + kh)
+            for j0 in range(0, valid_w, self.patches_per_group):
+                j1 = min(j0 + self.patches_per_group, valid_w)
+                cols = _Span(j0 * sw - left, (j1 - 1) * sw - left + kw)
+                (in_rows, pad_t, pad_b), (in_cols, pad_l, pad_r) = rows.clip(height), cols.clip(width)
+                region = self._region(x, len(self.prefix), in_rows, in_cols, sizes)
+                region = F.pad(region, (pad_l, pad_r, pad_t, pad_b))
+                pooled = rnnpool_map(pool.pool.rnn1, pool.pool.rnn2, region, (kh, kw), (sh, sw))
+                out[:, :, i, j0:j1] = pooled[:, 0].transpose(1, 2)
+        if extra:  # "edgeml": one replicated row at the bottom and column at the right
+            out[:, :, :valid_h, valid_w] = out[:, :, :valid_h, valid_w - 1]
+            out[:, :, valid_h] = out[:, :, valid_h - 1]
+        return out
+
+
+@dataclass
+class _Chunk:
+    """One group of expanded channels [start, stop): its slices of the three convolutions' weights."""
+
+    start: int
+    stop: int
+    expand_weight: torch.Tensor | None  # [group, C_in]
+    expand_bias: torch.Tensor | None  # [group, 1]
+    dw_weight: torch.Tensor  # [group, 1, k, k]
+    dw_bias: torch.Tensor  # [group]
+    project_weight: torch.Tensor  # [C_out, group]
+
+
+def _bias(conv: nn.Conv2d) -> torch.Tensor:
+    return conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+
+
+class ChunkedBottleneck(nn.Module):
+    """[1x1 expand, act] -> depthwise, act -> 1x1 project, act [+ shortcut], one group of `group` expanded
+    channels at a time: each group's share of the projection is added into the output, so the expanded
+    and depthwise maps are never whole. BN must be folded into the convolutions.
+
+    `shortcut`: "none", "add" (input + output) or "partial" (the input added to the first input-width
+    output channels, ReXNet's zero-padded shortcut).
+    """
+
+    def __init__(
+        self,
+        expand: tuple[nn.Conv2d, nn.Module] | None,
+        depthwise: tuple[nn.Conv2d, nn.Module],
+        project: tuple[nn.Conv2d, nn.Module],
+        shortcut: str,
+        group: int,
+    ) -> None:
+        super().__init__()
+        (dw, self.dw_act), (pw, self.project_act) = depthwise, project
+        self.expand_act = expand[1] if expand else nn.Identity()
+        if (
+            dw.groups != dw.in_channels
+            or pw.kernel_size != (1, 1)
+            or (expand and expand[0].kernel_size != (1, 1))
+        ):
+            raise InvalidArgumentError(
+                "ChunkedBottleneck needs 1x1 expand and project convs around a depthwise one"
+            )
+        if shortcut not in ("none", "add", "partial") or group < 1:
+            raise InvalidArgumentError(
+                f"need shortcut none/add/partial and group >= 1, got {shortcut!r}, {group}"
+            )
+        self.shortcut, self.stride, self.padding, self.dilation = shortcut, dw.stride, dw.padding, dw.dilation
+        self.project_bias = _bias(pw)[:, None].detach().clone()
+        self.chunks = []
+        for start in range(0, dw.in_channels, group):
+            part = slice(start, min(start + group, dw.in_channels))
+            self.chunks.append(
+                _Chunk(
+                    part.start,
+                    part.stop,
+                    None if expand is None else expand[0].weight[part, :, 0, 0].detach().clone(),
+                    None if expand is None else _bias(expand[0])[part, None].detach().clone(),
+                    dw.weight[part].detach().clone(),
+                    _bias(dw)[part].detach().clone(),
+                    pw.weight[:, part, 0, 0].detach().clone(),
+                )
+            )
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        channels, height, width = x.shape[1:]
+        x2d = x.reshape(channels, height * width)
+        out = None
+        for chunk in self.chunks:
+            if chunk.expand_weight is None:
+                e = x[:, chunk.start : chunk.stop]
+            else:
+                e = torch.addmm(chunk.expand_bias, chunk.expand_weight, x2d).view(1, -1, height, width)
+                e = self.expand_act(e)
+            d = F.conv2d(
+                e,
+                chunk.dw_weight,
+                chunk.dw_bias,
+                self.stride,
+                self.padding,
+                self.dilation,
+                len(chunk.dw_bias),
+            )
+            d = self.dw_act(d)
+            if out is None:
+                out_size = d.shape[2:]
+                out = torch.addmm(self.project_bias, chunk.project_weight, d.view(d.shape[1], -1))
+            else:
+                out.addmm_(chunk.project_weight, d.view(d.shape[1], -1))
+            del e, d
+        out = self.project_act(out)
+        if self.shortcut == "add":
+            out += x2d
+        elif self.shortcut == "partial":
+            out[:channels] += x2d
+        return out.view(1, -1, *out_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return self._one(x)
+        return torch.cat([self._one(image[None]) for image in x])
+
+
+def patches_per_group(pool: RNNPoolLayer, channels: int, band_bytes: int) -> int:
+    """The most patches of one patch row whose work fits `band_bytes`: their input region (kh rows of
+    `channels`) and the RNN sweeps' tensors, which the torch sweep keeps for every step: (kw + 1) x 3 h1
+    floats of RNN1 and kw x 2 h1 of RNN2 per RNN1 sequence (kh row and about sw column sequences a patch)."""
+    (kh, kw), (_, sw), hidden1 = pool.patch_size, pool.stride, pool.pool.hidden1
+    region = kh * sw * channels
+    sweeps = (kh + sw) * ((kw + 1) * 3 * hidden1 + kw * 2 * hidden1)
+    return max(1, band_bytes // (4 * (region + sweeps)))
+
+
+def _conv_act(cna: nn.Sequential) -> tuple[nn.Conv2d, nn.Module]:
+    """(conv, activation) of a BN-folded torchvision Conv2dNormActivation: [conv, Identity, act?]."""
+    return cna[0], cna[2] if len(cna) > 2 else nn.Identity()
+
+
+def _bottleneck_parts(block: nn.Module):
+    """(expand, depthwise, project, shortcut) of a BN-folded bottleneck block, or None for other modules."""
+    from leanvision.models.mobilenet import DepthwiseSeparable
+
+    if isinstance(block, InvertedResidual):
+        layers = list(block.conv)  # [expand]?, depthwise, project conv, (folded) BN
+        expand = _conv_act(layers[0]) if len(layers) == 4 else None
+        shortcut = "add" if block.use_res_connect else "none"
+        return expand, _conv_act(layers[-3]), (layers[-2], nn.Identity()), shortcut
+    if isinstance(block, LinearBottleneck) and block.se is None:
+        expand = None if block.conv_exp is None else (block.conv_exp.conv, block.conv_exp.act)
+        shortcut = "none"
+        if block.use_shortcut:
+            shortcut = "add" if block.in_channels == block.out_channels else "partial"
+        depthwise = (block.conv_dw.conv, block.act_dw)  # conv_dw has no activation of its own
+        return expand, depthwise, (block.conv_pwl.conv, nn.Identity()), shortcut
+    if isinstance(block, DepthwiseSeparable):
+        depthwise, project = (block.conv_dw.conv, block.conv_dw.act), (block.conv_pw.conv, block.conv_pw.act)
+        return None, depthwise, project, "none"
+    return None
+
+
+def chunked_bottleneck(
+    block: nn.Module, input_hw: tuple[int, int], band_bytes: int
+) -> ChunkedBottleneck | None:
+    """The ChunkedBottleneck computing BN-folded `block` on inputs of input_hw, in groups of expanded
+    channels whose expanded and depthwise maps fit `band_bytes`; None for blocks it does not cover."""
+    parts = _bottleneck_parts(block)
+    if parts is None:
+        return None
+    (height, width), (sh, sw) = input_hw, parts[1][0].stride
+    per_channel = 4 * (height * width + -(-height // sh) * -(-width // sw))
+    return ChunkedBottleneck(*parts, group=max(1, band_bytes // per_channel))
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def _calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, torch.Size | None]]:
+    """(name, module, input shape or None) of every module call of one forward pass, in call order."""
+    calls, handles = [], []
+    for name, module in model.named_modules():
+
+        def hook(module: nn.Module, args: tuple, name: str = name) -> None:
+            first = args[0] if args else None  # some blocks take lists (DenseNet's dense layers)
+            calls.append((name, module, first.shape if isinstance(first, torch.Tensor) else None))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+class StreamedModel(nn.Module):
+    """An inference-only copy of an RNNPool network that runs in (about) the RAM its layer-convention
+    analysis reports; see the module docstring. Its forward equals the eval-mode model's."""
+
+    def __init__(
+        self, model: nn.Module, input_size: tuple[int, int, int], band_bytes: int | None = None
+    ) -> None:
+        super().__init__()
+        if any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            raise InvalidArgumentError(
+                "stream() runs inference: put the model in eval mode (model.eval()) first"
+            )
+        if len(input_size) != 3 or min(input_size) < 1:
+            raise InvalidArgumentError(f"input_size must be (C, H, W) of positive sizes, got {input_size!r}")
+        if band_bytes is not None and band_bytes < 1:
+            raise InvalidArgumentError(f"band_bytes must be >= 1 (or None), got {band_bytes}")
+        self.input_size = tuple(input_size)
+        net = copy.deepcopy(model).eval()
+        fold_batchnorm_(net)
+        calls = _calls(net, torch.zeros(1, *input_size))
+        first = next((i for i, (_, m, _) in enumerate(calls) if isinstance(m, RNNPoolLayer)), None)
+        if first is None:
+            raise InvalidArgumentError(f"{type(model).__name__} has no RNNPoolLayer to stream")
+        pool_name, pool, pool_input = calls[first]
+        prefix = [(name, m) for name, m, _ in calls[:first] if not list(m.children()) and name]
+        if band_bytes is None:  # a quarter of the pool's fp32 output, the first map the network keeps whole
+            oh, ow = pool.output_size(*pool_input[2:])
+            band_bytes = pool.out_channels * oh * ow
+        patches = patches_per_group(pool, pool_input[1], band_bytes)
+        _set_module(net, pool_name, StreamedRNNPool([m for _, m in prefix], pool, patches))
+        for name, _ in prefix:
+            _set_module(net, name, nn.Identity())
+        for name, module, shape in calls[first + 1 :]:
+            if shape is None:
+                continue
+            chunked = chunked_bottleneck(module, tuple(shape[2:]), band_bytes)
+            if chunked is not None and not name.startswith(pool_name + "."):
+                _set_module(net, name, chunked)
+        self.net = net.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise InvalidArgumentError("a StreamedModel runs inference only: call .eval() (no gradients)")
+        with torch.no_grad():
+            return self.net(x)
+
+
+def stream(
+    model: nn.Module, input_size: tuple[int, int, int], band_bytes: int | None = None
+) -> StreamedModel:
+    """`model` (eval mode) as a StreamedModel for inputs of `input_size` (C, H, W)."""
+    return StreamedModel(model, input_size, band_bytes)

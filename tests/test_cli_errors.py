@@ -1,0 +1,101 @@
+"""How the command line reports failures: bad input (a LeanvisionError) as one line with exit code 2, a
+failed run as one line with exit code 1, and a bug as itself, with its traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from leanvision.cli import app
+from leanvision.cli.common import run
+from leanvision.engine.train import NonFiniteLossError
+from leanvision.errors import InvalidArgumentError
+from leanvision.experiments.channel_search.study import WorkerError
+
+runner = CliRunner()
+
+# (command line, the library function it calls through common.run)
+COMMANDS = [
+    (["profile", "rexnet_100"], "leanvision.analysis.cost.profile"),
+    (["bench", "rexnet_100"], "leanvision.bench.benchmark"),
+    (["memory", "rexnet_100"], "leanvision.analysis.memory.trace"),
+    (["compare", "rexnet_100"], "leanvision.experiments.compare.compare"),
+    (["train", "--model", "m", "--data", "d"], "leanvision.engine.train.train"),
+    (["eval", "--model", "m", "--checkpoint", "c", "--data", "d"],
+     "leanvision.engine.train.evaluate_checkpoint"),
+    (["rank-study"], "leanvision.analysis.rank.rank_study"),
+    (["rank", "--model", "m", "--checkpoint", "c", "--data", "d"],
+     "leanvision.experiments.feature_rank.feature_spectrum"),
+    (["repro", "rnnpool-probe"], "leanvision.experiments.repro.rnnpool_probe"),
+    (["rrr", "reduce", "--weights", "w", "--out", "o"], "leanvision.experiments.rrr.reduce_checkpoint"),
+    (["rrr", "run", "--weights", "w", "--data", "d"], "leanvision.experiments.rrr.run_methods"),
+    (["search", "channels", "--data", "d"], "leanvision.experiments.channel_search.study.run_search"),
+]  # fmt: skip
+IDS = [" ".join(args[:2]) for args, _ in COMMANDS]
+
+
+def raising(error: BaseException):
+    """A stand-in for a library function: it raises `error`."""
+
+    def work(*args, **kwargs):
+        raise error
+
+    return work
+
+
+@pytest.mark.parametrize("args, target", COMMANDS, ids=IDS)
+def test_bad_input_is_one_line_and_exit_code_2(monkeypatch, args, target):
+    message = "--thing must be [3, 1024] or [bold]x[/bold], got 7; " + ", ".join(["a long explanation"] * 8)
+    monkeypatch.setattr(target, raising(InvalidArgumentError(message)))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [f"error: {message}"]  # not wrapped, markup printed as is
+
+
+@pytest.mark.parametrize("error", [KeyError("key"), RuntimeError("boom"), ValueError("not leanvision's")])
+@pytest.mark.parametrize("args, target", COMMANDS, ids=IDS)
+def test_a_bug_is_not_swallowed(monkeypatch, args, target, error):
+    monkeypatch.setattr(target, raising(error))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and result.exception is error
+    assert "error:" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args, target, error",
+    [
+        (["train", "--model", "m", "--data", "d"], "leanvision.engine.train.train", NonFiniteLossError),
+        (["search", "channels", "--data", "d"], "leanvision.experiments.channel_search.study.run_search",
+         WorkerError),
+    ],
+)  # fmt: skip
+def test_a_failed_run_is_one_line_and_exit_code_1(monkeypatch, args, target, error):
+    """A run that started but failed (not bad input, not a bug) exits with 1."""
+    monkeypatch.setattr(target, raising(error("loss is nan at epoch 3")))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and result.output.splitlines() == ["error: loss is nan at epoch 3"]
+
+
+def test_run_returns_the_result_and_lets_other_errors_through():
+    assert run(lambda: 42) == 42
+    with pytest.raises(KeyError, match="key"):
+        run(raising(KeyError("key")))
+
+
+def test_a_bug_shows_its_traceback(tmp_path):
+    """The installed command (not CliRunner): exit code 1, and the traceback ends with the bug."""
+    code = (
+        "import sys, leanvision.analysis.cost as cost\n"
+        "def bug(*args, **kwargs): raise KeyError('key')\n"
+        "cost.profile = bug\n"
+        "from leanvision.cli import main\n"
+        "sys.argv = ['leanvision', 'profile', 'rexnet_100']\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and done.stderr.rstrip().endswith("KeyError: 'key'")
+    assert "error:" not in done.stdout
