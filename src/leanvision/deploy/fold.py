@@ -11,15 +11,10 @@ whose forward differs (weight-standardised convs, BN with a built-in activation)
 
 Then every plain 1x1 convolution becomes a PointwiseConv: a GEMM over the pixels when the map is small.
 
-What was measured (benchmarks/rexnet_speed.py, ReXNet-1.0 against timm's eager model, 2-core x86 CPU,
-single passes interleaved) and kept: folding, channels_last and PointwiseConv, 1.54x at batch 1 and 2.5x
-at batch 32. channels_last is most of it: oneDNN runs the convolutions (depthwise ones especially) on
-NHWC activations directly instead of reordering them to and from its blocked layout around every call;
-folding drops the BN passes; PointwiseConv removes oneDNN's per-call cost on the squeeze-excite vectors
-and the 7x7 / 14x14 maps at batch 1 (about 1.44x -> 1.54x). Left out: TorchScript trace + freeze
-(deprecated, tied to an example input), torch.jit.optimize_for_inference (slower), prepacked oneDNN
-weights (no gain). torch.compile on top gains another 10-25% after a compile of about a minute on
-2 cores; it is left to the caller: `leanvision.bench.benchmark(..., deploy=True, compile=True)`.
+channels_last stores 4-D weights NHWC, so oneDNN runs the convolutions (depthwise ones especially) on NHWC
+activations directly instead of reordering them around every call. TorchScript freezing and prepacked
+oneDNN weights are not used; torch.compile on top is left to the caller
+(`leanvision.bench.benchmark(..., deploy=True, compile=True)`). README "Bench" gives the measured gains.
 """
 
 from __future__ import annotations

@@ -60,8 +60,7 @@ class FusedBlock(nn.Module):
     When the last convolution and the projection shortcut are both 1x1 with the same groups (a Bottleneck
     with a downsample, branch-grouped or not), their sum is one 1x1 convolution over the concatenated
     inputs, group by group: [W_last W_down] [h; x[::s, ::s]] + (b_last + b_down). That is one call instead
-    of two, and the projection's map is never written out and read back (at batch 32 the layer1/layer2
-    blocks of the RRR-Net stem take 13-23% less time).
+    of two, and the projection's map is never written out and read back.
     """
 
     def __init__(self, convs: list[nn.Conv2d], downsample: nn.Conv2d | None) -> None:
@@ -139,12 +138,11 @@ class FusedRRRNet(nn.Module):
     branch, and the classifiers are one grouped 1x1 convolution. Being inference-only, it also folds every
     BatchNorm (stem included) into its convolution, runs every convolution with its ReLU and residual add
     as one oneDNN call on weights packed once (FusedConv), and keeps activations channels_last
-    (benchmarks/rrr_speed.py measures the gains).
+    (benchmarks/rrr_speed.py measures the gains; README "RRR-Net").
 
-    The stem runs on chunks of the batch, the top on all of it: at batch 32 and 128 px, conv1's and
-    layer1's outputs are 32 MiB each, and glibc's malloc serves blocks that large with fresh pages on every
-    call (above its 32 MiB mmap threshold); faulting those in cost about 15% of the forward. Chunks of
-    STEM_CHUNK_BYTES are served from reused memory instead.
+    The stem runs on chunks of the batch of at most STEM_CHUNK_BYTES per map, the top on all of it: glibc's
+    malloc serves blocks above its 32 MiB mmap threshold with fresh pages on every call, and faulting those
+    in would be paid on every forward; chunks are served from reused memory instead.
     """
 
     def __init__(self, model: RRRNet) -> None:

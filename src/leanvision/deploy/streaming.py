@@ -1,7 +1,7 @@
 """Streaming inference: run an RNNPool network in the RAM that its memory analysis reports.
 
-`stream(model, input_size)` returns a StreamedModel, an inference-only copy of `model` (BatchNorm folded)
-with the same output, in which
+`stream(model, input_size)` returns a StreamedModel, an inference-only copy of `model` with the same output,
+in which
 - the layers before the first RNNPoolLayer and the layer itself run patch group by patch group
   (StreamedRNNPool): for each group of neighbouring patches of one patch row, the stem layers compute only
   the input region those patches read (receptive fields, recomputing the overlap of neighbouring groups),
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.ops.misc import Conv2dNormActivation
 
-from leanvision.deploy.fold import fold_batchnorm_
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import LinearBottleneck, RNNPoolLayer
 from leanvision.layers.rnnpool import rnnpool_map
@@ -132,47 +132,58 @@ class StreamedRNNPool(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class ConvStep:
+    """A convolution, the BatchNorm after it (or None) and the activation after that."""
+
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d | None
+    act: nn.Module
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-channel (offset, scale, shift) of the conv bias and eval-mode BN, applied to the convolution
+        without its bias as (y + offset) * scale + shift: the order of BN's own (y - mean) * ... + beta.
+
+        Kept apart from the weights, not folded into them: folding (and scaling before subtracting the
+        mean) reorders the rounding, which moves the outputs beyond 1e-5 of the eager model's."""
+        conv, bn = self.conv, self.bn
+        bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+        if bn is None:
+            return bias, torch.ones_like(bias), torch.zeros_like(bias)
+        return bias - bn.running_mean, bn.weight / torch.sqrt(bn.running_var + bn.eps), bn.bias
+
+
 @dataclass
 class _Chunk:
-    """One group of expanded channels [start, stop): its slices of the three convolutions' weights."""
+    """One group of expanded channels [start, stop): its slices of the weights and affines."""
 
     start: int
     stop: int
-    expand_weight: torch.Tensor | None  # [group, C_in]
-    expand_bias: torch.Tensor | None  # [group, 1]
-    dw_weight: torch.Tensor  # [group, 1, k, k]
-    dw_bias: torch.Tensor  # [group]
-    project_weight: torch.Tensor  # [C_out, group]
-
-
-def _bias(conv: nn.Conv2d) -> torch.Tensor:
-    return conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+    expand: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # weight [g, C_in], scale, shift [g, 1]
+    depthwise: tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor
+    ]  # weight [g, 1, k, k], scale, shift [1, g, 1, 1]
+    project_weight: torch.Tensor  # [C_out, g]
 
 
 class ChunkedBottleneck(nn.Module):
-    """[1x1 expand, act] -> depthwise, act -> 1x1 project, act [+ shortcut], one group of `group` expanded
-    channels at a time: each group's share of the projection is added into the output, so the expanded
-    and depthwise maps are never whole. BN must be folded into the convolutions.
+    """[1x1 expand, BN, act] -> depthwise, BN, act -> 1x1 project, BN, act [+ shortcut], one group of
+    expanded channels at a time: each group's share of the projection is added into the output, so the
+    expanded and depthwise maps are never whole (batch 1 runs as matrix products).
 
     `shortcut`: "none", "add" (input + output) or "partial" (the input added to the first input-width
     output channels, ReXNet's zero-padded shortcut).
     """
 
     def __init__(
-        self,
-        expand: tuple[nn.Conv2d, nn.Module] | None,
-        depthwise: tuple[nn.Conv2d, nn.Module],
-        project: tuple[nn.Conv2d, nn.Module],
-        shortcut: str,
-        group: int,
+        self, expand: ConvStep | None, depthwise: ConvStep, project: ConvStep, shortcut: str, group: int
     ) -> None:
         super().__init__()
-        (dw, self.dw_act), (pw, self.project_act) = depthwise, project
-        self.expand_act = expand[1] if expand else nn.Identity()
+        dw, pw = depthwise.conv, project.conv
         if (
             dw.groups != dw.in_channels
             or pw.kernel_size != (1, 1)
-            or (expand and expand[0].kernel_size != (1, 1))
+            or (expand and expand.conv.kernel_size != (1, 1))
         ):
             raise InvalidArgumentError(
                 "ChunkedBottleneck needs 1x1 expand and project convs around a depthwise one"
@@ -182,49 +193,50 @@ class ChunkedBottleneck(nn.Module):
                 f"need shortcut none/add/partial and group >= 1, got {shortcut!r}, {group}"
             )
         self.shortcut, self.stride, self.padding, self.dilation = shortcut, dw.stride, dw.padding, dw.dilation
-        self.project_bias = _bias(pw)[:, None].detach().clone()
-        self.chunks = []
-        for start in range(0, dw.in_channels, group):
-            part = slice(start, min(start + group, dw.in_channels))
-            self.chunks.append(
-                _Chunk(
-                    part.start,
-                    part.stop,
-                    None if expand is None else expand[0].weight[part, :, 0, 0].detach().clone(),
-                    None if expand is None else _bias(expand[0])[part, None].detach().clone(),
-                    dw.weight[part].detach().clone(),
-                    _bias(dw)[part].detach().clone(),
-                    pw.weight[:, part, 0, 0].detach().clone(),
+        self.expand_act = expand.act if expand else nn.Identity()
+        self.dw_act, self.project_act = depthwise.act, project.act
+        with torch.no_grad():
+            self.project_affine = tuple(t[:, None].clone() for t in project.affine())
+            dw_affine, ex_affine = depthwise.affine(), expand.affine() if expand else None
+            self.chunks = []
+            for start in range(0, dw.in_channels, group):
+                part = slice(start, min(start + group, dw.in_channels))
+                expand_part = None
+                if expand is not None:
+                    weight = expand.conv.weight[part, :, 0, 0]
+                    expand_part = (weight.clone(), *(t[part, None].clone() for t in ex_affine))
+                depthwise_part = (
+                    dw.weight[part].clone(),
+                    *(t[None, part, None, None].clone() for t in dw_affine),
                 )
-            )
+                self.chunks.append(
+                    _Chunk(
+                        part.start, part.stop, expand_part, depthwise_part, pw.weight[:, part, 0, 0].clone()
+                    )
+                )
 
     def _one(self, x: torch.Tensor) -> torch.Tensor:
         channels, height, width = x.shape[1:]
         x2d = x.reshape(channels, height * width)
         out = None
         for chunk in self.chunks:
-            if chunk.expand_weight is None:
+            if chunk.expand is None:
                 e = x[:, chunk.start : chunk.stop]
             else:
-                e = torch.addmm(chunk.expand_bias, chunk.expand_weight, x2d).view(1, -1, height, width)
-                e = self.expand_act(e)
-            d = F.conv2d(
-                e,
-                chunk.dw_weight,
-                chunk.dw_bias,
-                self.stride,
-                self.padding,
-                self.dilation,
-                len(chunk.dw_bias),
-            )
-            d = self.dw_act(d)
+                weight, offset, scale, shift = chunk.expand
+                e = torch.mm(weight, x2d).add_(offset).mul_(scale).add_(shift)
+                e = self.expand_act(e).view(1, -1, height, width)
+            weight, offset, scale, shift = chunk.depthwise
+            d = F.conv2d(e, weight, None, self.stride, self.padding, self.dilation, len(weight))
+            d = self.dw_act(d.add_(offset).mul_(scale).add_(shift))
             if out is None:
                 out_size = d.shape[2:]
-                out = torch.addmm(self.project_bias, chunk.project_weight, d.view(d.shape[1], -1))
+                out = torch.mm(chunk.project_weight, d.view(d.shape[1], -1))
             else:
                 out.addmm_(chunk.project_weight, d.view(d.shape[1], -1))
             del e, d
-        out = self.project_act(out)
+        offset, scale, shift = self.project_affine
+        out = self.project_act(out.add_(offset).mul_(scale).add_(shift))
         if self.shortcut == "add":
             out += x2d
         elif self.shortcut == "partial":
@@ -247,42 +259,77 @@ def patches_per_group(pool: RNNPoolLayer, channels: int, band_bytes: int) -> int
     return max(1, band_bytes // (4 * (region + sweeps)))
 
 
-def _conv_act(cna: nn.Sequential) -> tuple[nn.Conv2d, nn.Module]:
-    """(conv, activation) of a BN-folded torchvision Conv2dNormActivation: [conv, Identity, act?]."""
-    return cna[0], cna[2] if len(cna) > 2 else nn.Identity()
+class InPlaceConv(nn.Module):
+    """A convolution -> BN -> activation whose BN and activation run in place on the convolution's output,
+    so that only the input and the output are alive (as a folded convolution; see ConvStep.affine)."""
+
+    def __init__(self, step: ConvStep) -> None:
+        super().__init__()
+        self.conv, self.act = step.conv, copy.deepcopy(step.act)
+        if hasattr(self.act, "inplace"):
+            self.act.inplace = True
+        with torch.no_grad():
+            self.affine = tuple(t[None, :, None, None].clone() for t in step.affine())
+
+    @classmethod
+    def of(cls, module: nn.Module) -> InPlaceConv | None:
+        """For torchvision's Conv2dNormActivation and leanvision's ConvNormAct; None for other modules."""
+        from leanvision.layers import ConvNormAct
+
+        if isinstance(module, Conv2dNormActivation):
+            return cls(_step(module))
+        if isinstance(module, ConvNormAct):
+            return cls(ConvStep(module.conv, module.bn, module.act))
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, (offset, scale, shift) = self.conv, self.affine
+        y = F.conv2d(x, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
+        return self.act(y.add_(offset).mul_(scale).add_(shift))
+
+
+def _step(cna: nn.Sequential) -> ConvStep:
+    """The ConvStep of a torchvision Conv2dNormActivation: [conv, BN?, act?]."""
+    layers = list(cna)
+    bn = next((m for m in layers[1:] if isinstance(m, nn.BatchNorm2d)), None)
+    act = next((m for m in layers[1:] if not isinstance(m, nn.BatchNorm2d)), nn.Identity())
+    return ConvStep(layers[0], bn, act)
 
 
 def _bottleneck_parts(block: nn.Module):
-    """(expand, depthwise, project, shortcut) of a BN-folded bottleneck block, or None for other modules."""
+    """(expand, depthwise, project, shortcut) ConvSteps of a bottleneck block, or None for other modules."""
     from leanvision.models.mobilenet import DepthwiseSeparable
 
     if isinstance(block, InvertedResidual):
-        layers = list(block.conv)  # [expand]?, depthwise, project conv, (folded) BN
-        expand = _conv_act(layers[0]) if len(layers) == 4 else None
+        layers = list(block.conv)  # [expand]?, depthwise, project conv, BN
+        expand = _step(layers[0]) if len(layers) == 4 else None
         shortcut = "add" if block.use_res_connect else "none"
-        return expand, _conv_act(layers[-3]), (layers[-2], nn.Identity()), shortcut
+        return expand, _step(layers[-3]), ConvStep(layers[-2], layers[-1], nn.Identity()), shortcut
     if isinstance(block, LinearBottleneck) and block.se is None:
-        expand = None if block.conv_exp is None else (block.conv_exp.conv, block.conv_exp.act)
+        exp = block.conv_exp
+        expand = None if exp is None else ConvStep(exp.conv, exp.bn, exp.act)
         shortcut = "none"
         if block.use_shortcut:
             shortcut = "add" if block.in_channels == block.out_channels else "partial"
-        depthwise = (block.conv_dw.conv, block.act_dw)  # conv_dw has no activation of its own
-        return expand, depthwise, (block.conv_pwl.conv, nn.Identity()), shortcut
+        depthwise = ConvStep(
+            block.conv_dw.conv, block.conv_dw.bn, block.act_dw
+        )  # conv_dw has no act of its own
+        return expand, depthwise, ConvStep(block.conv_pwl.conv, block.conv_pwl.bn, nn.Identity()), shortcut
     if isinstance(block, DepthwiseSeparable):
-        depthwise, project = (block.conv_dw.conv, block.conv_dw.act), (block.conv_pw.conv, block.conv_pw.act)
-        return None, depthwise, project, "none"
+        dw, pw = block.conv_dw, block.conv_pw
+        return None, ConvStep(dw.conv, dw.bn, dw.act), ConvStep(pw.conv, pw.bn, pw.act), "none"
     return None
 
 
 def chunked_bottleneck(
     block: nn.Module, input_hw: tuple[int, int], band_bytes: int
 ) -> ChunkedBottleneck | None:
-    """The ChunkedBottleneck computing BN-folded `block` on inputs of input_hw, in groups of expanded
+    """The ChunkedBottleneck computing eval-mode `block` on inputs of input_hw, in groups of expanded
     channels whose expanded and depthwise maps fit `band_bytes`; None for blocks it does not cover."""
     parts = _bottleneck_parts(block)
     if parts is None:
         return None
-    (height, width), (sh, sw) = input_hw, parts[1][0].stride
+    (height, width), (sh, sw) = input_hw, parts[1].conv.stride
     per_channel = 4 * (height * width + -(-height // sh) * -(-width // sw))
     return ChunkedBottleneck(*parts, group=max(1, band_bytes // per_channel))
 
@@ -329,7 +376,6 @@ class StreamedModel(nn.Module):
             raise InvalidArgumentError(f"band_bytes must be >= 1 (or None), got {band_bytes}")
         self.input_size = tuple(input_size)
         net = copy.deepcopy(model).eval()
-        fold_batchnorm_(net)
         calls = _calls(net, torch.zeros(1, *input_size))
         first = next((i for i, (_, m, _) in enumerate(calls) if isinstance(m, RNNPoolLayer)), None)
         if first is None:
@@ -343,12 +389,14 @@ class StreamedModel(nn.Module):
         _set_module(net, pool_name, StreamedRNNPool([m for _, m in prefix], pool, patches))
         for name, _ in prefix:
             _set_module(net, name, nn.Identity())
+        replaced = [pool_name]
         for name, module, shape in calls[first + 1 :]:
-            if shape is None:
+            if shape is None or any(name.startswith(done + ".") for done in replaced):
                 continue
-            chunked = chunked_bottleneck(module, tuple(shape[2:]), band_bytes)
-            if chunked is not None and not name.startswith(pool_name + "."):
-                _set_module(net, name, chunked)
+            lean = chunked_bottleneck(module, tuple(shape[2:]), band_bytes) or InPlaceConv.of(module)
+            if lean is not None:
+                _set_module(net, name, lean)
+                replaced.append(name)
         self.net = net.requires_grad_(False)
         self.eval()
 

@@ -1,0 +1,125 @@
+"""Streaming inference: StreamedRNNPool and ChunkedBottleneck equal the layers they replace, a StreamedModel
+equals the eager model, and the streamed MobileNetV2-RNNPool really runs in the layer convention's RAM."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual
+
+import leanvision
+from conftest import randomize_
+from leanvision.analysis.measured import measure_peak
+from leanvision.analysis.memory import peak_memory
+from leanvision.bench import calibrate_batchnorm
+from leanvision.deploy.streaming import StreamedRNNPool, chunked_bottleneck, stream
+from leanvision.errors import InvalidArgumentError
+from leanvision.layers import LinearBottleneck, RNNPoolLayer
+from leanvision.models.mobilenet import DepthwiseSeparable
+
+
+def _close(streamed: torch.Tensor, eager: torch.Tensor) -> None:
+    """max |streamed - eager| <= 1e-5 relative to the largest output."""
+    assert streamed.shape == eager.shape
+    assert (streamed - eager).abs().max() <= 1e-5 * eager.abs().max()
+
+
+@pytest.mark.parametrize("padding", ["edgeml", "valid", "same"])
+@pytest.mark.parametrize("size, group", [((37, 45), 1), ((40, 33), 3), ((29, 64), 100)])
+def test_streamed_rnnpool_equals_the_prefix_and_the_layer(padding, size, group):
+    g = torch.Generator().manual_seed(size[0] + group)
+    prefix = [
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4),
+        nn.SiLU(),
+    ]
+    pool = randomize_(RNNPoolLayer(8, 6, 5, patch_size=(5, 4), stride=(3, 2), padding=padding))
+    for conv in prefix[::2]:
+        conv.weight.data = torch.randn(conv.weight.shape, generator=g) * 0.3
+    x = torch.randn(2, 3, *size, generator=g)
+    with torch.no_grad():
+        eager = pool(nn.Sequential(*prefix)(x))
+        _close(StreamedRNNPool(prefix, pool, patches_per_group=group)(x), eager)
+
+
+def _blocks() -> list[nn.Module]:
+    return [
+        InvertedResidual(16, 16, 1, expand_ratio=6),  # shortcut
+        InvertedResidual(16, 24, 2, expand_ratio=6),
+        InvertedResidual(16, 8, 1, expand_ratio=1),  # no expansion
+        LinearBottleneck(16, 27, 1, expansion=6),  # ReXNet's partial shortcut
+        LinearBottleneck(16, 16, 2, expansion=1),
+        DepthwiseSeparable(16, 32, 2, dw_act=nn.ReLU, pw_act=nn.SiLU),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_blocks())))
+@pytest.mark.parametrize("band_bytes", [1, 3000, 10**6])  # one channel per group, some, all
+def test_chunked_bottleneck_equals_the_block(index, band_bytes):
+    block = randomize_(_blocks()[index], seed=index)
+    x = torch.randn(2, 16, 13, 11, generator=torch.Generator().manual_seed(index))
+    with torch.no_grad():
+        _close(chunked_bottleneck(block, (13, 11), band_bytes)(x), block(x))
+
+
+STREAMED = [
+    ("mobilenetv2_rnnpool", (3, 224, 224)),
+    ("mobilenetv2_rnnpool", (3, 130, 197)),  # rectangular, sizes that no stride divides
+    ("mobilenetv2_035_vww_rnnpool", (3, 96, 160)),
+    ("mobilenetv1_rnnpool", (3, 101, 96)),
+    ("rexnet_100_lowres_rnnpool", (3, 32, 32)),
+]
+
+
+@pytest.mark.parametrize("name, size", STREAMED)
+def test_streamed_model_equals_eager(name, size):
+    model = randomize_(leanvision.create_model(name))
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _close(stream(model, size)(x), model(x))
+
+
+@pytest.mark.parametrize("name, size", STREAMED[::2])
+def test_streamed_model_is_as_exact_as_eager_with_calibrated_batchnorm(name, size):
+    """With BN statistics of real activations, fp32 itself is ~1e-4 off (means large against deviations):
+    then no reordering of a sum stays within 1e-5 of eager, and the reference is the float64 model."""
+    torch.manual_seed(0)
+    model = calibrate_batchnorm(leanvision.create_model(name), size)
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double())
+        eager, streamed = model(x).double(), stream(model, size)(x).double()
+    assert (streamed - exact).abs().max() <= 1.5 * (eager - exact).abs().max() + 1e-7 * exact.abs().max()
+
+
+def test_streamed_mobilenetv2_rnnpool_runs_in_the_layer_conventions_ram():
+    model = calibrate_batchnorm(leanvision.create_model("mobilenetv2_rnnpool"))
+    layer = peak_memory(model, input_size=(3, 224, 224), convention="layer", dtype_bytes=4).peak_bytes
+    x = torch.randn(1, 3, 224, 224)
+    streamed = measure_peak(stream(model, (3, 224, 224)), x)
+    with torch.no_grad():
+        eager = measure_peak(model, x)
+    assert layer == 28 * 28 * 64 * 4 + 14 * 14 * 64 * 4  # paper Table 1: 0.24 MB
+    assert streamed.peak_bytes <= 1.3 * layer < eager.peak_bytes / 40
+
+
+def test_bad_input_is_refused():
+    model = leanvision.create_model("mobilenetv2_035_vww_rnnpool")
+    with pytest.raises(InvalidArgumentError, match="eval mode"):
+        stream(model.train(), (3, 96, 96))
+    model.eval()
+    with pytest.raises(InvalidArgumentError, match="no RNNPoolLayer"):
+        stream(leanvision.create_model("mobilenetv2_035_vww").eval(), (3, 96, 96))
+    with pytest.raises(InvalidArgumentError, match="band_bytes"):
+        stream(model, (3, 96, 96), band_bytes=0)
+    with pytest.raises(InvalidArgumentError, match="input_size"):
+        stream(model, (96, 96))
+    with pytest.raises(InvalidArgumentError, match="must be >= 32"):
+        stream(model, (3, 8, 8))  # the patches would not fit the stem's 4x4 map
+    streamed = stream(model, (3, 96, 96))
+    with pytest.raises(InvalidArgumentError, match="inference only"):
+        streamed.train()(torch.randn(1, 3, 96, 96))
