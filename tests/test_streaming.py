@@ -15,7 +15,7 @@ from conftest import randomize_
 from leanvision.analysis.measured import measure_peak
 from leanvision.analysis.memory import peak_memory
 from leanvision.bench import calibrate_batchnorm
-from leanvision.deploy.streaming import StreamedRNNPool, chunked_bottleneck, stream
+from leanvision.deploy.streaming import StreamedRNNPool, chunked_bottleneck, lean_module, stream
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import LinearBottleneck, RNNPoolLayer
 from leanvision.models.mobilenet import DepthwiseSeparable
@@ -123,3 +123,27 @@ def test_bad_input_is_refused():
     streamed = stream(model, (3, 96, 96))
     with pytest.raises(InvalidArgumentError, match="inference only"):
         streamed.train()(torch.randn(1, 3, 96, 96))
+
+
+def _se_blocks() -> list[nn.Module]:
+    from torchvision.models.efficientnet import MBConv, MBConvConfig
+    from torchvision.models.resnet import BasicBlock, conv1x1
+
+    return [
+        MBConv(MBConvConfig(6, 3, 1, 16, 16, 1), 0.0, nn.BatchNorm2d),  # SE, shortcut
+        MBConv(MBConvConfig(1, 5, 2, 16, 24, 1), 0.0, nn.BatchNorm2d),  # SE, no expansion
+        LinearBottleneck(16, 20, 1, expansion=6, se_channels=8),
+        BasicBlock(16, 16),
+        BasicBlock(16, 32, 2, downsample=nn.Sequential(conv1x1(16, 32, 2), nn.BatchNorm2d(32))),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_se_blocks())))
+@pytest.mark.parametrize("band_bytes", [1, 3000, 10**6])
+def test_squeeze_excite_and_basic_blocks_stream_exactly(index, band_bytes):
+    block = randomize_(_se_blocks()[index], seed=index)
+    x = torch.randn(2, 16, 13, 11, generator=torch.Generator().manual_seed(index))
+    lean = lean_module(block, x.shape, band_bytes)
+    assert lean is not None and type(lean).__name__ in ("ChunkedBottleneck", "BandedBasicBlock")
+    with torch.no_grad():
+        _close(lean(x), block(x))

@@ -19,14 +19,16 @@ Batch 1 is the target; larger batches run image by image.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.efficientnet import MBConv
 from torchvision.models.mobilenetv2 import InvertedResidual
-from torchvision.ops.misc import Conv2dNormActivation
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import LinearBottleneck, RNNPoolLayer
@@ -46,6 +48,12 @@ class _Span:
         """The part inside [0, size), and how much padding lies before and after it."""
         inside = _Span(max(self.start, 0), min(self.stop, size))
         return inside, inside.start - self.start, self.stop - inside.stop
+
+    def through_conv(self, conv: nn.Conv2d, axis: int = 0) -> _Span:
+        """The input span `conv` reads along `axis` (0 rows, 1 columns) to produce this output span."""
+        return self.through(
+            conv.kernel_size[axis], conv.stride[axis], conv.padding[axis], conv.dilation[axis]
+        )
 
     def through(self, kernel: int, stride: int, padding: int, dilation: int) -> _Span:
         """The input span a convolution reads to produce this output span."""
@@ -167,16 +175,26 @@ class _Chunk:
 
 
 class ChunkedBottleneck(nn.Module):
-    """[1x1 expand, BN, act] -> depthwise, BN, act -> 1x1 project, BN, act [+ shortcut], one group of
-    expanded channels at a time: each group's share of the projection is added into the output, so the
-    expanded and depthwise maps are never whole (batch 1 runs as matrix products).
+    """[1x1 expand, BN, act] -> depthwise, BN, act [-> squeeze-excite -> act] -> 1x1 project, BN, act
+    [+ shortcut], one group of expanded channels at a time: each group's share of the projection is added
+    into the output, so the expanded and depthwise maps are never whole (batch 1 runs as matrix products).
 
+    `se` maps the depthwise output's channel means [1, C, 1, 1] to its channel scales: the means need
+    every group, so with an SE the groups run twice (means first, then scale and project), recomputing
+    the expansion and the depthwise conv. `post_se_act` follows the scaling (ReXNet's dw activation).
     `shortcut`: "none", "add" (input + output) or "partial" (the input added to the first input-width
     output channels, ReXNet's zero-padded shortcut).
     """
 
     def __init__(
-        self, expand: ConvStep | None, depthwise: ConvStep, project: ConvStep, shortcut: str, group: int
+        self,
+        expand: ConvStep | None,
+        depthwise: ConvStep,
+        project: ConvStep,
+        shortcut: str,
+        group: int,
+        se: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        post_se_act: nn.Module | None = None,
     ) -> None:
         super().__init__()
         dw, pw = depthwise.conv, project.conv
@@ -195,6 +213,7 @@ class ChunkedBottleneck(nn.Module):
         self.shortcut, self.stride, self.padding, self.dilation = shortcut, dw.stride, dw.padding, dw.dilation
         self.expand_act = expand.act if expand else nn.Identity()
         self.dw_act, self.project_act = depthwise.act, project.act
+        self.se, self.post_se_act = se, post_se_act or nn.Identity()
         with torch.no_grad():
             self.project_affine = tuple(t[:, None].clone() for t in project.affine())
             dw_affine, ex_affine = depthwise.affine(), expand.affine() if expand else None
@@ -215,38 +234,113 @@ class ChunkedBottleneck(nn.Module):
                     )
                 )
 
+    def _depthwise(self, chunk: _Chunk, x: torch.Tensor) -> torch.Tensor:
+        """The chunk's expanded channels after the depthwise conv, BN and act: [1, group, H', W']."""
+        if chunk.expand is None:
+            e = x[:, chunk.start : chunk.stop]
+        else:
+            weight, offset, scale, shift = chunk.expand
+            e = torch.mm(weight, x.view(x.shape[1], -1)).add_(offset).mul_(scale).add_(shift)
+            e = self.expand_act(e).view(1, -1, *x.shape[2:])
+        weight, offset, scale, shift = chunk.depthwise
+        d = F.conv2d(e, weight, None, self.stride, self.padding, self.dilation, len(weight))
+        return self.dw_act(d.add_(offset).mul_(scale).add_(shift))
+
     def _one(self, x: torch.Tensor) -> torch.Tensor:
-        channels, height, width = x.shape[1:]
-        x2d = x.reshape(channels, height * width)
+        x = x.contiguous()
+        scales = None
+        if self.se is not None:  # first pass: the channel means the squeeze-excite needs
+            means = torch.cat(
+                [self._depthwise(chunk, x).mean((2, 3), keepdim=True) for chunk in self.chunks], 1
+            )
+            scales = self.se(means)
         out = None
         for chunk in self.chunks:
-            if chunk.expand is None:
-                e = x[:, chunk.start : chunk.stop]
-            else:
-                weight, offset, scale, shift = chunk.expand
-                e = torch.mm(weight, x2d).add_(offset).mul_(scale).add_(shift)
-                e = self.expand_act(e).view(1, -1, height, width)
-            weight, offset, scale, shift = chunk.depthwise
-            d = F.conv2d(e, weight, None, self.stride, self.padding, self.dilation, len(weight))
-            d = self.dw_act(d.add_(offset).mul_(scale).add_(shift))
+            d = self._depthwise(chunk, x)
+            if scales is not None:
+                d = d.mul_(scales[:, chunk.start : chunk.stop])
+            d = self.post_se_act(d)
             if out is None:
                 out_size = d.shape[2:]
                 out = torch.mm(chunk.project_weight, d.view(d.shape[1], -1))
             else:
                 out.addmm_(chunk.project_weight, d.view(d.shape[1], -1))
-            del e, d
+            del d
         offset, scale, shift = self.project_affine
         out = self.project_act(out.add_(offset).mul_(scale).add_(shift))
+        x2d = x.view(x.shape[1], -1)
         if self.shortcut == "add":
             out += x2d
         elif self.shortcut == "partial":
-            out[:channels] += x2d
+            out[: x.shape[1]] += x2d
         return out.view(1, -1, *out_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
             return self._one(x)
         return torch.cat([self._one(image[None]) for image in x])
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Rows [start, start + tensor.shape[2]) of a map `height` rows high."""
+
+    tensor: torch.Tensor
+    start: int
+    height: int
+
+
+def _conv_rows(step: ConvStep, rows: _Rows, out: _Span, out_height: int, act: bool = True) -> _Rows:
+    """Rows `out` (inside [0, out_height)) of step(map), from the rows of the map that `rows` holds."""
+    c = step.conv
+    inside, top, bottom = out.through_conv(c).clip(rows.height)
+    if inside.start < rows.start or inside.stop > rows.start + rows.tensor.shape[2]:
+        raise AssertionError(f"rows {inside} of the input are needed, {rows.start}.. are held")
+    x = F.pad(rows.tensor[:, :, inside.start - rows.start : inside.stop - rows.start], (0, 0, top, bottom))
+    y = F.conv2d(x, c.weight, None, c.stride, (0, c.padding[1]), c.dilation, c.groups)
+    offset, scale, shift = (t[None, :, None, None] for t in step.affine())
+    y = y.add_(offset).mul_(scale).add_(shift)
+    return _Rows(step.act(y) if act else y, out.start, out_height)
+
+
+class BandedBasicBlock(nn.Module):
+    """torchvision's BasicBlock (3x3 conv, BN, ReLU, 3x3 conv, BN, + shortcut, ReLU) band of output rows by
+    band: each band's first conv covers its rows plus the halo row above and below that the second reads
+    (recomputed by the neighbouring bands), so the block holds its input, its output and one band."""
+
+    def __init__(self, block: nn.Module, rows_per_band: int) -> None:
+        super().__init__()
+        if rows_per_band < 1:
+            raise InvalidArgumentError(f"rows_per_band must be >= 1, got {rows_per_band}")
+        self.conv1 = ConvStep(block.conv1, block.bn1, nn.ReLU(inplace=True))
+        self.conv2 = ConvStep(block.conv2, block.bn2, nn.Identity())
+        down = block.downsample
+        self.downsample = None if down is None else ConvStep(down[0], down[1], nn.Identity())
+        self.rows_per_band = rows_per_band
+
+    def _height(self, step: ConvStep, height: int) -> int:
+        c = step.conv
+        return (height + 2 * c.padding[0] - c.dilation[0] * (c.kernel_size[0] - 1) - 1) // c.stride[0] + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height = x.shape[2]
+        mid = self._height(self.conv1, height)
+        out = None
+        for r0 in range(0, mid, self.rows_per_band):
+            band = _Span(r0, min(r0 + self.rows_per_band, mid))
+            held = _Rows(x, 0, height)
+            halo, _, _ = band.through_conv(self.conv2.conv).clip(mid)
+            h = _conv_rows(self.conv1, held, halo, mid)
+            y = _conv_rows(self.conv2, h, band, mid, act=False).tensor
+            if self.downsample is None:
+                y += x[:, :, band.start : band.stop]
+            else:
+                y += _conv_rows(self.downsample, held, band, mid, act=False).tensor
+            if out is None:
+                out = x.new_empty(x.shape[0], y.shape[1], mid, y.shape[3])
+            out[:, :, band.start : band.stop] = y.relu_()
+            del h, y
+        return out
 
 
 def patches_per_group(pool: RNNPoolLayer, channels: int, band_bytes: int) -> int:
@@ -296,28 +390,42 @@ def _step(cna: nn.Sequential) -> ConvStep:
     return ConvStep(layers[0], bn, act)
 
 
-def _bottleneck_parts(block: nn.Module):
-    """(expand, depthwise, project, shortcut) ConvSteps of a bottleneck block, or None for other modules."""
+def _bottleneck_parts(block: nn.Module) -> dict | None:
+    """ChunkedBottleneck's arguments (but the group) for a bottleneck block, or None for other modules."""
     from leanvision.models.mobilenet import DepthwiseSeparable
 
-    if isinstance(block, InvertedResidual):
-        layers = list(block.conv)  # [expand]?, depthwise, project conv, BN
-        expand = _step(layers[0]) if len(layers) == 4 else None
+    if isinstance(block, (InvertedResidual, MBConv)):
+        layers = list(block.conv if isinstance(block, InvertedResidual) else block.block)
+        se = next((m._scale for m in layers if isinstance(m, SqueezeExcitation)), None)
+        layers = [m for m in layers if not isinstance(m, SqueezeExcitation)]
+        if isinstance(block, InvertedResidual):  # [expand]?, depthwise, project conv, BN
+            layers = [*layers[:-2], nn.Sequential(*layers[-2:])]
+        expand = _step(layers[0]) if len(layers) == 3 else None
         shortcut = "add" if block.use_res_connect else "none"
-        return expand, _step(layers[-3]), ConvStep(layers[-2], layers[-1], nn.Identity()), shortcut
-    if isinstance(block, LinearBottleneck) and block.se is None:
-        exp = block.conv_exp
-        expand = None if exp is None else ConvStep(exp.conv, exp.bn, exp.act)
+        return dict(
+            expand=expand, depthwise=_step(layers[-2]), project=_step(layers[-1]), shortcut=shortcut, se=se
+        )
+    if isinstance(block, LinearBottleneck):
+        exp, dw, pwl = block.conv_exp, block.conv_dw, block.conv_pwl
         shortcut = "none"
         if block.use_shortcut:
             shortcut = "add" if block.in_channels == block.out_channels else "partial"
-        depthwise = ConvStep(
-            block.conv_dw.conv, block.conv_dw.bn, block.act_dw
-        )  # conv_dw has no act of its own
-        return expand, depthwise, ConvStep(block.conv_pwl.conv, block.conv_pwl.bn, nn.Identity()), shortcut
+        return dict(
+            expand=None if exp is None else ConvStep(exp.conv, exp.bn, exp.act),
+            depthwise=ConvStep(dw.conv, dw.bn, nn.Identity()),  # the SE (if any) and act_dw follow
+            project=ConvStep(pwl.conv, pwl.bn, nn.Identity()),
+            shortcut=shortcut,
+            se=None if block.se is None else block.se.scale,
+            post_se_act=block.act_dw,
+        )
     if isinstance(block, DepthwiseSeparable):
         dw, pw = block.conv_dw, block.conv_pw
-        return None, ConvStep(dw.conv, dw.bn, dw.act), ConvStep(pw.conv, pw.bn, pw.act), "none"
+        return dict(
+            expand=None,
+            depthwise=ConvStep(dw.conv, dw.bn, dw.act),
+            project=ConvStep(pw.conv, pw.bn, pw.act),
+            shortcut="none",
+        )
     return None
 
 
@@ -329,9 +437,41 @@ def chunked_bottleneck(
     parts = _bottleneck_parts(block)
     if parts is None:
         return None
-    (height, width), (sh, sw) = input_hw, parts[1].conv.stride
+    (height, width), (sh, sw) = input_hw, parts["depthwise"].conv.stride
     per_channel = 4 * (height * width + -(-height // sh) * -(-width // sw))
-    return ChunkedBottleneck(*parts, group=max(1, band_bytes // per_channel))
+    return ChunkedBottleneck(**parts, group=max(1, band_bytes // per_channel))
+
+
+def banded_basic_block(block: nn.Module, input_shape: torch.Size, band_bytes: int) -> BandedBasicBlock | None:
+    """BandedBasicBlock for a torchvision BasicBlock, with bands whose first-conv rows fit `band_bytes`."""
+    if not isinstance(block, BasicBlock):
+        return None
+    conv = block.conv1
+    row_bytes = 4 * conv.out_channels * -(-input_shape[3] // conv.stride[1])
+    return BandedBasicBlock(block, max(1, band_bytes // row_bytes - 2))
+
+
+def lean_module(module: nn.Module, input_shape: torch.Size, band_bytes: int) -> nn.Module | None:
+    """The streaming form of `module` (run on inputs of input_shape), or None to run it as it is."""
+    return (
+        chunked_bottleneck(module, tuple(input_shape[2:]), band_bytes)
+        or banded_basic_block(module, input_shape, band_bytes)
+        or InPlaceConv.of(module)
+    )
+
+
+def _flatten_sequentials(module: nn.Module) -> nn.Module:
+    """Inline every nn.Sequential directly inside an nn.Sequential (same computation). A nested one keeps
+    its input referenced by the outer loop until its last module returns: a stage's input map would stay
+    alive through the whole stage."""
+    for name, child in module.named_children():
+        setattr(module, name, _flatten_sequentials(child))
+    if type(module) is nn.Sequential and any(type(child) is nn.Sequential for child in module):
+        flat = []
+        for child in module:
+            flat.extend(child if type(child) is nn.Sequential else [child])
+        return nn.Sequential(*flat)
+    return module
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -393,11 +533,11 @@ class StreamedModel(nn.Module):
         for name, module, shape in calls[first + 1 :]:
             if shape is None or any(name.startswith(done + ".") for done in replaced):
                 continue
-            lean = chunked_bottleneck(module, tuple(shape[2:]), band_bytes) or InPlaceConv.of(module)
+            lean = lean_module(module, shape, band_bytes)
             if lean is not None:
                 _set_module(net, name, lean)
                 replaced.append(name)
-        self.net = net.requires_grad_(False)
+        self.net = _flatten_sequentials(net).requires_grad_(False)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

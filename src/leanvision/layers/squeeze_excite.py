@@ -28,6 +28,8 @@ class SqueezeExcite(nn.Module):
                 "SqueezeExcite has a BatchNorm over a 1x1 map: training needs a batch of at least 2 images, "
                 f"got {x.shape[0]} (use model.eval() for single-image inference)"
             )
-        s = x.mean((2, 3), keepdim=True)
-        s = self.fc2(self.act(self.bn(self.fc1(s))))
-        return x * self.gate(s)
+        return x * self.scale(x.mean((2, 3), keepdim=True))
+
+    def scale(self, means: torch.Tensor) -> torch.Tensor:
+        """Channel scales [B, C, 1, 1] from the channel means [B, C, 1, 1] of the input."""
+        return self.gate(self.fc2(self.act(self.bn(self.fc1(means)))))
