@@ -1,4 +1,4 @@
-"""Model shapes, exact parameter counts, the timm-shaped interface, and bad-input errors."""
+"""Model shapes, exact parameter counts and bad-input errors (the shared interface: test_model_interface)."""
 
 from __future__ import annotations
 
@@ -90,38 +90,6 @@ def test_unknown_name_lists_closest():
 def test_non_positive_width_rejected(name, width):
     with pytest.raises(ValueError, match="width_mult must be a positive number"):
         leanvision.create_model(name, width_mult=width)
-
-
-INTERFACE_MODELS = ["rexnet_100", "rexnet_lite_100", "rexnet_plain", "mobilenetv1_100", "mobilenetv2_100"]
-
-
-@pytest.mark.parametrize("name", INTERFACE_MODELS)
-def test_classifier_interface(name):
-    model = leanvision.create_model(name, num_classes=7).eval()
-    x = torch.randn(2, 3, 64, 64)
-    feats = model.forward_features(x)
-    assert feats.shape[0] == 2 and feats.shape[-1] == 2  # stride 32
-    logits = model.forward_head(feats)
-    assert logits.shape == (2, 7)
-    torch.testing.assert_close(model(x), logits)
-    pre = model.forward_head(feats, pre_logits=True)
-    assert pre.shape == (2, model.num_features)
-    assert model.get_classifier().out_features == 7
-    model.reset_classifier(3)
-    assert model(x).shape == (2, 3) and model.num_classes == 3
-    model.reset_classifier(0)
-    assert model(x).shape == (2, model.num_features)
-
-
-@pytest.mark.parametrize("name", INTERFACE_MODELS)
-def test_features_only(name):
-    extractor = leanvision.create_model(name, features_only=True).eval()
-    x = torch.randn(1, 3, 64, 64)
-    maps = extractor(x)
-    assert [info["reduction"] for info in extractor.feature_info] == [2, 4, 8, 16, 32]
-    for fmap, info in zip(maps, extractor.feature_info):
-        assert fmap.shape[1] == info["num_chs"]
-        assert fmap.shape[-1] == 64 // info["reduction"]
 
 
 def test_features_only_out_indices():

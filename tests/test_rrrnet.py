@@ -56,7 +56,7 @@ def test_sizes_and_macs_match_the_notes(resnet152):
         report = profile(model, 128)
         assert report.params == params
         assert abs(report.macs - macs) / macs < 0.01
-    stem = sum(p.numel() for m in rrr.stem_modules() for p in m.parameters())
+    stem = sum(p.numel() for _, m in rrr.stages() for p in m.parameters())
     assert stem == 463_936
     assert [sum(p.numel() for p in b.parameters()) for b in rrr.branches] == [946_273] * 8
 
@@ -166,7 +166,7 @@ def test_branches_train_independently_with_a_frozen_warmed_stem():
     assert not torch.equal(model.bn1.running_mean, before_warm)
     model.train()
     assert not model.bn1.training and not model.layer2[0].bn1.training and model.branches[0].fc.training
-    assert not any(p.requires_grad for m in model.stem_modules() for p in m.parameters())
+    assert not any(p.requires_grad for _, m in model.stages() for p in m.parameters())
     trainer = BranchTrainer(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.step(X, torch.tensor([0, 3]), branches=[1])

@@ -1,6 +1,6 @@
 """Building blocks shared by the models."""
 
-from leanvision.layers.classifier import ClassifierHead
+from leanvision.layers.classifier import ClassifierHead, create_classifier
 from leanvision.layers.conv import ConvNormAct
 from leanvision.layers.inverted_residual import LinearBottleneck
 from leanvision.layers.renet import ReNetLayer
@@ -20,4 +20,5 @@ __all__ = [
     "ReNetLayer",
     "SqueezeExcite",
     "create_cell",
+    "create_classifier",
 ]

@@ -9,6 +9,13 @@ from leanvision.errors import InvalidArgumentError
 from leanvision.layers.conv import ConvNormAct
 
 
+def create_classifier(in_features: int, num_classes: int) -> nn.Module:
+    """A fresh Linear(in_features, num_classes), or Identity for `num_classes=0` (features pass through)."""
+    if num_classes < 0:
+        raise InvalidArgumentError(f"num_classes must be >= 0, got {num_classes}")
+    return nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
 class ClassifierHead(nn.Module):
     """Pool to one vector per image, then classify.
 
@@ -26,15 +33,11 @@ class ClassifierHead(nn.Module):
         )
         self.num_features = hidden_size or in_features
         self.drop = nn.Dropout(drop_rate)
-        self.fc: nn.Module = nn.Identity()
-        self.reset(num_classes)
+        self.fc = create_classifier(self.num_features, num_classes)
 
     def reset(self, num_classes: int) -> None:
         """Replace the final layer with a fresh one for `num_classes` outputs (0 = no classifier)."""
-        if num_classes < 0:
-            raise InvalidArgumentError(f"num_classes must be >= 0, got {num_classes}")
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = create_classifier(self.num_features, num_classes)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from leanvision.errors import InvalidArgumentError
-from leanvision.layers import ClassifierHead
+from leanvision.layers import ClassifierHead, create_classifier
 
 
 def check_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
@@ -43,82 +43,134 @@ def init_like_torchvision(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def feature_level(block: int, channels: int, reduction: int) -> dict:
+def feature_level(block: int, num_chs: int, reduction: int) -> dict:
     """A `feature_info` entry for the output of `features[block]` (block -1 is the stem)."""
-    return dict(module="stem" if block < 0 else f"features.{block}", num_chs=channels, reduction=reduction)
+    return dict(module="stem" if block < 0 else f"features.{block}", num_chs=num_chs, reduction=reduction)
 
 
-class Classifier(nn.Module):
-    """Base for classifiers laid out as `stem -> features -> head`.
+def model_name(model: nn.Module) -> str:
+    """The name `create_model` built `model` under, else its class name."""
+    return getattr(getattr(model, "default_cfg", None), "name", type(model).__name__)
 
-    Subclasses set `stem`, `features` (an nn.Sequential), `head` (a ClassifierHead), `in_chans`,
-    `total_stride` and `feature_info` (one dict per feature level: module, num_chs, reduction).
+
+class ClassifierBase(nn.Module):
+    """What every leanvision classifier shares, timm's interface: forward_features, forward_head,
+    get_classifier, reset_classifier, num_classes, num_features, and `feature_info` for
+    `create_model(..., features_only=True)`.
+
+    `forward_features` runs `stages()` one after the other: by default `stem` (if any), then each block of
+    `features` (an nn.Sequential). `feature_info` lists the feature levels, one dict each (module: the
+    name of a stage, num_chs, reduction), or is None where the model has no such levels. Subclasses set
+    `in_chans` / `total_stride` where they are not 3 / 32, and give the head (see Classifier and
+    TorchvisionClassifier).
     """
 
-    stem: nn.Module
-    features: nn.Sequential
-    head: ClassifierHead
     in_chans: int = 3
     total_stride: int = 32
-    feature_info: list[dict]
+    feature_info: list[dict] | None = None
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of each step from the image to the last feature map, in order."""
+        stem = [("stem", self.stem)] if "stem" in self._modules else []
+        return stem + [(f"features.{name}", module) for name, module in self.features.named_children()]
 
     @property
     def num_classes(self) -> int:
-        return self.head.num_classes
-
-    @property
-    def num_features(self) -> int:
-        return self.head.num_features
+        fc = self.get_classifier()
+        return fc.out_features if isinstance(fc, nn.Linear) else 0
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch -> last feature map (before global pooling)."""
-        check_input(x, self.in_chans, self.total_stride, type(self).__name__)
-        return self.features(self.stem(x))
+        check_input(x, self.in_chans, self.total_stride, model_name(self))
+        for _, stage in self.stages():
+            x = stage(x)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map -> logits (or the pooled vector the classifier sees, with pre_logits=True)."""
-        return self.head(x, pre_logits=pre_logits)
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     def get_classifier(self) -> nn.Module:
-        return self.head.fc
+        """The final layer (Identity after reset_classifier(0))."""
+        raise NotImplementedError
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the final layer by a freshly initialised one for `num_classes` (0 removes it)."""
+        raise NotImplementedError
+
+
+class Classifier(ClassifierBase):
+    """A classifier laid out as `stem -> features -> head`, `head` a ClassifierHead."""
+
+    head: ClassifierHead
+
+    @property
+    def num_features(self) -> int:
+        return self.head.num_features
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
         self.head.reset(num_classes)
 
 
-class FeatureExtractor(nn.Module):
-    """Runs a classifier's stem and feature blocks and returns the maps at the levels of `feature_info`.
+class TorchvisionClassifier(ClassifierBase):
+    """A classifier with torchvision's head: three of its own modules, named by `head_modules` (global
+    pool, dropout or None, final Linear), so torchvision's keys and weight files stay valid. Subclasses
+    set `num_features`, the width the final Linear sees."""
 
-    Works with any model that has `features` (nn.Sequential), optional `stem`, and `feature_info` whose
-    `module` entries are "stem" or "features.<i>". Blocks after the deepest requested level are dropped.
+    head_modules: tuple[str, str | None, str]
+    num_features: int
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pool, drop, _ = self.head_modules
+        x = self.get_submodule(pool)(x).flatten(1)
+        if drop is not None:
+            x = self.get_submodule(drop)(x)
+        return x if pre_logits else self.get_classifier()(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.get_submodule(self.head_modules[2])
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.set_submodule(self.head_modules[2], create_classifier(self.num_features, num_classes))
+
+
+class FeatureExtractor(nn.Module):
+    """A classifier's maps at its `feature_info` levels (all, or those `out_indices` picks).
+
+    Runs the model's `stages()` up to the deepest level asked for; the later ones are dropped.
     """
 
-    def __init__(self, model: nn.Module, out_indices: Sequence[int] | None = None) -> None:
+    def __init__(self, model: ClassifierBase, out_indices: Sequence[int] | None = None) -> None:
         super().__init__()
-        levels = model.feature_info
+        self.model_name = model_name(model)
+        levels = getattr(model, "feature_info", None)
+        if not levels:
+            raise InvalidArgumentError(
+                f"{self.model_name} has no features_only mode: {type(model).__name__} lists no feature "
+                "levels (feature_info)"
+            )
         out_indices = list(range(len(levels))) if out_indices is None else list(out_indices)
         bad = [i for i in out_indices if not -len(levels) <= i < len(levels)]
         if bad:
             raise InvalidArgumentError(
-                f"out_indices {bad} out of range: the model has {len(levels)} feature levels"
+                f"out_indices {bad} out of range: {self.model_name} has {len(levels)} feature levels"
             )
         self.feature_info = [levels[i] for i in out_indices]
-        wanted = {info["module"] for info in self.feature_info}
-        stages: list[tuple[str, nn.Module]] = []
-        if hasattr(model, "stem"):
-            stages.append(("stem", model.stem))
-        stages += [(f"features.{i}", m) for i, m in enumerate(model.features)]
-        last = max(i for i, (name, _) in enumerate(stages) if name in wanted)
+        self.wanted = {info["module"] for info in self.feature_info}
+        stages = model.stages()
+        last = max(i for i, (name, _) in enumerate(stages) if name in self.wanted)
         self.names = [name for name, _ in stages[: last + 1]]
-        self.stages = nn.ModuleList(m for _, m in stages[: last + 1])
-        self.wanted = wanted
-        self.in_chans = getattr(model, "in_chans", 3)
-        self.total_stride = getattr(model, "total_stride", 1)
-        self.model_name = type(model).__name__
+        self.stages = nn.ModuleList(module for _, module in stages[: last + 1])
+        self.in_chans, self.total_stride = model.in_chans, model.total_stride
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         check_input(x, self.in_chans, self.total_stride, self.model_name)

@@ -1,4 +1,4 @@
-"""MobileNetV1, ReXNet(plain) built on it, and MobileNetV2 (torchvision's class, timm-shaped interface)."""
+"""MobileNetV1, ReXNet(plain) built on it, and MobileNetV2 (torchvision's blocks and keys)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ClassifierHead, ConvNormAct, RNNPool
 from leanvision.layers.conv import ActLayer
 from leanvision.layers.downsample import create_downsample
-from leanvision.models.base import Classifier, check_input, check_width, feature_level, init_like_torchvision
+from leanvision.models.base import (
+    Classifier,
+    TorchvisionClassifier,
+    check_width,
+    feature_level,
+    init_like_torchvision,
+)
 from leanvision.models.registry import register_model
 
 # Pointwise output widths and depthwise strides of the 13 depthwise-separable blocks of MobileNetV1.
@@ -111,7 +117,7 @@ MOBILENETV2_STAGES = (
 MOBILENETV2_REPLACED_BY_DOWNSAMPLE = 3
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(TorchvisionClassifier):
     """MobileNetV2 with torchvision's blocks and keys, so torchvision weight files load as they are.
 
     Keys: `features.0` is the stem, then the inverted residuals, then the 1x1 conv to `last_channel`
@@ -127,6 +133,8 @@ class MobileNetV2(nn.Module):
 
     `stem_stride=1` keeps the stem at full resolution (total stride 16), for 32x32-sized inputs.
     """
+
+    head_modules = ("global_pool", "classifier.0", "classifier.1")
 
     def __init__(
         self,
@@ -156,29 +164,28 @@ class MobileNetV2(nn.Module):
             Conv2dNormActivation(in_chans, stem_chs, stride=stem_stride, activation_layer=nn.ReLU6)
         ]
         self.feature_info = []
-        channels, reduction, stages = stem_chs, stem_stride, MOBILENETV2_STAGES
+        in_chs, reduction, stages = stem_chs, stem_stride, MOBILENETV2_STAGES
         if downsample is not None:
             features.append(
                 create_downsample(downsample, stem_chs, hidden_size, patch_size, stride=4, cell=cell)
             )
             self.feature_info.append(feature_level(0, stem_chs, reduction))
-            channels, reduction = 4 * hidden_size, 4 * reduction
+            in_chs, reduction = 4 * hidden_size, 4 * reduction
             stages = stages[MOBILENETV2_REPLACED_BY_DOWNSAMPLE:]
         for t, c, n, s in stages:
             if s > 1:
-                self.feature_info.append(feature_level(len(features) - 1, channels, reduction))
+                self.feature_info.append(feature_level(len(features) - 1, in_chs, reduction))
             out_chs = _make_divisible(c * width_mult, 8)
             for i in range(n):
-                features.append(InvertedResidual(channels, out_chs, s if i == 0 else 1, expand_ratio=t))
-                channels = out_chs
+                features.append(InvertedResidual(in_chs, out_chs, s if i == 0 else 1, expand_ratio=t))
+                in_chs = out_chs
             reduction *= s
-        self.last_channel = _make_divisible(last_channel * max(1.0, width_mult), 8)
+        self.last_channel = self.num_features = _make_divisible(last_channel * max(1.0, width_mult), 8)
         features.append(
-            Conv2dNormActivation(channels, self.last_channel, kernel_size=1, activation_layer=nn.ReLU6)
+            Conv2dNormActivation(in_chs, self.last_channel, kernel_size=1, activation_layer=nn.ReLU6)
         )
         self.feature_info.append(feature_level(len(features) - 1, self.last_channel, reduction))
         self.features = nn.Sequential(*features)
-        self.num_features = self.last_channel
         self.global_pool = (
             nn.AdaptiveAvgPool2d(1)
             if last_pool == "avg"
@@ -187,37 +194,9 @@ class MobileNetV2(nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(drop_rate), nn.Identity())
         init_like_torchvision(self)
         self.reset_classifier(num_classes)
-
-    @property
-    def num_classes(self) -> int:
-        fc = self.classifier[1]
-        return fc.out_features if isinstance(fc, nn.Linear) else 0
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image batch -> last feature map (before global pooling)."""
-        check_input(x, self.in_chans, self.total_stride, type(self).__name__)
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Feature map -> logits (or the pooled vector, with pre_logits=True)."""
-        x = self.classifier[0](self.global_pool(x).flatten(1))
-        return x if pre_logits else self.classifier[1](x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier[1]
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the final Linear by a fresh one for `num_classes` (0 removes it)."""
-        if num_classes < 0:
-            raise InvalidArgumentError(f"num_classes must be >= 0, got {num_classes}")
-        fc = nn.Linear(self.last_channel, num_classes) if num_classes else nn.Identity()
-        if num_classes:
-            nn.init.normal_(fc.weight, 0, 0.01)
-            nn.init.zeros_(fc.bias)
-        self.classifier[1] = fc
+        if num_classes:  # torchvision's Linear initialisation
+            nn.init.normal_(self.classifier[1].weight, 0, 0.01)
+            nn.init.zeros_(self.classifier[1].bias)
 
 
 def mobilenetv2(width_mult: float = 1.0, **kwargs) -> MobileNetV2:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What the registry knows about a model name: how to build it and what it expects."""
+    """What the registry knows about a model name: how to build it and what it expects.
+
+    `features` builds the features_only form of a built model, as features(model, out_indices, kwargs);
+    None for leanvision's models, whose FeatureExtractor reads their `feature_info`.
+    """
 
     name: str
     builder: Callable[..., nn.Module]
@@ -27,6 +31,7 @@ class ModelConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     paper: dict[str, Any] = field(default_factory=dict)  # published numbers, e.g. top1, params_m, flops_b
+    features: Callable[[nn.Module, Sequence[int] | None, dict[str, Any]], nn.Module] | None = None
 
 
 _REGISTRY: dict[str, ModelConfig] = {}
@@ -44,22 +49,41 @@ def _ensure_models_loaded() -> None:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style pattern, sorted."""
+    """leanvision's registered model names matching a shell-style pattern, sorted (torchvision and timm
+    models are not listed, but `get_model_config` and `create_model` take their names too)."""
     _ensure_models_loaded()
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
+def unknown_model_error(name: str, candidates: Iterable[str], listed_by: str) -> UnknownModelError:
+    """An UnknownModelError for `name` naming up to five close `candidates` and what lists them all."""
+    candidates = list(candidates)
+    prefixed = sorted(n for n in candidates if n.startswith(name))
+    close = list(dict.fromkeys(prefixed + difflib.get_close_matches(name, candidates, n=5, cutoff=0.4)))[:5]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return UnknownModelError(f"unknown model {name!r}{hint} ({listed_by})")
+
+
 def get_model_config(name: str) -> ModelConfig:
-    """The registry entry for `name`; unknown names raise UnknownModelError listing the closest ones."""
+    """The configuration of a leanvision name, `tv:NAME` (torchvision), `timm:NAME` (timm), or a bare
+    torchvision classification name leanvision does not register (e.g. resnet18).
+
+    Unknown names raise UnknownModelError listing the closest ones.
+    """
     _ensure_models_loaded()
-    if name not in _REGISTRY:
-        prefixed = sorted(n for n in _REGISTRY if n.startswith(name))
-        close = list(
-            dict.fromkeys(prefixed + difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4))
-        )[:5]
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UnknownModelError(f"unknown model {name!r}{hint} (leanvision.list_models() lists all)")
-    return _REGISTRY[name]
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    from leanvision.models.external import external_config, torchvision_classifiers
+
+    config = external_config(name)
+    if config is None:
+        raise unknown_model_error(
+            name,
+            [*_REGISTRY, *torchvision_classifiers()],
+            "leanvision.list_models() lists leanvision's models; tv:NAME and timm:NAME name torchvision's "
+            "and timm's",
+        )
+    return config
 
 
 def create_model(
@@ -67,26 +91,32 @@ def create_model(
     pretrained: str | None = None,
     num_classes: int | None = None,
     features_only: bool = False,
-    out_indices: list[int] | tuple[int, ...] | None = None,
+    out_indices: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a registered model; `pretrained` is a local checkpoint file (ours, timm or clovaai layout).
+    """Build a model by name (see get_model_config), with random weights or those of `pretrained`, a
+    local checkpoint file (ours, timm, torchvision or clovaai layout).
 
-    `num_classes` defaults to the registered network's own (1000 for ImageNet, 2 for Visual Wake Words).
-    `features_only=True` returns a FeatureExtractor giving the multi-scale maps listed in `feature_info`.
+    `num_classes` defaults to the network's own (1000 for ImageNet, 2 for Visual Wake Words).
+    `features_only=True` returns the multi-scale feature maps listed in `feature_info` instead (all
+    levels, or those of `out_indices`): a FeatureExtractor for leanvision's models, timm's own form for
+    timm's.
     """
     config = get_model_config(name)
+    kwargs = {**config.kwargs, **kwargs}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = config.builder(**{**config.kwargs, **kwargs})
+    model = config.builder(**kwargs)
     model.default_cfg = config
     if pretrained is not None:
         from leanvision.models.weights import load_checkpoint
 
         # a model that also reads foreign layouts of its own (e.g. RRR-Net from a full ResNet) says so
         getattr(model, "load_pretrained", lambda path: load_checkpoint(model, path))(pretrained)
-    if features_only:
-        from leanvision.models.base import FeatureExtractor
+    if not features_only:
+        return model
+    if config.features is not None:
+        return config.features(model, out_indices, kwargs)
+    from leanvision.models.base import FeatureExtractor
 
-        return FeatureExtractor(model, out_indices)
-    return model
+    return FeatureExtractor(model, out_indices)

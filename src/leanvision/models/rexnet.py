@@ -84,7 +84,7 @@ class ReXNet(Classifier):
         self.in_chans = in_chans
         self.total_stride = 16 * stem_stride
         act = nn.ReLU6 if lite else nn.SiLU
-        stem_chs, out_chs = rexnet_channels(width_mult, lite)
+        stem_chs, block_chs = rexnet_channels(width_mult, lite)
         self.stem = ConvNormAct(in_chans, stem_chs, 3, stride=stem_stride, act_layer=act)
 
         strides = [s if i == 0 else 1 for s, n in zip(STAGE_STRIDES, BLOCKS_PER_STAGE) for i in range(n)]
@@ -97,15 +97,15 @@ class ReXNet(Classifier):
             self.feature_info.append(feature_level(-1, stem_chs, reduction))
             first = sum(BLOCKS_PER_STAGE[:REXNET_REPLACED_BY_DOWNSAMPLE])
             in_chs, reduction = 4 * hidden_size, 4 * reduction
-        for i in range(first, len(out_chs)):
-            chs, stride = out_chs[i], strides[i]
+        for i in range(first, len(block_chs)):
+            out_chs, stride = block_chs[i], strides[i]
             if stride > 1:
                 self.feature_info.append(feature_level(len(blocks) - 1, in_chs, reduction))
                 reduction *= stride
             expansion = 1 if i == 0 else 6
             se_chs = in_chs * expansion // SE_REDUCTION if use_se[i] and not lite else 0
-            blocks.append(LinearBottleneck(in_chs, chs, stride, expansion, se_chs, exp_act=act))
-            in_chs = chs
+            blocks.append(LinearBottleneck(in_chs, out_chs, stride, expansion, se_chs, exp_act=act))
+            in_chs = out_chs
         self.feature_info.append(feature_level(len(blocks) - 1, in_chs, reduction))
         head_chs = int(1280 * width_mult) if (width_mult > 1 or not lite) else 1280
         blocks.append(ConvNormAct(in_chs, head_chs, act_layer=act))

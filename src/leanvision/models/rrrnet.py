@@ -18,6 +18,10 @@ recycle its top into an ensemble of narrower branches.
   `forward_branches` gives every branch's logits. `freeze_stem` / `warm_stem` implement the paper's
   frozen, BN-warmed stem; `leanvision.deploy.FusedRRRNet` is the inference form with all branches in one
   set of wide and grouped convolutions.
+- The shared interface: `forward_features` is the stem (the last map that is one map), `forward_head` the
+  branches; `get_classifier` gives the N classifiers (a tuple, as timm's two-headed models do) and
+  pre-logits are the N pooled vectors side by side. There is no `features_only`: past the stem the
+  network is N maps, so it has no feature_info.
 
 Keys follow torchvision's for the stem (`conv1`, `bn1`, `layer1.0...`, `layer2.0...`); branch `b` holds
 `branches.b.layer3...`, `branches.b.layer4...`, `branches.b.fc`.
@@ -35,7 +39,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from leanvision.errors import CheckpointError, InvalidArgumentError
-from leanvision.models.base import init_like_torchvision
+from leanvision.layers import create_classifier
+from leanvision.models.base import ClassifierBase, init_like_torchvision
 from leanvision.models.registry import register_model
 from leanvision.models.weights import load_checkpoint, read_state_dict
 
@@ -53,12 +58,12 @@ TOP_WIDTHS = (256, 512)  # planes of layer3 and layer4 in every torchvision ResN
 
 def make_stage(block: Block, inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
     """`blocks` ResNet blocks of width `planes`, laid out as torchvision's `ResNet._make_layer` does."""
-    out = planes * block.expansion
+    out_chs = planes * block.expansion
     downsample = None
-    if stride != 1 or inplanes != out:
-        downsample = nn.Sequential(conv1x1(inplanes, out, stride), nn.BatchNorm2d(out))
+    if stride != 1 or inplanes != out_chs:
+        downsample = nn.Sequential(conv1x1(inplanes, out_chs, stride), nn.BatchNorm2d(out_chs))
     layers = [block(inplanes, planes, stride, downsample)]
-    layers += [block(out, planes) for _ in range(1, blocks)]
+    layers += [block(out_chs, planes) for _ in range(1, blocks)]
     return nn.Sequential(*layers)
 
 
@@ -71,11 +76,15 @@ class Branch(nn.Module):
         super().__init__()
         self.layer3 = make_stage(block, inplanes, widths[0], blocks[0], stride=2)
         self.layer4 = make_stage(block, widths[0] * block.expansion, widths[1], blocks[1], stride=2)
-        self.fc = nn.Linear(widths[1] * block.expansion, num_classes)
+        self.num_features = widths[1] * block.expansion
+        self.fc = create_classifier(self.num_features, num_classes)
+
+    def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem map -> the pooled vector the classifier sees, [B, num_features]."""
+        return torch.flatten(F.adaptive_avg_pool2d(self.layer4(self.layer3(x)), 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(self.layer4(self.layer3(x)), 1)
-        return self.fc(torch.flatten(x, 1))
+        return self.fc(self.pre_logits(x))
 
 
 def count_branch_params(
@@ -139,7 +148,7 @@ def _output_order(channels: int, needed: int, generator: torch.Generator) -> tor
     return torch.cat(parts)[:needed]
 
 
-class RRRNet(nn.Module):
+class RRRNet(ClassifierBase):
     """A reduced ResNet (`blocks` per stage) whose top is split into `branches` branches (module docstring).
 
     `load_pretrained(FILE)` (what `create_model(..., pretrained=FILE)` calls) reads a local torchvision/timm
@@ -175,29 +184,38 @@ class RRRNet(nn.Module):
             Branch(block, 128 * block.expansion, self.widths[:2], self.blocks[2:], num_classes)
             for _ in range(branches)
         )
+        self.num_features = sum(branch.num_features for branch in self.branches)
         init_like_torchvision(self)
 
     @property
     def num_classes(self) -> int:
-        return self.branches[0].fc.out_features
+        fc = self.branches[0].fc
+        return fc.out_features if isinstance(fc, nn.Linear) else 0
 
-    def stem_modules(self) -> list[nn.Module]:
-        return [getattr(self, name) for name in STEM]
-
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        """Image batch -> the shared layer2 map every branch reads."""
-        for module in self.stem_modules():
-            x = module(x)
-        return x
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """The shared stem, conv1 .. layer2: `forward_features` gives the layer2 map every branch reads."""
+        return [(name, getattr(self, name)) for name in STEM]
 
     def forward_branches(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch -> per-branch logits [B, N, classes] (one branch after the other)."""
-        features = self.forward_stem(x)
+        features = self.forward_features(x)
         return torch.stack([branch(features) for branch in self.branches], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Log of the branches' averaged softmax probabilities, [B, classes]."""
-        return average_log_probs(self.forward_branches(x))
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Stem map -> log of the branches' averaged softmax probabilities, [B, classes]; with
+        pre_logits (or no classifiers), the branches' pooled vectors side by side, [B, num_features]."""
+        if pre_logits or not self.num_classes:
+            return torch.cat([branch.pre_logits(x) for branch in self.branches], dim=1)
+        return average_log_probs(torch.stack([branch(x) for branch in self.branches], dim=1))
+
+    def get_classifier(self) -> tuple[nn.Module, ...]:
+        """The branches' classifiers, branch 0 first."""
+        return tuple(branch.fc for branch in self.branches)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Give every branch a fresh classifier for `num_classes` (0 removes them)."""
+        for branch in self.branches:
+            branch.fc = create_classifier(branch.num_features, num_classes)
 
     @property
     def stem_frozen(self) -> bool:
@@ -226,10 +244,10 @@ class RRRNet(nn.Module):
     @torch.no_grad()
     def warm_stem(self, batches: Iterable[torch.Tensor]) -> None:
         """Update the stem's BN running statistics with train-mode passes over `batches` (no gradients)."""
-        for module in self.stem_modules():
+        for _, module in self.stages():
             module.train()
         for images in batches:
-            self.forward_stem(images.to(self.conv1.weight.device))
+            self.forward_features(images.to(self.conv1.weight.device))
         self.train(self.training)
 
     def load_pretrained(self, path: str | Path) -> RRRNet:
@@ -261,10 +279,12 @@ class RRRNet(nn.Module):
             if pretrained.shape == target.shape:  # the unsplit top (N = 1), or a classifier that fits
                 loaded.update({f"branches.{b}.{key}": pretrained for b in range(n)})
             elif pretrained.ndim == 4:  # a split convolution: a slice of the pretrained kernel per branch
-                out, inp = target.shape[:2]
-                order = _output_order(pretrained.shape[0], n * out, generator)
+                out_chs, in_chs = target.shape[:2]
+                order = _output_order(pretrained.shape[0], n * out_chs, generator)
                 for b in range(n):
-                    loaded[f"branches.{b}.{key}"] = pretrained[order[b * out : (b + 1) * out], :inp].clone()
+                    loaded[f"branches.{b}.{key}"] = pretrained[
+                        order[b * out_chs : (b + 1) * out_chs], :in_chs
+                    ].clone()
         self.load_state_dict(loaded, strict=False)
 
     def _check_backbone_state(self, state: Mapping[str, torch.Tensor], source: str) -> None:

@@ -60,7 +60,7 @@ class BranchTrainer:
         """One optimiser step per chosen branch (default: all) on its own loss; returns the losses."""
         self.model.train()
         with torch.no_grad():
-            features = self.model.forward_stem(images)
+            features = self.model.forward_features(images)
         losses = []
         for index in range(len(self.optimizers)) if branches is None else branches:
             loss = F.cross_entropy(self.model.branches[index](features), targets)
