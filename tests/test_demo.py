@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import leanvision
 from leanvision import create_model
 from leanvision.analysis.memory import peak_memory
 from leanvision.cli import app
@@ -66,9 +67,43 @@ def test_demo_end_to_end(tmp_path):
         assert row["model"] in result.stdout
     peak = {r["model"]: r["peak_ram_bytes"] for r in report["rows"]}
     assert peak["rexnet_100_lowres_rnnpool"] < peak["rexnet_100_lowres"] / 4
-    assert (out / "table.md").read_text().count("\n| ") == 4  # header + 3 models
+    rows = {r["model"]: r for r in report["rows"]}
+    rnnpool = rows.pop("rexnet_100_lowres_rnnpool")
+    # the RNNPool network's measured column is its streamed model's: far below its own eager forward and
+    # below the baselines' eager forwards, and what measure_peak gives on a fresh streamed copy (memory does
+    # not depend on the weights)
+    assert rnnpool["measured_peak_of"] == "streamed"
+    assert rnnpool["measured_peak_bytes"] == rnnpool["measured_streamed_bytes"] == _streamed_peak((1, 16, 16))
+    assert rnnpool["measured_streamed_bytes"] < rnnpool["measured_eager_bytes"] / 4
+    for row in rows.values():
+        assert row["measured_peak_of"] == "eager" and "measured_streamed_bytes" not in row
+        # eager PyTorch holds at least the layer convention's tensors (and BN outputs, temporaries)
+        assert row["measured_peak_bytes"] == row["measured_eager_bytes"] >= row["peak_ram_bytes"]
+        assert rnnpool["measured_peak_bytes"] < row["measured_peak_bytes"] / 2
+    table = (out / "table.md").read_text()
+    assert table.count("\n| ") == 4 and "measured peak RAM" in table  # header + 3 models
+    assert f"{rnnpool['measured_peak_bytes'] / 1024:.1f} KiB (streamed)" in table
+    assert "measured peak RAM" in result.stdout and "(streamed)" in result.stdout
     for plot in ("accuracy_vs_macs.png", "accuracy_vs_peak_ram.png"):
         assert (out / plot).stat().st_size > 5000
+
+
+def _streamed_peak(input_size: tuple[int, int, int]) -> int:
+    """measure_peak of the demo's RNNPool network, streamed, at batch 1 (random weights)."""
+    model = create_model("rexnet_100_lowres_rnnpool", num_classes=9, in_chans=1).eval()
+    x = torch.randn(1, *input_size)
+    return leanvision.measure_peak(leanvision.stream(model, input_size), x).peak_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="at the demo's 32 px the torch RNN sweeps of one patch (kept for every step: 7x64x12 and "
+    "6x2x32x12 floats) outweigh the layer convention's maps: streamed is ~2.5x layer",
+    strict=False,
+)
+def test_streamed_demo_rnnpool_fits_the_layer_convention():
+    layer = peak_memory(create_model("rexnet_100_lowres_rnnpool", num_classes=9, in_chans=1), (1, 32, 32))
+    assert _streamed_peak((1, 32, 32)) <= 1.3 * layer.peak_bytes
 
 
 def test_demo_bad_input(tmp_path):

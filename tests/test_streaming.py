@@ -147,3 +147,10 @@ def test_squeeze_excite_and_basic_blocks_stream_exactly(index, band_bytes):
     assert lean is not None and type(lean).__name__ in ("ChunkedBottleneck", "BandedBasicBlock")
     with torch.no_grad():
         _close(lean(x), block(x))
+
+
+def test_a_prefix_that_is_not_a_chain_of_modules_is_refused():
+    # torchvision's BasicConv2d applies its ReLU functionally: module hooks cannot see it
+    model = randomize_(leanvision.create_model("googlenet_rnnpool"))
+    with pytest.raises(InvalidArgumentError, match="cannot be streamed"):
+        stream(model, (3, 96, 96))

@@ -17,9 +17,11 @@ _LAZY = {
     "save_checkpoint": "leanvision.models.weights",
     "profile": "leanvision.analysis.cost",
     "peak_memory": "leanvision.analysis.memory",
+    "measure_peak": "leanvision.analysis.measured",
     "recompute_cost": "leanvision.analysis.recompute",
     "benchmark": "leanvision.bench",
     "fuse_for_inference": "leanvision.deploy",
+    "stream": "leanvision.deploy.streaming",
 }
 
 __all__ = [
@@ -29,18 +31,22 @@ __all__ = [
     "get_model_config",
     "list_models",
     "load_checkpoint",
+    "measure_peak",
     "peak_memory",
     "profile",
     "recompute_cost",
     "save_checkpoint",
+    "stream",
 ]
 
 if TYPE_CHECKING:
     from leanvision.analysis.cost import profile
+    from leanvision.analysis.measured import measure_peak
     from leanvision.analysis.memory import peak_memory
     from leanvision.analysis.recompute import recompute_cost
     from leanvision.bench import benchmark
     from leanvision.deploy import fuse_for_inference
+    from leanvision.deploy.streaming import stream
     from leanvision.models.registry import create_model, get_model_config, list_models
     from leanvision.models.weights import load_checkpoint, save_checkpoint
 

@@ -22,6 +22,8 @@ from leanvision.cli.common import (
 )
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from leanvision.analysis.memory import MemoryReport
     from leanvision.analysis.memory_trace import Graph
 
@@ -135,6 +137,15 @@ def memory(
         False
     ),
     plot: Annotated[str | None, typer.Option(help="Save live memory per step to this PNG file.")] = None,
+    measured: Annotated[
+        bool, typer.Option("--measured", help="Also measure the tensors alive in one eager fp32 forward.")
+    ] = False,
+    streamed: Annotated[
+        bool,
+        typer.Option(
+            "--streamed", help="Also measure the streamed model (RNNPool nets; implies --measured)."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Peak inference RAM (activations, batch 1) under the layer, min or planner convention."""
@@ -145,7 +156,11 @@ def memory(
         fail(f"--convention must be one of {', '.join(CONVENTIONS)} or all, got {convention!r}")
     if dtype not in DTYPE_BYTES:
         fail(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    measured = measured or streamed
+    if measured and dtype != "fp32":
+        fail(f"--measured runs the model in fp32: use --dtype fp32 with it, got {dtype!r}")
     graph = run(lambda: trace_model(name, square_input(input_size)))
+    peaks = run(lambda: _measured_peaks(graph.model, square_input(input_size), streamed)) if measured else {}
     options = dict(dtype_bytes=DTYPE_BYTES[dtype], inplace_depthwise=inplace_depthwise)
     reports = [
         run(lambda c=c: peak_memory(graph, convention=c, **options))
@@ -154,17 +169,54 @@ def memory(
     if plot:
         plot_timeline(reports, plot, None if budget_kib is None else int(budget_kib * 2**10))
     if as_json:
-        print(json.dumps([r.to_dict() if per_step else {**r.to_dict(), "steps": None} for r in reports]))
+        extra = {f"{kind}_{key}": value for kind, peak in peaks.items() for key, value in peak.items()}
+        print(
+            json.dumps([{**r.to_dict(), **({} if per_step else {"steps": None}), **extra} for r in reports])
+        )
         return
-    _print_memory(reports, name, f"{name} at {input_size}x{input_size}, {dtype}", per_step)
+    _print_memory(reports, name, f"{name} at {input_size}x{input_size}, {dtype}", per_step, peaks)
     if budget_kib is not None:
         _print_recompute(graph, int(budget_kib * 2**10), DTYPE_BYTES[dtype])
 
 
-def _print_memory(reports: list[MemoryReport], name: str, title: str, per_step: bool) -> None:
-    """The timeline of each report (with --per-step), then one row per convention and the notes."""
+def _measured_peaks(model: nn.Module, input_size: tuple[int, int, int], streamed: bool) -> dict[str, dict]:
+    """measure_peak of one batch-1 fp32 forward (eval mode, no grad) of `model`, and with `streamed` of
+    `stream(model, input_size)`: {"measured": {...}, "streamed": {...}} of peak_bytes, peak_op and the
+    largest tensors alive at the peak. Inputs and weights are not counted (they exist before the call)."""
+    import torch
+
+    from leanvision.analysis.measured import measure_peak
+    from leanvision.deploy.streaming import stream
+
+    was_training = model.training
+    model.eval()
+    try:
+        lean = stream(model, input_size) if streamed else None  # no RNNPool: fails before measuring
+        x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            runs = {"measured": measure_peak(model, x)}
+            if lean is not None:
+                runs["streamed"] = measure_peak(lean, x)
+    finally:
+        model.train(was_training)
+    peaks = {}
+    for kind, peak in runs.items():
+        peaks[kind] = dict(
+            peak_bytes=peak.peak_bytes,
+            peak_op=peak.peak_op,
+            live_at_peak=[dict(op=t.op, shape=list(t.shape), bytes=t.nbytes) for t in peak.live_at_peak[:5]],
+        )
+    return peaks
+
+
+def _print_memory(
+    reports: list[MemoryReport], name: str, title: str, per_step: bool, peaks: dict[str, dict] | None = None
+) -> None:
+    """The timeline of each report (with --per-step), then one row per convention (and per measured
+    peak), and the notes."""
     from leanvision.analysis.memory import format_bytes
 
+    peaks = peaks or {}
     for report in reports if per_step else ():
         table = Table("step", "kind", "live", "detail", title=f"{name}: {report.convention} convention")
         for step in report.steps:
@@ -173,9 +225,31 @@ def _print_memory(reports: list[MemoryReport], name: str, title: str, per_step: 
     table = Table("convention", "peak", "bytes", "peak at", title=title)
     for r in reports:
         table.add_row(r.convention, format_bytes(r.peak_bytes), f"{r.peak_bytes:,}", r.peak_layer)
+    for kind, label in (("measured", "measured, eager"), ("streamed", "measured, streamed")):
+        if kind in peaks:
+            peak = peaks[kind]
+            table.add_row(label, format_bytes(peak["peak_bytes"]), f"{peak['peak_bytes']:,}", peak["peak_op"])
     console.print(table)
     for note in dict.fromkeys(n for r in reports for n in r.notes):
         console.print(f"- {note}")
+    if peaks:
+        console.print(
+            "- measured: bytes of the tensors alive during one batch-1 fp32 forward (eval mode, no grad; the "
+            "input and the weights not counted), leanvision.measure_peak; its peak at is the aten op"
+            + ("; streamed: leanvision.stream(model, input_size)" if "streamed" in peaks else "")
+        )
+    layer = next((r.peak_bytes for r in reports if r.convention == "layer"), None)
+    if "streamed" in peaks and layer:
+        streamed = peaks["streamed"]
+        held = ", ".join(
+            f"{t['op']} {'x'.join(map(str, t['shape']))} ({format_bytes(t['bytes'])})"
+            for t in streamed["live_at_peak"][:3]
+        )
+        console.print(
+            f"- streamed / layer = {streamed['peak_bytes'] / layer:.2f}, streamed / eager = "
+            f"{streamed['peak_bytes'] / max(peaks['measured']['peak_bytes'], 1):.3f}; alive at the streamed "
+            f"peak: {held or 'nothing'}"
+        )
 
 
 def _print_recompute(graph: Graph, budget_bytes: int, dtype_bytes: int) -> None:

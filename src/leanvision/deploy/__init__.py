@@ -1,6 +1,14 @@
-"""Inference-time transformations: batch-norm folding, pointwise convolutions, fused RRR-Net inference."""
+"""Inference forms of a model: batch-norm folding, fused RRR-Net inference, streaming in the reported RAM."""
 
 from leanvision.deploy.fold import fold_batchnorm_, fuse_for_inference, use_pointwise_convs_
 from leanvision.deploy.fused_rrr import FusedRRRNet
+from leanvision.deploy.streaming import StreamedModel, stream
 
-__all__ = ["FusedRRRNet", "fold_batchnorm_", "fuse_for_inference", "use_pointwise_convs_"]
+__all__ = [
+    "FusedRRRNet",
+    "StreamedModel",
+    "fold_batchnorm_",
+    "fuse_for_inference",
+    "stream",
+    "use_pointwise_convs_",
+]

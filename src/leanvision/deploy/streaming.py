@@ -498,6 +498,26 @@ def _calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, torc
     return calls
 
 
+def _check_prefix(net: nn.Module, pool: RNNPoolLayer, streamed: StreamedRNNPool, input_size) -> None:
+    """Refuse a model whose layers before the RNNPoolLayer are not the plain chain of modules that the
+    StreamedRNNPool replays (e.g. a functional op between them, invisible to module hooks)."""
+    x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+    seen = []
+    handle = pool.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        got = streamed(x)
+    if (got - seen[0]).abs().max() > 1e-4 * seen[0].abs().max():
+        raise InvalidArgumentError(
+            f"{type(net).__name__} cannot be streamed: its layers before the RNNPoolLayer are not a plain "
+            "chain of modules (convolutions, BatchNorms, activations) that the executor can replay"
+        )
+
+
 class StreamedModel(nn.Module):
     """An inference-only copy of an RNNPool network that runs in (about) the RAM its layer-convention
     analysis reports; see the module docstring. Its forward equals the eval-mode model's."""
@@ -526,7 +546,9 @@ class StreamedModel(nn.Module):
             oh, ow = pool.output_size(*pool_input[2:])
             band_bytes = pool.out_channels * oh * ow
         patches = patches_per_group(pool, pool_input[1], band_bytes)
-        _set_module(net, pool_name, StreamedRNNPool([m for _, m in prefix], pool, patches))
+        streamed_pool = StreamedRNNPool([m for _, m in prefix], pool, patches)
+        _check_prefix(net, pool, streamed_pool, input_size)
+        _set_module(net, pool_name, streamed_pool)
         for name, _ in prefix:
             _set_module(net, name, nn.Identity())
         replaced = [pool_name]

@@ -1,0 +1,237 @@
+"""Streaming inference of the RNNPool networks: measured peak RAM and latency, streamed against eager.
+
+For each network at its paper input size (224x224; rexnet_100_lowres_rnnpool at 32x32), random weights with
+BN statistics calibrated on random images (memory does not depend on the values; calibration keeps denormal
+floats out of the timings), batch 1, fp32, eval mode, no gradients:
+- the analytic peaks of the layer (RNNPool Appendix E.2) and min conventions;
+- the measured peak of the eager model and of `leanvision.stream(model, input_size)`: the bytes of tensors
+  alive during one forward (`leanvision.measure_peak`; the input and the weights are not counted), the op
+  at the streamed peak and the largest tensors alive there, so a miss says what holds the memory;
+- streamed / layer (target <= 1.3) and the largest |streamed - eager| relative to the largest output
+  (flagged above 1e-4: the streamed model must compute the eager model's output);
+- batch-1 latency with --threads threads, eager and streamed timed in interleaved rounds (one call of each
+  per round, the order alternating), the median of --rounds rounds (target streamed <= 2x eager). Timed
+  outside measure_peak: under a TorchDispatchMode the RNN sweeps leave their numba kernel for torch ops.
+A network that cannot be traced, measured or streamed gets its error in its row; the others still run.
+
+    python benchmarks/streaming.py [--models a,b] [--rounds 7] [--threads 2] [--out results/streaming.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import leanvision
+from leanvision.analysis.memory import peak_memory, trace
+from leanvision.bench import calibrate_batchnorm
+
+NETWORKS = {
+    "mobilenetv2_rnnpool": (3, 224, 224),
+    "mobilenetv1_rnnpool": (3, 224, 224),
+    "efficientnet_b0_rnnpool": (3, 224, 224),
+    "resnet18_rnnpool": (3, 224, 224),
+    "densenet121_rnnpool": (3, 224, 224),
+    "googlenet_rnnpool": (3, 224, 224),
+    "mobilenetv2_035_vww_rnnpool": (3, 224, 224),
+    "rexnet_100_lowres_rnnpool": (3, 32, 32),
+}
+MEMORY_TARGET = 1.3  # streamed measured peak / layer convention
+SPEED_TARGET = 2.0  # streamed latency / eager latency
+OUTPUT_TOLERANCE = 1e-4  # max |streamed - eager| / max |eager| of a correct streamed model (fp32 reordering)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(NETWORKS), help="comma-separated subset of the networks")
+    parser.add_argument(
+        "--rounds", type=int, default=7, help="interleaved latency rounds (the median is kept)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the latency runs")
+    parser.add_argument("--out", type=Path, default=Path("results/streaming.json"), help="JSON path")
+    args = parser.parse_args()
+    args.models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in args.models if m not in NETWORKS]
+    if unknown or not args.models:
+        parser.error(f"--models must name some of {', '.join(NETWORKS)}; unknown: {', '.join(unknown)}")
+    if args.rounds < 1 or args.threads < 1:
+        parser.error("--rounds and --threads must be >= 1")
+    return args
+
+
+def error_text(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def analytic(model: nn.Module, size: tuple[int, int, int]) -> dict:
+    """The layer and min peaks (fp32), where they occur, and the notes of a convention that fell back."""
+    row = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = trace(model, size)
+        for convention in ("layer", "min"):
+            report = peak_memory(graph, convention=convention, dtype_bytes=4)
+            row[f"{convention}_bytes"], row[f"{convention}_at"] = report.peak_bytes, report.peak_layer
+            if report.convention != convention:
+                row[f"{convention}_convention_used"] = report.convention
+    if caught:
+        row["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
+    return row
+
+
+def measured(model: nn.Module, x: torch.Tensor) -> dict:
+    """measure_peak of one forward: the peak, its op and the largest tensors alive there."""
+    with torch.no_grad():
+        peak = leanvision.measure_peak(model, x)
+    return dict(
+        peak_bytes=peak.peak_bytes,
+        peak_op=peak.peak_op,
+        ops=peak.ops,
+        live_at_peak=[dict(op=t.op, shape=list(t.shape), bytes=t.nbytes) for t in peak.live_at_peak[:6]],
+    )
+
+
+def interleaved_ms(models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median ms of one call of each model over `rounds` rounds, one call of each per round, the order
+    alternating round by round; one untimed round first (numba compiles or loads its kernels)."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            for name in names if r % 2 else names[::-1]:
+                tic = time.perf_counter()
+                models[name](x)
+                if r:
+                    times[name].append((time.perf_counter() - tic) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure(name: str, rounds: int, threads: int, log) -> dict:
+    size = NETWORKS[name]
+    row: dict = dict(model=name, input_size=list(size))
+    tic = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        model = calibrate_batchnorm(leanvision.create_model(name), size)
+        row.update(analytic(model, size))
+        x = torch.randn(1, *size, generator=torch.Generator().manual_seed(1))
+        log(f"{name}: measuring the eager model ...")
+        row["eager"] = measured(model, x)
+    except Exception as err:  # recorded in the row: the other networks still run
+        row["error"] = error_text(err)
+        return row
+    models = {"eager": model}
+    try:
+        streamed = leanvision.stream(model, size)
+        log(f"{name}: measuring the streamed model ...")
+        row["streamed"] = measured(streamed, x)
+        with torch.no_grad():
+            eager_out, streamed_out = model(x), streamed(x)
+        row["max_rel_diff"] = float((streamed_out - eager_out).abs().max() / eager_out.abs().max())
+        row["outputs_match"] = row["max_rel_diff"] <= OUTPUT_TOLERANCE
+        row["streamed_over_layer"] = row["streamed"]["peak_bytes"] / row["layer_bytes"]
+        row["memory_pass"] = row["streamed_over_layer"] <= MEMORY_TARGET
+        models["streamed"] = streamed
+    except Exception as err:
+        row["error"] = f"stream: {error_text(err)}"
+    log(f"{name}: timing {' and '.join(models)} ({rounds} rounds) ...")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        latency = interleaved_ms(models, x, rounds)
+    finally:
+        torch.set_num_threads(previous)
+    row["eager_ms"] = latency["eager"]
+    if "streamed" in latency:
+        row["streamed_ms"] = latency["streamed"]
+        row["streamed_over_eager_ms"] = latency["streamed"] / latency["eager"]
+        row["speed_pass"] = row["streamed_over_eager_ms"] <= SPEED_TARGET
+    row["seconds"] = round(time.perf_counter() - tic, 1)
+    return row
+
+
+def cell(value: float | None, fmt: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value / scale, fmt)
+
+
+def verdict(passed: bool | None) -> str:
+    return "-" if passed is None else "PASS" if passed else "MISS"
+
+
+def print_summary(rows: list[dict]) -> None:
+    print(
+        f"{'model':28s}{'input':>8s}{'layer KiB':>11s}{'min KiB':>10s}{'eager KiB':>11s}{'stream KiB':>11s}"
+        f"{'str/layer':>10s}{'mem':>6s}{'eager ms':>10s}{'stream ms':>10s}{'str/eager':>10s}{'speed':>7s}"
+    )
+    for r in rows:
+        eager, streamed = r.get("eager", {}), r.get("streamed", {})
+        print(
+            f"{r['model']:28s}{'x'.join(map(str, r['input_size'][1:])):>8s}"
+            f"{cell(r.get('layer_bytes'), '.1f', 2**10):>11s}{cell(r.get('min_bytes'), '.1f', 2**10):>10s}"
+            f"{cell(eager.get('peak_bytes'), '.1f', 2**10):>11s}"
+            f"{cell(streamed.get('peak_bytes'), '.1f', 2**10):>11s}"
+            f"{cell(r.get('streamed_over_layer'), '.2f'):>10s}{verdict(r.get('memory_pass')):>6s}"
+            f"{cell(r.get('eager_ms'), '.1f'):>10s}{cell(r.get('streamed_ms'), '.1f'):>10s}"
+            f"{cell(r.get('streamed_over_eager_ms'), '.2f'):>10s}{verdict(r.get('speed_pass')):>7s}"
+        )
+    print(f"targets: streamed peak <= {MEMORY_TARGET} x layer, streamed latency <= {SPEED_TARGET} x eager")
+    for r in rows:
+        if "error" in r:
+            print(f"- {r['model']}: {r['error']}")
+        if "streamed" in r:
+            held = ", ".join(
+                f"{t['op']} {'x'.join(map(str, t['shape']))} {t['bytes'] / 2**10:.1f} KiB"
+                for t in r["streamed"]["live_at_peak"][:4]
+            )
+            print(
+                f"- {r['model']}: streamed peak after {r['streamed']['peak_op']}; alive: {held}; "
+                f"max |streamed - eager| = {r['max_rel_diff']:.1e} of max |eager|"
+                + ("" if r["outputs_match"] else f" -- OUTPUTS DIFFER (tolerance {OUTPUT_TOLERANCE:.0e})")
+            )
+
+
+def main() -> int:
+    args = parse_args()
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    rows = [measure(name, args.rounds, args.threads, log) for name in args.models]
+    report = dict(
+        batch_size=1,
+        dtype="fp32",
+        device="cpu",
+        threads=args.threads,
+        rounds=args.rounds,
+        weights="random, BN statistics calibrated on random images",
+        measured="leanvision.measure_peak: tensors alive during one forward; input, weights excluded",
+        latency="median of interleaved rounds (one call of eager and streamed each, order alternating)",
+        targets=dict(
+            streamed_over_layer=MEMORY_TARGET,
+            streamed_over_eager_ms=SPEED_TARGET,
+            max_rel_diff=OUTPUT_TOLERANCE,
+        ),
+        units="bytes, ms; KiB = 2^10 bytes",
+        versions=dict(python=platform.python_version(), torch=torch.__version__),
+        machine=platform.machine(),
+        results=rows,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print_summary(rows)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
