@@ -10,7 +10,7 @@ floats out of the timings), batch 1, fp32, eval mode, no gradients:
 - streamed / layer (target <= 1.3) and the largest |streamed - eager| relative to the largest output
   (flagged above 1e-4: the streamed model must compute the eager model's output);
 - batch-1 latency with --threads threads, eager and streamed timed in interleaved rounds (one call of each
-  per round, the order alternating), the median of --rounds rounds (target streamed <= 2x eager). Timed
+  per round, the order rotating), the median of --rounds rounds (target streamed <= 2x eager). Timed
   outside measure_peak: under a TorchDispatchMode the RNN sweeps leave their numba kernel for torch ops.
 A network that cannot be traced, measured or streamed gets its error in its row; the others still run.
 
@@ -20,7 +20,6 @@ A network that cannot be traced, measured or streamed gets its error in its row;
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -34,6 +33,7 @@ from torch import nn
 import leanvision
 from leanvision.analysis.memory import peak_memory, trace
 from leanvision.bench import calibrate_batchnorm
+from report import finish, interleaved_ms
 
 NETWORKS = {
     "mobilenetv2_rnnpool": (3, 224, 224),
@@ -101,21 +101,6 @@ def measured(model: nn.Module, x: torch.Tensor) -> dict:
     )
 
 
-def interleaved_ms(models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median ms of one call of each model over `rounds` rounds, one call of each per round, the order
-    alternating round by round; one untimed round first (numba compiles or loads its kernels)."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    names = list(models)
-    with torch.no_grad():
-        for r in range(rounds + 1):
-            for name in names if r % 2 else names[::-1]:
-                tic = time.perf_counter()
-                models[name](x)
-                if r:
-                    times[name].append((time.perf_counter() - tic) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def measure(name: str, rounds: int, threads: int, log) -> dict:
     size = NETWORKS[name]
     row: dict = dict(model=name, input_size=list(size))
@@ -148,7 +133,11 @@ def measure(name: str, rounds: int, threads: int, log) -> dict:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        latency = interleaved_ms(models, x, rounds)
+        with torch.no_grad():
+            for model_ in models.values():  # one untimed call: numba compiles or loads its kernels
+                model_(x)
+            times = interleaved_ms({n: (lambda m=m: m(x)) for n, m in models.items()}, rounds, 0.0)
+        latency = {n: statistics.median(t) for n, t in times.items()}
     finally:
         torch.set_num_threads(previous)
     row["eager_ms"] = latency["eager"]
@@ -215,7 +204,7 @@ def main() -> int:
         rounds=args.rounds,
         weights="random, BN statistics calibrated on random images",
         measured="leanvision.measure_peak: tensors alive during one forward; input, weights excluded",
-        latency="median of interleaved rounds (one call of eager and streamed each, order alternating)",
+        latency="median of interleaved rounds (one call of eager and streamed each, order rotating)",
         targets=dict(
             streamed_over_layer=MEMORY_TARGET,
             streamed_over_eager_ms=SPEED_TARGET,
@@ -226,11 +215,10 @@ def main() -> int:
         machine=platform.machine(),
         results=rows,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print_summary(rows)
-    print(f"wrote {args.out}")
-    return 0
+    mismatched = [r["model"] for r in rows if r.get("outputs_match") is False]
+    return finish(
+        args.out, report, lambda: print_summary(rows), not mismatched, f"outputs differ: {mismatched}"
+    )
 
 
 if __name__ == "__main__":

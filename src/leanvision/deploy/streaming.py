@@ -61,6 +61,12 @@ class _Span:
         return _Span(start, (self.stop - 1) * stride - padding + dilation * (kernel - 1) + 1)
 
 
+def _conv_out(size: int, conv: nn.Conv2d, axis: int) -> int:
+    """Output size of `conv` along `axis` (0 rows, 1 columns) for an input of `size`."""
+    k, s, p, d = conv.kernel_size[axis], conv.stride[axis], conv.padding[axis], conv.dilation[axis]
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
 class StreamedRNNPool(nn.Module):
     """`prefix` (convolutions and elementwise layers, in order) followed by `pool`, computed patch group by
     patch group so that only one group's input region of the prefix output is alive at a time."""
@@ -82,12 +88,7 @@ class StreamedRNNPool(nn.Module):
         sizes = [(height, width)]
         for layer in self.prefix:
             if isinstance(layer, nn.Conv2d):
-                height, width = (
-                    (size + 2 * p - d * (k - 1) - 1) // s + 1
-                    for size, k, s, p, d in zip(
-                        (height, width), layer.kernel_size, layer.stride, layer.padding, layer.dilation
-                    )
-                )
+                height, width = _conv_out(height, layer, 0), _conv_out(width, layer, 1)
             sizes.append((height, width))
         return sizes
 
@@ -98,17 +99,9 @@ class StreamedRNNPool(nn.Module):
         layer = self.prefix[depth - 1]
         if not isinstance(layer, nn.Conv2d):
             return layer(self._region(x, depth - 1, rows, cols, sizes))
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-        )
         (in_rows, top, bottom), (in_cols, left, right) = (
-            span.through(k, s, p, d).clip(size)
-            for span, k, s, p, d, size in zip(
-                (rows, cols), (kh, kw), (sh, sw), (ph, pw), (dh, dw), sizes[depth - 1]
-            )
+            span.through_conv(layer, axis).clip(size)
+            for axis, (span, size) in enumerate(zip((rows, cols), sizes[depth - 1]))
         )
         inner = F.pad(self._region(x, depth - 1, in_rows, in_cols, sizes), (left, right, top, bottom))
         return F.conv2d(inner, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
@@ -290,17 +283,13 @@ class _Rows:
     height: int
 
 
-def _conv_rows(step: ConvStep, rows: _Rows, out: _Span, out_height: int, act: bool = True) -> _Rows:
-    """Rows `out` (inside [0, out_height)) of step(map), from the rows of the map that `rows` holds."""
-    c = step.conv
-    inside, top, bottom = out.through_conv(c).clip(rows.height)
+def _conv_rows(layer: InPlaceConv, rows: _Rows, out: _Span, out_height: int) -> _Rows:
+    """Rows `out` (inside [0, out_height)) of layer(map), from the rows of the map that `rows` holds."""
+    inside, top, bottom = out.through_conv(layer.conv).clip(rows.height)
     if inside.start < rows.start or inside.stop > rows.start + rows.tensor.shape[2]:
         raise AssertionError(f"rows {inside} of the input are needed, {rows.start}.. are held")
     x = F.pad(rows.tensor[:, :, inside.start - rows.start : inside.stop - rows.start], (0, 0, top, bottom))
-    y = F.conv2d(x, c.weight, None, c.stride, (0, c.padding[1]), c.dilation, c.groups)
-    offset, scale, shift = (t[None, :, None, None] for t in step.affine())
-    y = y.add_(offset).mul_(scale).add_(shift)
-    return _Rows(step.act(y) if act else y, out.start, out_height)
+    return _Rows(layer(x, rows_padded=True), out.start, out_height)
 
 
 class BandedBasicBlock(nn.Module):
@@ -312,30 +301,26 @@ class BandedBasicBlock(nn.Module):
         super().__init__()
         if rows_per_band < 1:
             raise InvalidArgumentError(f"rows_per_band must be >= 1, got {rows_per_band}")
-        self.conv1 = ConvStep(block.conv1, block.bn1, nn.ReLU(inplace=True))
-        self.conv2 = ConvStep(block.conv2, block.bn2, nn.Identity())
+        self.conv1 = InPlaceConv(ConvStep(block.conv1, block.bn1, nn.ReLU()))
+        self.conv2 = InPlaceConv(ConvStep(block.conv2, block.bn2, nn.Identity()))
         down = block.downsample
-        self.downsample = None if down is None else ConvStep(down[0], down[1], nn.Identity())
+        self.downsample = None if down is None else InPlaceConv(ConvStep(down[0], down[1], nn.Identity()))
         self.rows_per_band = rows_per_band
-
-    def _height(self, step: ConvStep, height: int) -> int:
-        c = step.conv
-        return (height + 2 * c.padding[0] - c.dilation[0] * (c.kernel_size[0] - 1) - 1) // c.stride[0] + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height = x.shape[2]
-        mid = self._height(self.conv1, height)
+        mid = _conv_out(height, self.conv1.conv, 0)
         out = None
         for r0 in range(0, mid, self.rows_per_band):
             band = _Span(r0, min(r0 + self.rows_per_band, mid))
             held = _Rows(x, 0, height)
             halo, _, _ = band.through_conv(self.conv2.conv).clip(mid)
             h = _conv_rows(self.conv1, held, halo, mid)
-            y = _conv_rows(self.conv2, h, band, mid, act=False).tensor
+            y = _conv_rows(self.conv2, h, band, mid).tensor
             if self.downsample is None:
                 y += x[:, :, band.start : band.stop]
             else:
-                y += _conv_rows(self.downsample, held, band, mid, act=False).tensor
+                y += _conv_rows(self.downsample, held, band, mid).tensor
             if out is None:
                 out = x.new_empty(x.shape[0], y.shape[1], mid, y.shape[3])
             out[:, :, band.start : band.stop] = y.relu_()
@@ -376,9 +361,11 @@ class InPlaceConv(nn.Module):
             return cls(ConvStep(module.conv, module.bn, module.act))
         return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows_padded: bool = False) -> torch.Tensor:
+        """`rows_padded`: x already holds the zero rows above and below that the conv's padding adds."""
         c, (offset, scale, shift) = self.conv, self.affine
-        y = F.conv2d(x, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
+        padding = (0, c.padding[1]) if rows_padded else c.padding
+        y = F.conv2d(x, c.weight, None, c.stride, padding, c.dilation, c.groups)
         return self.act(y.add_(offset).mul_(scale).add_(shift))
 
 
@@ -479,10 +466,13 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
-def _calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, torch.Size | None]]:
-    """(name, module, input shape or None) of every module call of one forward pass, in call order."""
-    calls, handles = [], []
+def _calls(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, nn.Module, torch.Size | None]], list]:
+    """(name, module, input shape or None) of every module call of one forward pass, in call order, and
+    the outputs of the RNNPoolLayers called."""
+    calls, pooled, handles = [], [], []
     for name, module in model.named_modules():
+        if isinstance(module, RNNPoolLayer):
+            handles.append(module.register_forward_hook(lambda m, args, out: pooled.append(out)))
 
         def hook(module: nn.Module, args: tuple, name: str = name) -> None:
             first = args[0] if args else None  # some blocks take lists (DenseNet's dense layers)
@@ -495,27 +485,7 @@ def _calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, torc
     finally:
         for handle in handles:
             handle.remove()
-    return calls
-
-
-def _check_prefix(net: nn.Module, pool: RNNPoolLayer, streamed: StreamedRNNPool, input_size) -> None:
-    """Refuse a model whose layers before the RNNPoolLayer are not the plain chain of modules that the
-    StreamedRNNPool replays (e.g. a functional op between them, invisible to module hooks)."""
-    x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
-    seen = []
-    handle = pool.register_forward_hook(lambda module, args, out: seen.append(out))
-    try:
-        with torch.no_grad():
-            net(x)
-    finally:
-        handle.remove()
-    with torch.no_grad():
-        got = streamed(x)
-    if (got - seen[0]).abs().max() > 1e-4 * seen[0].abs().max():
-        raise InvalidArgumentError(
-            f"{type(net).__name__} cannot be streamed: its layers before the RNNPoolLayer are not a plain "
-            "chain of modules (convolutions, BatchNorms, activations) that the executor can replay"
-        )
+    return calls, pooled
 
 
 class StreamedModel(nn.Module):
@@ -536,7 +506,8 @@ class StreamedModel(nn.Module):
             raise InvalidArgumentError(f"band_bytes must be >= 1 (or None), got {band_bytes}")
         self.input_size = tuple(input_size)
         net = copy.deepcopy(model).eval()
-        calls = _calls(net, torch.zeros(1, *input_size))
+        probe = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+        calls, pooled = _calls(net, probe)
         first = next((i for i, (_, m, _) in enumerate(calls) if isinstance(m, RNNPoolLayer)), None)
         if first is None:
             raise InvalidArgumentError(f"{type(model).__name__} has no RNNPoolLayer to stream")
@@ -547,7 +518,13 @@ class StreamedModel(nn.Module):
             band_bytes = pool.out_channels * oh * ow
         patches = patches_per_group(pool, pool_input[1], band_bytes)
         streamed_pool = StreamedRNNPool([m for _, m in prefix], pool, patches)
-        _check_prefix(net, pool, streamed_pool, input_size)
+        with torch.no_grad():
+            replayed = streamed_pool(probe)
+        if (replayed - pooled[0]).abs().max() > 1e-4 * pooled[0].abs().max():  # e.g. a functional op
+            raise InvalidArgumentError(
+                f"{type(model).__name__} cannot be streamed: its layers before the RNNPoolLayer are not a "
+                "plain chain of modules (convolutions, BatchNorms, activations) that the executor can replay"
+            )
         _set_module(net, pool_name, streamed_pool)
         for name, _ in prefix:
             _set_module(net, name, nn.Identity())
