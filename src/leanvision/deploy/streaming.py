@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.efficientnet import MBConv
+from torchvision.models.googlenet import BasicConv2d
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
@@ -488,6 +489,21 @@ def _calls(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, nn.Module
     return calls, pooled
 
 
+def _prefix_layers(calls: list[tuple[str, nn.Module, torch.Size | None]]) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the leaf modules called before the RNNPoolLayer, in order, with torchvision's
+    GoogLeNet BasicConv2d (conv, BN, then a functional ReLU) spelled out as its three layers."""
+    layers, inside = [], ()
+    for name, module, _ in calls:
+        if not name or name.startswith(inside):
+            continue
+        if isinstance(module, BasicConv2d):
+            layers += [(f"{name}.conv", module.conv), (f"{name}.bn", module.bn), (name, nn.ReLU())]
+            inside = (name + ".",)
+        elif not list(module.children()):
+            layers.append((name, module))
+    return layers
+
+
 class StreamedModel(nn.Module):
     """An inference-only copy of an RNNPool network that runs in (about) the RAM its layer-convention
     analysis reports; see the module docstring. Its forward equals the eval-mode model's."""
@@ -512,7 +528,7 @@ class StreamedModel(nn.Module):
         if first is None:
             raise InvalidArgumentError(f"{type(model).__name__} has no RNNPoolLayer to stream")
         pool_name, pool, pool_input = calls[first]
-        prefix = [(name, m) for name, m, _ in calls[:first] if not list(m.children()) and name]
+        prefix = _prefix_layers(calls[:first])
         if band_bytes is None:  # a quarter of the pool's fp32 output, the first map the network keeps whole
             oh, ow = pool.output_size(*pool_input[2:])
             band_bytes = pool.out_channels * oh * ow
