@@ -30,7 +30,7 @@ def test_memory_measured_and_streamed_json():
     eager, streamed = layer["measured_peak_bytes"], layer["streamed_peak_bytes"]
     assert layer["input_size"] == [3, 112, 112]
     assert layer["peak_bytes"] <= streamed <= 1.3 * layer["peak_bytes"]
-    assert streamed < eager / 20
+    assert streamed < eager / 10
     assert layer["streamed_peak_op"] and layer["measured_peak_op"]
     held = layer["streamed_live_at_peak"]
     assert held and held[0]["bytes"] <= streamed and all(t["bytes"] > 0 and t["shape"] for t in held)

@@ -4,8 +4,10 @@
 whose storage is new (not one of the op's inputs, not already counted: views and in-place results share
 their input's storage) is counted from the op that made it until its storage is freed. Tensors that
 existed before the call (inputs, weights, buffers) are not counted, nor is memory a kernel allocates for
-itself without making a tensor of it (oneDNN workspaces, numpy arrays of numba kernels). The peak is
-taken after each op, so a tensor freed during the call but alive at some op counts there.
+itself without making a tensor of it (oneDNN workspaces; the numba FastGRNN training sweep's per-thread
+block of (C + 4h) x 128 floats; the streaming sweep takes its scratch as tensors, which are counted). The
+meter lets the numba kernels run (`lets_kernels_run`), so what it measures is what runs outside it. The
+peak is taken after each op, so a tensor freed during the call but alive at some op counts there.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class MeasuredPeak:
 
 class PeakMeter(TorchDispatchMode):
     """Counts the storages that ops create, until they are freed; see the module docstring."""
+
+    lets_kernels_run = True  # it watches tensors, not ops: kernels that bypass aten may run under it
 
     def __init__(self) -> None:
         super().__init__()

@@ -33,7 +33,7 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import LinearBottleneck, RNNPoolLayer
-from leanvision.layers.rnnpool import rnnpool_map
+from leanvision.layers.rnn_cells import RecurrentCell
 
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Identity, nn.BatchNorm2d)
 
@@ -68,6 +68,14 @@ def _conv_out(size: int, conv: nn.Conv2d, axis: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _sweep_indexed(cell: RecurrentCell, x: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+    """cell.sweep_indexed over the sequences of every index [T, n] side by side -> [hidden, sum of n];
+    one sweep when all have the same length."""
+    if all(len(index) == len(indices[0]) for index in indices):
+        return cell.sweep_indexed(x, torch.cat(indices, 1))
+    return torch.cat([cell.sweep_indexed(x, index) for index in indices], 1)
+
+
 class StreamedRNNPool(nn.Module):
     """`prefix` (convolutions and elementwise layers, in order) followed by `pool`, computed patch group by
     patch group so that only one group's input region of the prefix output is alive at a time."""
@@ -83,6 +91,7 @@ class StreamedRNNPool(nn.Module):
         if patches_per_group < 1:
             raise InvalidArgumentError(f"patches_per_group must be >= 1, got {patches_per_group}")
         self.prefix, self.pool, self.patches_per_group = nn.ModuleList(prefix), pool, patches_per_group
+        self._index_cache: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def _sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """(H, W) of the input of every prefix layer, and of the pool's input last."""
@@ -107,7 +116,34 @@ class StreamedRNNPool(nn.Module):
         inner = F.pad(self._region(x, depth - 1, in_rows, in_cols, sizes), (left, right, top, bottom))
         return F.conv2d(inner, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
 
+    def _indices(self, width: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Where the sweeps of one patch row's region [C, kh, width] read their steps (sweep_indexed):
+        RNN1's row segments ([kw, kh n]: row y of patch j at step t is column y width + j sw + t of the
+        region) and columns ([kh, width]); RNN2's row summaries forwards and backwards ([kh, n]) and column
+        summaries ([kw, n]), as columns of RNN1's outputs [h1, kh n + width]. Cached per width."""
+        if width not in self._index_cache:
+            (kh, kw), (_, sw) = self.pool.patch_size, self.pool.stride
+            n, t_row, t_col = (width - kw) // sw + 1, torch.arange(kw)[:, None], torch.arange(kh)[:, None]
+            starts = (torch.arange(kh)[:, None] * width + torch.arange(n) * sw).view(1, -1)
+            rnn1 = [t_row + starts, t_col * width + torch.arange(width)]
+            rows, cols = t_col * n + torch.arange(n), kh * n + torch.arange(n) * sw + t_row
+            self._index_cache[width] = rnn1, [rows, rows.flip(0), cols, cols.flip(0)]
+        return self._index_cache[width]
+
+    def _pool_patches(self, region: torch.Tensor) -> torch.Tensor:
+        """RNNPool of the patches side by side in one patch row's region [1, C, kh, width] -> [4 h2, n].
+
+        As rnnpool_map, RNN1 runs once over every row segment and every column of the region; the sweeps
+        read their inputs in place (sweep_indexed), so nothing but the region and the states is alive."""
+        rnn1, rnn2, h2 = self.pool.pool.rnn1, self.pool.pool.rnn2, self.pool.pool.hidden2
+        rnn1_index, rnn2_index = self._indices(region.shape[3])
+        summaries = _sweep_indexed(rnn1, region.view(region.shape[1], -1), rnn1_index)
+        pooled = _sweep_indexed(rnn2, summaries, rnn2_index)  # [h2, 4 n]: rows fwd, bwd, cols fwd, bwd
+        return pooled.view(h2, 4, -1).transpose(0, 1).reshape(4 * h2, -1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            return torch.cat([self(image[None]) for image in x])
         pool, (kh, kw), (sh, sw) = self.pool, self.pool.patch_size, self.pool.stride
         sizes = self._sizes(x.shape[2], x.shape[3])
         height, width = sizes[-1]
@@ -126,8 +162,7 @@ class StreamedRNNPool(nn.Module):
                 (in_rows, pad_t, pad_b), (in_cols, pad_l, pad_r) = rows.clip(height), cols.clip(width)
                 region = self._region(x, len(self.prefix), in_rows, in_cols, sizes)
                 region = F.pad(region, (pad_l, pad_r, pad_t, pad_b))
-                pooled = rnnpool_map(pool.pool.rnn1, pool.pool.rnn2, region, (kh, kw), (sh, sw))
-                out[:, :, i, j0:j1] = pooled[:, 0].transpose(1, 2)
+                out[0, :, i, j0:j1] = self._pool_patches(region)
         if extra:  # "edgeml": one replicated row at the bottom and column at the right
             out[:, :, :valid_h, valid_w] = out[:, :, :valid_h, valid_w - 1]
             out[:, :, valid_h] = out[:, :, valid_h - 1]

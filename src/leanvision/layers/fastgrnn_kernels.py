@@ -170,6 +170,37 @@ def sweep_forward(x, weight_t, bias_gate, bias_update, coef, final, tasks):  # p
 
 
 @njit(parallel=True, **JIT)
+def sweep_forward_indexed(
+    x, index, weight_t, bias_gate, bias_update, coef, final, xh, pre, zc
+):  # pragma: no cover
+    """sweep_forward over sequences read in place from x [C, S]: step t of sequence n is x[:, index[t, n]].
+
+    The caller's scratch is one task's per thread: xh [tasks, C + h, lanes], pre [tasks, h, lanes] and
+    zc [tasks, 2, h, lanes], so that the kernel allocates nothing (streaming inference counts it).
+    """
+    steps, n = index.shape
+    channels, lanes = len(x), xh.shape[2]
+    blocks = -(-n // lanes)
+    chunks = min(len(xh), blocks)
+    for chunk in prange(chunks):
+        block_xh, block_pre, block_zc = xh[chunk], pre[chunk], zc[chunk]
+        first, last = _chunk(chunk, chunks, blocks)
+        for block in range(first, last):
+            lo = block * lanes
+            width = min(lanes, n - lo)
+            block_xh[channels:] = 0
+            for t in range(steps):
+                columns = index[t, lo : lo + width]
+                for c in range(channels):
+                    src, dst = x[c], block_xh[c]
+                    for lane in range(width):
+                        dst[lane] = src[columns[lane]]
+                state = block_xh[channels:]
+                _step(weight_t, bias_gate, bias_update, coef, block_xh, block_pre, block_zc, state, width)
+            _copy(final[:, lo : lo + width], block_xh[channels:, :width])
+
+
+@njit(parallel=True, **JIT)
 def sweep_backward(grad_final, x, weight_t, bias_gate, bias_update, coef, grad_x, tasks):  # pragma: no cover
     """Backward of `sweep_forward` from the gradient of the final states [h, N].
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from leanvision.errors import InvalidArgumentError
 
@@ -92,6 +92,15 @@ class RecurrentCell(nn.Module):
         for px in self.project(inputs).unbind(0):
             state = self.step(px, state)
         return _split_like(self.output(state), sequences)
+
+    def sweep_indexed(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Final hidden vectors [hidden_size, N] of N sequences read in place from x [input_size, S]:
+        step t of sequence n is column index[t, n] of x; all start from zeros. For inference: unlike
+        `sweep`, only one step's inputs and the state are alive at a time."""
+        state = self.initial_state((index.shape[1],), x)
+        for columns in index:
+            state = self.step(self.project(x[:, columns].t()), state)
+        return self.output(state).t()
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """One step from raw input x [..., input_size]; returns the new state."""
@@ -200,6 +209,30 @@ class FastGRNNCell(RecurrentCell):
 
     def fused_sweep(self, x: torch.Tensor) -> bool:
         return self._sigmoid_pair and not torch.compiler.is_compiling() and _kernel_applies(self.bias_gate, x)
+
+    def sweep_indexed(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """As RecurrentCell.sweep_indexed; with the numba kernel where it applies (and no gradient is
+        needed), whose per-thread scratch is allocated here, as torch tensors that memory meters see."""
+        w, u = self.weight_w(), self.weight_u()
+        params = (w, u, self.bias_gate, self.bias_update, self.zeta, self.nu)
+        if not self.fused_sweep(x) or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (*params, x))
+        ):
+            return super().sweep_indexed(x, index)
+        kernels = _numba_kernels()
+        final = x.new_empty(self.hidden_size, index.shape[1])
+        inputs = _kernel_inputs(w, u, self.bias_gate, self.bias_update, *map(torch.sigmoid, params[-2:]))
+        with kernels.parallel(torch.get_num_threads()) as tasks:
+            threads, lanes, hidden = tasks // kernels.TASKS_PER_THREAD, _INDEXED_LANES, self.hidden_size
+            scratch = (
+                x.new_empty(threads, len(x) + hidden, lanes),  # a step's inputs above its state
+                x.new_empty(threads, hidden, lanes),  # pre-activations
+                x.new_empty(threads, 2, hidden, lanes),  # gate and update
+            )
+            kernels.sweep_forward_indexed(
+                _numpy(x), index.numpy(), *inputs, final.numpy(), *(t.numpy() for t in scratch)
+            )
+        return final
 
     def sweep(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if not self._sigmoid_pair or torch.compiler.is_compiling():  # compilers trace the plain steps
@@ -313,6 +346,11 @@ class _FastGRNNSweep(torch.autograd.Function):
         return grad_weight, grad_bias, grad_zeta.view_as(zeta), grad_nu.view_as(nu), *grad_inputs
 
 
+# Sequences per block of sweep_forward_indexed: narrower than the training kernel's, as its scratch
+# (threads x (C + 4h) x lanes floats) counts against the RAM of streaming inference.
+_INDEXED_LANES = 32
+
+
 @functools.cache
 def _numba_kernels():
     """The numba kernels module (fastgrnn_kernels.py), or None where numba is not installed."""
@@ -326,11 +364,12 @@ def _numba_kernels():
 def _kernel_applies(weight: torch.Tensor, *sequences: torch.Tensor) -> bool:
     """Whether the numba sweep can run: numba installed, CPU tensors of one float32/float64 dtype.
 
-    Not under a TorchDispatchMode (e.g. the MAdds counter of leanvision.analysis.cost): it must see the
-    aten operators, which the kernel bypasses.
+    Not under a TorchDispatchMode that must see the aten operators, which the kernel bypasses (e.g. the
+    MAdds counter of leanvision.analysis.cost); a mode that only watches tensors says so with a true
+    `lets_kernels_run` (leanvision.measure_peak's meter).
     """
     return (
-        not is_in_torch_dispatch_mode()
+        all(getattr(mode, "lets_kernels_run", False) for mode in _get_current_dispatch_mode_stack())
         and weight.dtype in (torch.float32, torch.float64)
         and all(t.device.type == "cpu" and t.dtype == weight.dtype for t in (weight, *sequences))
         and _numba_kernels() is not None
