@@ -33,9 +33,12 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import LinearBottleneck, RNNPoolLayer
-from leanvision.layers.rnn_cells import RecurrentCell
+from leanvision.layers.rnn_cells import INDEXED_LANES
 
-ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Identity, nn.BatchNorm2d)
+IndexedSweep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [C, S], index [T, N]) -> [h, N]
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh)
+ELEMENTWISE = (*ACTIVATIONS, nn.Identity, nn.BatchNorm2d)
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,34 @@ def _conv_out(size: int, conv: nn.Conv2d, axis: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _sweep_indexed(cell: RecurrentCell, x: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
-    """cell.sweep_indexed over the sequences of every index [T, n] side by side -> [hidden, sum of n];
-    one sweep when all have the same length."""
+def _pad(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """F.pad with zeros, without the copy F.pad makes when there is nothing to pad."""
+    return F.pad(x, pads) if any(pads) else x
+
+
+def _fused(prefix: Sequence[nn.Module]) -> list[nn.Module]:
+    """The prefix with every convolution [-> BatchNorm] [-> activation] as one InPlaceConv (so that its
+    output is the only map it makes), other layers as they are."""
+    layers, i = [], 0
+    while i < len(prefix):
+        layer, i = prefix[i], i + 1
+        if not isinstance(layer, nn.Conv2d):
+            layers.append(layer)
+            continue
+        bn = prefix[i] if i < len(prefix) and isinstance(prefix[i], nn.BatchNorm2d) else None
+        i += bn is not None
+        act = prefix[i] if i < len(prefix) and isinstance(prefix[i], ACTIVATIONS) else nn.Identity()
+        i += not isinstance(act, nn.Identity)
+        layers.append(InPlaceConv(ConvStep(layer, bn, act)))
+    return layers
+
+
+def _sweep_indexed(sweep: IndexedSweep, x: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+    """A cell's inference_sweep over the sequences of every index [T, n] side by side -> [hidden, sum of
+    n]; one sweep when all have the same length."""
     if all(len(index) == len(indices[0]) for index in indices):
-        return cell.sweep_indexed(x, torch.cat(indices, 1))
-    return torch.cat([cell.sweep_indexed(x, index) for index in indices], 1)
+        return sweep(x, torch.cat(indices, 1))
+    return torch.cat([sweep(x, index) for index in indices], 1)
 
 
 class StreamedRNNPool(nn.Module):
@@ -90,31 +115,56 @@ class StreamedRNNPool(nn.Module):
                 )
         if patches_per_group < 1:
             raise InvalidArgumentError(f"patches_per_group must be >= 1, got {patches_per_group}")
-        self.prefix, self.pool, self.patches_per_group = nn.ModuleList(prefix), pool, patches_per_group
+        self.prefix, self.pool, self.patches_per_group = (
+            nn.ModuleList(_fused(prefix)),
+            pool,
+            patches_per_group,
+        )
         self._index_cache: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._sweeps = pool.pool.rnn1.inference_sweep(), pool.pool.rnn2.inference_sweep()
 
     def _sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """(H, W) of the input of every prefix layer, and of the pool's input last."""
         sizes = [(height, width)]
         for layer in self.prefix:
-            if isinstance(layer, nn.Conv2d):
-                height, width = _conv_out(height, layer, 0), _conv_out(width, layer, 1)
+            if isinstance(layer, InPlaceConv):
+                height, width = _conv_out(height, layer.conv, 0), _conv_out(width, layer.conv, 1)
             sizes.append((height, width))
         return sizes
+
+    def group_bytes(self, patches: int) -> int:
+        """fp32 bytes alive while a group of `patches` neighbouring patches runs (its input region is
+        computed, then pooled): the largest input + output region of a prefix layer, or the pool's region
+        with RNN1's summaries, RNN2's states and the per-thread scratch of the sweeps."""
+        (kh, kw), (_, sw) = self.pool.patch_size, self.pool.stride
+        rnn1, h1, h2 = self.pool.pool.rnn1, self.pool.pool.hidden1, self.pool.pool.hidden2
+        rows, cols, channels = _Span(0, kh), _Span(0, (patches - 1) * sw + kw), rnn1.input_size
+        width = cols.stop
+        floats = channels * kh * width + h1 * (kh * patches + width) + 2 * 4 * h2 * patches
+        floats += (
+            torch.get_num_threads() * INDEXED_LANES * max(channels + 4 * h1, h1 + 4 * h2)
+        )  # sweeps' scratch
+        for layer in reversed(self.prefix):
+            if isinstance(layer, InPlaceConv):
+                out_area, conv = (rows.stop - rows.start) * (cols.stop - cols.start), layer.conv
+                rows, cols = rows.through_conv(conv, 0), cols.through_conv(conv, 1)
+                in_area = (rows.stop - rows.start) * (cols.stop - cols.start)
+                floats = max(floats, conv.in_channels * in_area + conv.out_channels * out_area)
+        return 4 * floats
 
     def _region(self, x: torch.Tensor, depth: int, rows: _Span, cols: _Span, sizes) -> torch.Tensor:
         """Output of the first `depth` prefix layers on rows x cols (inside that output's bounds)."""
         if depth == 0:
             return x[:, :, rows.start : rows.stop, cols.start : cols.stop]
         layer = self.prefix[depth - 1]
-        if not isinstance(layer, nn.Conv2d):
+        if not isinstance(layer, InPlaceConv):
             return layer(self._region(x, depth - 1, rows, cols, sizes))
         (in_rows, top, bottom), (in_cols, left, right) = (
-            span.through_conv(layer, axis).clip(size)
+            span.through_conv(layer.conv, axis).clip(size)
             for axis, (span, size) in enumerate(zip((rows, cols), sizes[depth - 1]))
         )
-        inner = F.pad(self._region(x, depth - 1, in_rows, in_cols, sizes), (left, right, top, bottom))
-        return F.conv2d(inner, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
+        inner = _pad(self._region(x, depth - 1, in_rows, in_cols, sizes), (left, right, top, bottom))
+        return layer(inner, padding=(0, 0))
 
     def _indices(self, width: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Where the sweeps of one patch row's region [C, kh, width] read their steps (sweep_indexed):
@@ -135,7 +185,7 @@ class StreamedRNNPool(nn.Module):
 
         As rnnpool_map, RNN1 runs once over every row segment and every column of the region; the sweeps
         read their inputs in place (sweep_indexed), so nothing but the region and the states is alive."""
-        rnn1, rnn2, h2 = self.pool.pool.rnn1, self.pool.pool.rnn2, self.pool.pool.hidden2
+        (rnn1, rnn2), h2 = self._sweeps, self.pool.pool.hidden2
         rnn1_index, rnn2_index = self._indices(region.shape[3])
         summaries = _sweep_indexed(rnn1, region.view(region.shape[1], -1), rnn1_index)
         pooled = _sweep_indexed(rnn2, summaries, rnn2_index)  # [h2, 4 n]: rows fwd, bwd, cols fwd, bwd
@@ -161,8 +211,8 @@ class StreamedRNNPool(nn.Module):
                 cols = _Span(j0 * sw - left, (j1 - 1) * sw - left + kw)
                 (in_rows, pad_t, pad_b), (in_cols, pad_l, pad_r) = rows.clip(height), cols.clip(width)
                 region = self._region(x, len(self.prefix), in_rows, in_cols, sizes)
-                region = F.pad(region, (pad_l, pad_r, pad_t, pad_b))
-                out[0, :, i, j0:j1] = self._pool_patches(region)
+                out[0, :, i, j0:j1] = self._pool_patches(_pad(region, (pad_l, pad_r, pad_t, pad_b)))
+                del region  # not alive while the next group's region is computed
         if extra:  # "edgeml": one replicated row at the bottom and column at the right
             out[:, :, :valid_h, valid_w] = out[:, :, :valid_h, valid_w - 1]
             out[:, :, valid_h] = out[:, :, valid_h - 1]
@@ -325,7 +375,7 @@ def _conv_rows(layer: InPlaceConv, rows: _Rows, out: _Span, out_height: int) -> 
     if inside.start < rows.start or inside.stop > rows.start + rows.tensor.shape[2]:
         raise AssertionError(f"rows {inside} of the input are needed, {rows.start}.. are held")
     x = F.pad(rows.tensor[:, :, inside.start - rows.start : inside.stop - rows.start], (0, 0, top, bottom))
-    return _Rows(layer(x, rows_padded=True), out.start, out_height)
+    return _Rows(layer(x, padding=(0, layer.conv.padding[1])), out.start, out_height)
 
 
 class BandedBasicBlock(nn.Module):
@@ -364,14 +414,9 @@ class BandedBasicBlock(nn.Module):
         return out
 
 
-def patches_per_group(pool: RNNPoolLayer, channels: int, band_bytes: int) -> int:
-    """The most patches of one patch row whose work fits `band_bytes`: their input region (kh rows of
-    `channels`) and the RNN sweeps' tensors, which the torch sweep keeps for every step: (kw + 1) x 3 h1
-    floats of RNN1 and kw x 2 h1 of RNN2 per RNN1 sequence (kh row and about sw column sequences a patch)."""
-    (kh, kw), (_, sw), hidden1 = pool.patch_size, pool.stride, pool.pool.hidden1
-    region = kh * sw * channels
-    sweeps = (kh + sw) * ((kw + 1) * 3 * hidden1 + kw * 2 * hidden1)
-    return max(1, band_bytes // (4 * (region + sweeps)))
+def patches_per_group(pool: StreamedRNNPool, valid_width: int, budget: int) -> int:
+    """The most patches of one patch row (at most `valid_width`) whose group_bytes fit `budget`, or 1."""
+    return max([n for n in range(1, valid_width + 1) if pool.group_bytes(n) <= budget], default=1)
 
 
 class InPlaceConv(nn.Module):
@@ -397,10 +442,10 @@ class InPlaceConv(nn.Module):
             return cls(ConvStep(module.conv, module.bn, module.act))
         return None
 
-    def forward(self, x: torch.Tensor, rows_padded: bool = False) -> torch.Tensor:
-        """`rows_padded`: x already holds the zero rows above and below that the conv's padding adds."""
+    def forward(self, x: torch.Tensor, padding: tuple[int, int] | None = None) -> torch.Tensor:
+        """`padding` replaces the conv's own (rows, columns) padding, for an x that holds some already."""
         c, (offset, scale, shift) = self.conv, self.affine
-        padding = (0, c.padding[1]) if rows_padded else c.padding
+        padding = c.padding if padding is None else padding
         y = F.conv2d(x, c.weight, None, c.stride, padding, c.dilation, c.groups)
         return self.act(y.add_(offset).mul_(scale).add_(shift))
 
@@ -502,19 +547,42 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
-def _calls(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, nn.Module, torch.Size | None]], list]:
-    """(name, module, input shape or None) of every module call of one forward pass, in call order, and
-    the outputs of the RNNPoolLayers called."""
-    calls, pooled, handles = [], [], []
+@dataclass
+class _Call:
+    """One module call of a forward pass: the bytes of its tensor input and output (0 where the input or
+    the output is not one tensor, as some blocks take lists (DenseNet's dense layers), and for an output
+    in the input's storage)."""
+
+    name: str
+    module: nn.Module
+    input_shape: torch.Size | None
+    input_bytes: int = 0
+    output_bytes: int = 0
+
+
+def _nbytes(t: object) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _calls(model: nn.Module, x: torch.Tensor) -> tuple[list[_Call], list[torch.Tensor]]:
+    """Every module call of one forward pass, in call order, and the outputs of the RNNPoolLayers called."""
+    calls, pooled, handles, running = [], [], [], []  # running: the calls not yet returned, innermost last
     for name, module in model.named_modules():
         if isinstance(module, RNNPoolLayer):
             handles.append(module.register_forward_hook(lambda m, args, out: pooled.append(out)))
 
-        def hook(module: nn.Module, args: tuple, name: str = name) -> None:
-            first = args[0] if args else None  # some blocks take lists (DenseNet's dense layers)
-            calls.append((name, module, first.shape if isinstance(first, torch.Tensor) else None))
+        def before(module: nn.Module, args: tuple, name: str = name) -> None:
+            first = args[0] if args else None
+            shape = first.shape if isinstance(first, torch.Tensor) else None
+            calls.append(_Call(name, module, shape, _nbytes(first)))
+            running.append(calls[-1])
 
-        handles.append(module.register_forward_pre_hook(hook))
+        def after(module: nn.Module, args: tuple, out: object) -> None:
+            first = args[0] if args else None
+            same = _nbytes(first) and _nbytes(out) and first.data_ptr() == out.data_ptr()
+            running.pop().output_bytes = 0 if same else _nbytes(out)  # in place (or Identity): nothing new
+
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
         with torch.no_grad():
             model(x)
@@ -524,11 +592,11 @@ def _calls(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, nn.Module
     return calls, pooled
 
 
-def _prefix_layers(calls: list[tuple[str, nn.Module, torch.Size | None]]) -> list[tuple[str, nn.Module]]:
+def _prefix_layers(calls: list[_Call]) -> list[tuple[str, nn.Module]]:
     """(name, layer) of the leaf modules called before the RNNPoolLayer, in order, with torchvision's
     GoogLeNet BasicConv2d (conv, BN, then a functional ReLU) spelled out as its three layers."""
     layers, inside = [], ()
-    for name, module, _ in calls:
+    for name, module in ((call.name, call.module) for call in calls):
         if not name or name.startswith(inside):
             continue
         if isinstance(module, BasicConv2d):
@@ -559,16 +627,13 @@ class StreamedModel(nn.Module):
         net = copy.deepcopy(model).eval()
         probe = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
         calls, pooled = _calls(net, probe)
-        first = next((i for i, (_, m, _) in enumerate(calls) if isinstance(m, RNNPoolLayer)), None)
+        first = next((i for i, call in enumerate(calls) if isinstance(call.module, RNNPoolLayer)), None)
         if first is None:
             raise InvalidArgumentError(f"{type(model).__name__} has no RNNPoolLayer to stream")
-        pool_name, pool, pool_input = calls[first]
-        prefix = _prefix_layers(calls[:first])
+        pool_call, prefix = calls[first], _prefix_layers(calls[:first])
         if band_bytes is None:  # a quarter of the pool's fp32 output, the first map the network keeps whole
-            oh, ow = pool.output_size(*pool_input[2:])
-            band_bytes = pool.out_channels * oh * ow
-        patches = patches_per_group(pool, pool_input[1], band_bytes)
-        streamed_pool = StreamedRNNPool([m for _, m in prefix], pool, patches)
+            band_bytes = pool_call.output_bytes // 4
+        streamed_pool = StreamedRNNPool([m for _, m in prefix], pool_call.module, 1)
         with torch.no_grad():
             replayed = streamed_pool(probe)
         if (replayed - pooled[0]).abs().max() > 1e-4 * pooled[0].abs().max():  # e.g. a functional op
@@ -576,17 +641,28 @@ class StreamedModel(nn.Module):
                 f"{type(model).__name__} cannot be streamed: its layers before the RNNPoolLayer are not a "
                 "plain chain of modules (convolutions, BatchNorms, activations) that the executor can replay"
             )
-        _set_module(net, pool_name, streamed_pool)
+        _set_module(net, pool_call.name, streamed_pool)
         for name, _ in prefix:
             _set_module(net, name, nn.Identity())
-        replaced = [pool_name]
-        for name, module, shape in calls[first + 1 :]:
-            if shape is None or any(name.startswith(done + ".") for done in replaced):
+        replaced, run = [], [pool_call]  # the calls lean modules replace; the calls that run (after the pool)
+        for call in calls[first + 1 :]:
+            if any(call.name.startswith(done.name + ".") for done in (pool_call, *replaced)):
                 continue
-            lean = lean_module(module, shape, band_bytes)
-            if lean is not None:
-                _set_module(net, name, lean)
-                replaced.append(name)
+            run.append(call)
+            if call.input_shape is not None and lean_module(call.module, call.input_shape, band_bytes):
+                replaced.append(call)
+        # Every executor holds some call's input and its output at once: groups may use the headroom below
+        # the largest such pair at no cost (the pool's input is never whole: its output alone counts).
+        floor = max(c.input_bytes * (c is not pool_call) + c.output_bytes for c in run if c.output_bytes)
+        valid_width = pool_call.module.output_size(*pool_call.input_shape[2:])[1]
+        budget = max(band_bytes, floor - pool_call.output_bytes)
+        streamed_pool.patches_per_group = patches_per_group(streamed_pool, valid_width, budget)
+        streamed_pool._index_cache.clear()
+        with torch.no_grad():  # fills the index tables of input_size's groups: state, as the weights are
+            streamed_pool(probe)
+        for call in replaced:
+            budget = max(band_bytes, floor - call.input_bytes - call.output_bytes)
+            _set_module(net, call.name, lean_module(call.module, call.input_shape, budget))
         self.net = _flatten_sequentials(net).requires_grad_(False)
         self.eval()
 
@@ -600,5 +676,10 @@ class StreamedModel(nn.Module):
 def stream(
     model: nn.Module, input_size: tuple[int, int, int], band_bytes: int | None = None
 ) -> StreamedModel:
-    """`model` (eval mode) as a StreamedModel for inputs of `input_size` (C, H, W)."""
+    """`model` (eval mode) as a StreamedModel for inputs of `input_size` (C, H, W).
+
+    `band_bytes`: the least RAM the work of one group (of patches, expanded channels or rows) may take
+    beyond the input and output its layer holds (default: a quarter of the RNNPool's fp32 output). Groups
+    also take the headroom below the largest input + output of any layer after the RNNPool, which every
+    executor holds at once: larger groups there cost no peak RAM and run faster."""
     return StreamedModel(model, input_size, band_bytes)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -101,6 +101,11 @@ class RecurrentCell(nn.Module):
         for columns in index:
             state = self.step(self.project(x[:, columns].t()), state)
         return self.output(state).t()
+
+    def inference_sweep(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """`sweep_indexed` for frozen, inference-only weights: it may prepare what it needs of them once
+        (streaming sweeps every patch group, where that preparation would cost more than the sweep)."""
+        return self.sweep_indexed
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """One step from raw input x [..., input_size]; returns the new state."""
@@ -212,18 +217,44 @@ class FastGRNNCell(RecurrentCell):
 
     def sweep_indexed(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """As RecurrentCell.sweep_indexed; with the numba kernel where it applies (and no gradient is
-        needed), whose per-thread scratch is allocated here, as torch tensors that memory meters see."""
+        needed)."""
         w, u = self.weight_w(), self.weight_u()
         params = (w, u, self.bias_gate, self.bias_update, self.zeta, self.nu)
         if not self.fused_sweep(x) or (
             torch.is_grad_enabled() and any(t.requires_grad for t in (*params, x))
         ):
             return super().sweep_indexed(x, index)
+        inputs = _kernel_inputs(w, u, self.bias_gate, self.bias_update, *map(torch.sigmoid, params[-2:]))
+        return self._indexed_kernel(x, index, inputs)
+
+    def inference_sweep(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        if not self._sigmoid_pair or _numba_kernels() is None:
+            return self.sweep_indexed
+        with torch.no_grad():
+            w, u, zeta, nu = (
+                self.weight_w(),
+                self.weight_u(),
+                torch.sigmoid(self.zeta),
+                torch.sigmoid(self.nu),
+            )
+            inputs = _kernel_inputs(w, u, self.bias_gate, self.bias_update, zeta, nu)
+
+        def sweep(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            if torch.compiler.is_compiling() or not _kernel_applies(w, x):
+                return self.sweep_indexed(x, index)
+            return self._indexed_kernel(x, index, inputs)
+
+        return sweep
+
+    def _indexed_kernel(
+        self, x: torch.Tensor, index: torch.Tensor, inputs: tuple[np.ndarray, ...]
+    ) -> torch.Tensor:
+        """The numba sweep_indexed, with the per-thread scratch allocated here as torch tensors (so that
+        memory meters see it)."""
         kernels = _numba_kernels()
         final = x.new_empty(self.hidden_size, index.shape[1])
-        inputs = _kernel_inputs(w, u, self.bias_gate, self.bias_update, *map(torch.sigmoid, params[-2:]))
         with kernels.parallel(torch.get_num_threads()) as tasks:
-            threads, lanes, hidden = tasks // kernels.TASKS_PER_THREAD, _INDEXED_LANES, self.hidden_size
+            threads, lanes, hidden = tasks // kernels.TASKS_PER_THREAD, INDEXED_LANES, self.hidden_size
             scratch = (
                 x.new_empty(threads, len(x) + hidden, lanes),  # a step's inputs above its state
                 x.new_empty(threads, hidden, lanes),  # pre-activations
@@ -348,7 +379,7 @@ class _FastGRNNSweep(torch.autograd.Function):
 
 # Sequences per block of sweep_forward_indexed: narrower than the training kernel's, as its scratch
 # (threads x (C + 4h) x lanes floats) counts against the RAM of streaming inference.
-_INDEXED_LANES = 32
+INDEXED_LANES = 32
 
 
 @functools.cache
