@@ -10,8 +10,14 @@ Layer convention (RNNPool paper Appendix E.2, the Visual Wake Words rules): an i
 costs input + output (its expansion is computed channel by channel), a residual block max(input,
 output), an inception block input + all path outputs but the largest, a dense block its output, any
 other layer its output (the largest activation map). An RNNPool block is computed patch by patch
-together with the convolution (and its BN/activation) that feeds it, so that convolution's output is
-never stored: the pair costs the RNNPool output only. The network input is not counted.
+together with the chain of convolutions (and their BN/activation) that feeds it, so their outputs are
+never stored: the chain costs the RNNPool output only (one stem conv in the RNNPool classifiers, both of
+RNNPool-Face-Quant's, App. E.2.3). The network input is not counted.
+
+Detectors (models with `head_outputs`, traced up to those): a detection head (L2Norm, loc/conf convs,
+max-out background) costs its outputs, like a layer; the map it reads is counted where it was made, and
+the heads' outputs are concatenated in the detector's own forward (App. E.2.3 counts neither the image
+nor RNNPool-Face-Quant's stem map, which its first head also reads).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from leanvision.analysis.ops import CONV_OPS, ELEMENTWISE_OPS, VIEW_OPS
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers.inverted_residual import LinearBottleneck
 from leanvision.layers.rnnpool import RNNPool, RNNPoolLayer
+from leanvision.models.face import DetectionHead
 
 BLOCK_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "inverted_residual": (
@@ -40,6 +47,7 @@ BLOCK_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "inception": (Inception,),
     "dense_block": (densenet._DenseBlock,),
     "rnnpool": (RNNPoolLayer, RNNPool),
+    "detection_head": (DetectionHead,),
 }
 
 
@@ -65,6 +73,8 @@ def group_ops(graph: Graph) -> tuple[list[Group], list[str]]:
     modules = graph.modules()
     groups: list[Group] = []
     unknown: list[str] = []
+    # a detector's own forward only concatenates its heads' outputs
+    own_ops_known = hasattr(graph.model, "head_outputs")
     for op in graph.ops:
         block = next((p for p in op.stack if block_kind(modules[p])), None)
         if block is not None:
@@ -72,7 +82,8 @@ def group_ops(graph: Graph) -> tuple[list[Group], list[str]]:
         else:
             name, kind = op.module or "(model)", "layer"
             has_children = next(modules[op.module].children(), None) is not None
-            if has_children and len(op.inputs) > 1 and name not in unknown:
+            combines = has_children and len(op.inputs) > 1 and not (own_ops_known and not op.module)
+            if combines and name not in unknown:
                 unknown.append(name)
         if groups and groups[-1].name == name:
             groups[-1].ops.append(op)
@@ -102,7 +113,7 @@ def is_pointwise(group: Group) -> bool:
 
 
 def _fuse_rnnpool_inputs(groups: list[Group]) -> list[Group]:
-    """Merge into each RNNPool block the conv (+ BN/activation) layers that directly feed it."""
+    """Merge into each RNNPool block the chain of conv (+ BN/activation) layers that feeds it."""
     fused: list[Group] = []
     for group in groups:
         if group.kind == "rnnpool":
@@ -111,11 +122,8 @@ def _fuse_rnnpool_inputs(groups: list[Group]) -> list[Group]:
                 if not (is_pointwise(fused[-1]) or _is_conv(fused[-1])):
                     break
                 chain.append(fused.pop())
-                if _is_conv(chain[-1]):
-                    break
-            if chain and not _is_conv(chain[-1]):  # only BN/activation before it: keep them
-                fused.extend(reversed(chain))
-                chain = []
+            while chain and not _is_conv(chain[-1]):  # BN/activation not fed by a chained conv: keep them
+                fused.append(chain.pop())
             group.fused = [g.name for g in reversed(chain)]
         fused.append(group)
     return fused

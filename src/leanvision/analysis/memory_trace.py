@@ -83,12 +83,19 @@ def input_shape(input_size: tuple[int, ...] | int) -> tuple[int, int, int]:
 
 
 def trace_graph(model: nn.Module, input_size: tuple[int, int, int], label: str) -> Graph:
-    """Trace `model` at batch 1 in eval mode with torch.export; raise TraceError if it cannot be traced."""
+    """Trace `model` at batch 1 in eval mode with torch.export; raise TraceError if it cannot be traced.
+
+    A detector (a model with `head_outputs`) is traced up to its raw head outputs: its post-processing
+    (score threshold, NMS) is data-dependent and holds no large activation.
+    """
     was_training = model.training
     model.eval()
     first = next(model.parameters(), None)
     x = torch.randn(1, *input_size, device=first.device if first is not None else "cpu")
+    head_outputs = getattr(model, "head_outputs", None)
     try:
+        if head_outputs is not None:
+            model.forward = head_outputs  # an instance attribute, removed below
         with torch.no_grad():
             program = torch.export.export(model, (x,), strict=False)
     except Exception as err:  # torch.export raises many types; all mean "no static graph"
@@ -99,6 +106,8 @@ def trace_graph(model: nn.Module, input_size: tuple[int, int, int], label: str) 
             "on tensor values) or untraceable Python must be removed from forward()."
         ) from err
     finally:
+        if head_outputs is not None:
+            del model.forward
         model.train(was_training)
     return _graph_from_program(program, model, input_size, label)
 
