@@ -167,3 +167,20 @@ def test_a_prefix_that_is_not_a_chain_of_modules_is_refused():
     model = randomize_(_FunctionalPrefix()).eval()
     with pytest.raises(InvalidArgumentError, match="cannot be streamed"):
         stream(model, (3, 16, 16))
+
+
+@pytest.mark.parametrize("name, size", [("rnnpool_face_c", (3, 96, 128)), ("rnnpool_face_m4", (1, 120, 160))])
+def test_streamed_detector_equals_eager(name, size):
+    model = randomize_(leanvision.create_model(name))
+    x = model.batch_images(torch.rand(1, *size, generator=torch.Generator().manual_seed(2)))
+    streamed = stream(model, size)
+    with torch.no_grad():
+        for got, expected in zip(streamed.net.head_outputs(x), model.head_outputs(x)):
+            _close(got, expected)
+    assert [d["boxes"].shape[1] for d in streamed(torch.rand(2, *size))] == [4, 4]
+
+
+def test_a_prefix_map_read_after_the_pool_is_refused():
+    """RNNPool-Face-Quant's first head reads the stem map, which streaming never keeps whole."""
+    with pytest.raises(InvalidArgumentError, match="read again after it"):
+        stream(leanvision.create_model("rnnpool_face_quant").eval(), (3, 96, 128))

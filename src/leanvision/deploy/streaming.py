@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_flatten
 from torchvision.models.efficientnet import MBConv
 from torchvision.models.googlenet import BasicConv2d
 from torchvision.models.mobilenetv2 import InvertedResidual
@@ -187,7 +188,7 @@ class StreamedRNNPool(nn.Module):
         read their inputs in place (sweep_indexed), so nothing but the region and the states is alive."""
         (rnn1, rnn2), h2 = self._sweeps, self.pool.pool.hidden2
         rnn1_index, rnn2_index = self._indices(region.shape[3])
-        summaries = _sweep_indexed(rnn1, region.view(region.shape[1], -1), rnn1_index)
+        summaries = _sweep_indexed(rnn1, region.reshape(region.shape[1], -1), rnn1_index)
         pooled = _sweep_indexed(rnn2, summaries, rnn2_index)  # [h2, 4 n]: rows fwd, bwd, cols fwd, bwd
         return pooled.view(h2, 4, -1).transpose(0, 1).reshape(4 * h2, -1)
 
@@ -558,14 +559,16 @@ class _Call:
     input_shape: torch.Size | None
     input_bytes: int = 0
     output_bytes: int = 0
+    input: torch.Tensor | None = None  # kept up to the first RNNPoolLayer, for the prefix replay
 
 
 def _nbytes(t: object) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
-def _calls(model: nn.Module, x: torch.Tensor) -> tuple[list[_Call], list[torch.Tensor]]:
-    """Every module call of one forward pass, in call order, and the outputs of the RNNPoolLayers called."""
+def _calls(model: nn.Module, x: torch.Tensor) -> tuple[list[_Call], list[torch.Tensor], object]:
+    """Every module call of one forward pass, in call order, the outputs of the RNNPoolLayers called and
+    the model's output."""
     calls, pooled, handles, running = [], [], [], []  # running: the calls not yet returned, innermost last
     for name, module in model.named_modules():
         if isinstance(module, RNNPoolLayer):
@@ -574,7 +577,10 @@ def _calls(model: nn.Module, x: torch.Tensor) -> tuple[list[_Call], list[torch.T
         def before(module: nn.Module, args: tuple, name: str = name) -> None:
             first = args[0] if args else None
             shape = first.shape if isinstance(first, torch.Tensor) else None
-            calls.append(_Call(name, module, shape, _nbytes(first)))
+            kept = (
+                first if not pooled and not any(isinstance(c.module, RNNPoolLayer) for c in running) else None
+            )
+            calls.append(_Call(name, module, shape, _nbytes(first), input=kept))
             running.append(calls[-1])
 
         def after(module: nn.Module, args: tuple, out: object) -> None:
@@ -585,11 +591,11 @@ def _calls(model: nn.Module, x: torch.Tensor) -> tuple[list[_Call], list[torch.T
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
         with torch.no_grad():
-            model(x)
+            output = getattr(model, "head_outputs", model)(x)
     finally:
         for handle in handles:
             handle.remove()
-    return calls, pooled
+    return calls, pooled, output
 
 
 def _prefix_layers(calls: list[_Call]) -> list[tuple[str, nn.Module]]:
@@ -602,9 +608,23 @@ def _prefix_layers(calls: list[_Call]) -> list[tuple[str, nn.Module]]:
         if isinstance(module, BasicConv2d):
             layers += [(f"{name}.conv", module.conv), (f"{name}.bn", module.bn), (name, nn.ReLU())]
             inside = (name + ".",)
-        elif not list(module.children()):
+        elif not list(module.children()) and not isinstance(module, nn.Sequential):  # an empty one: nothing
             layers.append((name, module))
     return layers
+
+
+def _same_outputs(got: object, expected: object) -> bool:
+    """Whether two model outputs (tensors, or lists/dicts of them) agree to 1e-3 of the largest value: a
+    check of structure (a layer fed the wrong map is far off), not of rounding, which BN can make ~1e-4."""
+    got_leaves, got_spec = tree_flatten(got)
+    expected_leaves, expected_spec = tree_flatten(expected)
+    if got_spec != expected_spec or any(a.shape != b.shape for a, b in zip(got_leaves, expected_leaves)):
+        return False
+    return all(
+        (a.float() - b.float()).abs().max() <= 1e-3 * b.float().abs().max().clamp_min(1e-12)
+        for a, b in zip(got_leaves, expected_leaves)
+        if b.numel()
+    )
 
 
 class StreamedModel(nn.Module):
@@ -626,7 +646,7 @@ class StreamedModel(nn.Module):
         self.input_size = tuple(input_size)
         net = copy.deepcopy(model).eval()
         probe = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
-        calls, pooled = _calls(net, probe)
+        calls, pooled, expected = _calls(net, probe)
         first = next((i for i, call in enumerate(calls) if isinstance(call.module, RNNPoolLayer)), None)
         if first is None:
             raise InvalidArgumentError(f"{type(model).__name__} has no RNNPoolLayer to stream")
@@ -634,8 +654,9 @@ class StreamedModel(nn.Module):
         if band_bytes is None:  # a quarter of the pool's fp32 output, the first map the network keeps whole
             band_bytes = pool_call.output_bytes // 4
         streamed_pool = StreamedRNNPool([m for _, m in prefix], pool_call.module, 1)
-        with torch.no_grad():
-            replayed = streamed_pool(probe)
+        prefix_input = next((c.input for c in calls if c.name == prefix[0][0]), None) if prefix else None
+        with torch.no_grad():  # the prefix's input may be the image after the model's own normalisation
+            replayed = streamed_pool(pool_call.input if prefix_input is None else prefix_input)
         if (replayed - pooled[0]).abs().max() > 1e-4 * pooled[0].abs().max():  # e.g. a functional op
             raise InvalidArgumentError(
                 f"{type(model).__name__} cannot be streamed: its layers before the RNNPoolLayer are not a "
@@ -664,6 +685,17 @@ class StreamedModel(nn.Module):
             budget = max(band_bytes, floor - call.input_bytes - call.output_bytes)
             _set_module(net, call.name, lean_module(call.module, call.input_shape, budget))
         self.net = _flatten_sequentials(net).requires_grad_(False)
+        raw = getattr(self.net, "head_outputs", self.net)  # a detector's, before its discontinuous NMS
+        try:
+            with torch.no_grad():
+                same = _same_outputs(raw(probe), expected)
+        except RuntimeError:  # a layer that now gets the wrong map
+            same = False
+        if not same:  # e.g. a prefix map that a later layer reads again
+            raise InvalidArgumentError(
+                f"{type(model).__name__} cannot be streamed: a map before its RNNPoolLayer is read again "
+                "after it (e.g. by a detection head), so it cannot be computed patch by patch and dropped"
+            )
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
