@@ -73,6 +73,7 @@ STREAMED = [
     ("mobilenetv1_rnnpool", (3, 101, 96)),
     ("rexnet_100_lowres_rnnpool", (3, 32, 32)),
     ("googlenet_rnnpool", (3, 97, 112)),  # BasicConv2d's functional ReLU, spelled out as a layer
+    ("resnet18_rnnpool", (3, 72, 80)),
 ]
 
 
@@ -184,3 +185,17 @@ def test_a_prefix_map_read_after_the_pool_is_refused():
     """RNNPool-Face-Quant's first head reads the stem map, which streaming never keeps whole."""
     with pytest.raises(InvalidArgumentError, match="read again after it"):
         stream(leanvision.create_model("rnnpool_face_quant").eval(), (3, 96, 128))
+
+
+def test_the_blocks_after_the_pool_run_in_its_call():
+    """torchvision ResNet's forward holds each stage's input until the stage returns: chained into the
+    pool's call, the RNNPool output is freed after the first block of layer3 instead of after layer3."""
+    net = stream(leanvision.create_model("resnet18_rnnpool").eval(), (3, 72, 80)).net
+    assert [type(m).__name__ for m in net.maxpool] == [
+        "StreamedRNNPool",
+        "Identity",
+        "Identity",
+        *["BandedBasicBlock"] * 4,
+        "AdaptiveAvgPool2d",
+    ]  # fmt: skip (layer1, layer2 are Identity in ResNet18-RNNPool; layer3, layer4 inlined)
+    assert all(isinstance(getattr(net, name), nn.Identity) for name in ("layer3", "layer4", "avgpool"))

@@ -560,6 +560,7 @@ class _Call:
     input_bytes: int = 0
     output_bytes: int = 0
     input: torch.Tensor | None = None  # kept up to the first RNNPoolLayer, for the prefix replay
+    output_shape: torch.Size | None = None
 
 
 def _nbytes(t: object) -> int:
@@ -586,7 +587,9 @@ def _calls(model: nn.Module, x: torch.Tensor) -> tuple[list[_Call], list[torch.T
         def after(module: nn.Module, args: tuple, out: object) -> None:
             first = args[0] if args else None
             same = _nbytes(first) and _nbytes(out) and first.data_ptr() == out.data_ptr()
-            running.pop().output_bytes = 0 if same else _nbytes(out)  # in place (or Identity): nothing new
+            call = running.pop()
+            call.output_bytes = 0 if same else _nbytes(out)  # in place (or Identity): nothing new
+            call.output_shape = out.shape if isinstance(out, torch.Tensor) else None
 
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
@@ -613,9 +616,47 @@ def _prefix_layers(calls: list[_Call]) -> list[tuple[str, nn.Module]]:
     return layers
 
 
+def _raw(model: nn.Module, x: torch.Tensor) -> object:
+    """model(x), or a detector's head_outputs(x) (before its discontinuous NMS); None if a layer fails (it
+    got the wrong map)."""
+    try:
+        with torch.no_grad():
+            return getattr(model, "head_outputs", model)(x)
+    except RuntimeError:
+        return None
+
+
+def _chained_after_pool(net: nn.Module, calls: list[_Call], first: int) -> nn.Module | None:
+    """A copy of `net` whose RNNPool call also runs the siblings called after it that take its output, in a
+    chain (the siblings left as Identity), or None if no sibling chains on. A parent's forward such as
+    torchvision ResNet's `x = self.layer3(x)` holds its input until the call returns: chained in one
+    nn.Sequential, the pool's output is freed after the first block that reads it. The caller checks that
+    the copy computes the same output (the parent's forward might not be a chain)."""
+    pool_call = calls[first]
+    parent, _, _ = pool_call.name.rpartition(".")
+    chain = [pool_call]
+    for call in calls[first + 1 :]:
+        sibling, _, child = call.name.rpartition(".")
+        if sibling != parent or not child:
+            continue
+        if call.input_shape != chain[-1].output_shape:
+            break
+        chain.append(call)
+    if len(chain) == 1:
+        return None
+    chained = copy.deepcopy(net)
+    modules = [chained.get_submodule(call.name) for call in chain]
+    for call in chain[1:]:
+        _set_module(chained, call.name, nn.Identity())
+    _set_module(chained, pool_call.name, nn.Sequential(*modules))
+    return chained
+
+
 def _same_outputs(got: object, expected: object) -> bool:
     """Whether two model outputs (tensors, or lists/dicts of them) agree to 1e-3 of the largest value: a
     check of structure (a layer fed the wrong map is far off), not of rounding, which BN can make ~1e-4."""
+    if got is None:
+        return False
     got_leaves, got_spec = tree_flatten(got)
     expected_leaves, expected_spec = tree_flatten(expected)
     if got_spec != expected_spec or any(a.shape != b.shape for a, b in zip(got_leaves, expected_leaves)):
@@ -684,18 +725,15 @@ class StreamedModel(nn.Module):
         for call in replaced:
             budget = max(band_bytes, floor - call.input_bytes - call.output_bytes)
             _set_module(net, call.name, lean_module(call.module, call.input_shape, budget))
-        self.net = _flatten_sequentials(net).requires_grad_(False)
-        raw = getattr(self.net, "head_outputs", self.net)  # a detector's, before its discontinuous NMS
-        try:
-            with torch.no_grad():
-                same = _same_outputs(raw(probe), expected)
-        except RuntimeError:  # a layer that now gets the wrong map
-            same = False
-        if not same:  # e.g. a prefix map that a later layer reads again
+        chained = _chained_after_pool(net, calls, first)
+        if chained is not None and _same_outputs(_raw(chained, probe), expected):
+            net = chained
+        elif not _same_outputs(_raw(net, probe), expected):  # e.g. a prefix map that a later layer reads
             raise InvalidArgumentError(
                 f"{type(model).__name__} cannot be streamed: a map before its RNNPoolLayer is read again "
                 "after it (e.g. by a detection head), so it cannot be computed patch by patch and dropped"
             )
+        self.net = _flatten_sequentials(net).requires_grad_(False)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

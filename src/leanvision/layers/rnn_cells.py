@@ -254,7 +254,11 @@ class FastGRNNCell(RecurrentCell):
         kernels = _numba_kernels()
         final = x.new_empty(self.hidden_size, index.shape[1])
         with kernels.parallel(torch.get_num_threads()) as tasks:
-            threads, lanes, hidden = tasks // kernels.TASKS_PER_THREAD, INDEXED_LANES, self.hidden_size
+            lanes, hidden = (
+                min(INDEXED_LANES, index.shape[1]),
+                self.hidden_size,
+            )  # few sequences: less scratch
+            threads = min(tasks // kernels.TASKS_PER_THREAD, -(-index.shape[1] // lanes))
             scratch = (
                 x.new_empty(threads, len(x) + hidden, lanes),  # a step's inputs above its state
                 x.new_empty(threads, hidden, lanes),  # pre-activations
