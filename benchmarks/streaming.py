@@ -1,14 +1,18 @@
 """Streaming inference of the RNNPool networks: measured peak RAM and latency, streamed against eager.
 
-For each network at its paper input size (224x224; rexnet_100_lowres_rnnpool at 32x32), random weights with
-BN statistics calibrated on random images (memory does not depend on the values; calibration keeps denormal
-floats out of the timings), batch 1, fp32, eval mode, no gradients:
+For each network at its paper input size (224x224; rexnet_100_lowres_rnnpool at 32x32), and for the plain
+mobilenetv2_100 with patch-based first blocks (MCUNetV2-style: PatchBasedModel, its default split), random
+weights with BN statistics calibrated on random images (memory does not depend on the values; calibration
+keeps denormal floats out of the timings), batch 1, fp32, eval mode, no gradients:
 - the analytic peaks of the layer (RNNPool Appendix E.2) and min conventions;
 - the measured peak of the eager model and of `leanvision.stream(model, input_size)`: the bytes of tensors
   alive during one forward (`leanvision.measure_peak`; the input and the weights are not counted), the op
   at the streamed peak and the largest tensors alive there, so a miss says what holds the memory;
-- streamed / layer (target <= 1.3) and the largest |streamed - eager| relative to the largest output
-  (flagged above 1e-4: the streamed model must compute the eager model's output);
+- streamed / layer (target <= 1.3; streamed / min for the patch-based plain CNN) and the largest
+  |streamed - eager| relative to the largest output (flagged above 1e-4: the streamed model must compute
+  the eager model's output);
+- patch-based: the split, the patch, the MACs the recomputation adds, and recompute_cost's (RNNPool
+  Appendix E.3, voxel by voxel) for a budget of the streamed measured peak;
 - batch-1 latency with --threads threads, eager and streamed timed in interleaved rounds (one call of each
   per round, the order rotating), the median of --rounds rounds (target streamed <= 2x eager). Timed
   outside measure_peak: under a TorchDispatchMode the RNN sweeps leave their numba kernel for torch ops.
@@ -32,7 +36,9 @@ from torch import nn
 
 import leanvision
 from leanvision.analysis.memory import peak_memory, trace
+from leanvision.analysis.recompute import recompute_cost
 from leanvision.bench import calibrate_batchnorm
+from leanvision.deploy import PatchBasedModel
 from report import finish, interleaved_ms
 
 NETWORKS = {
@@ -44,8 +50,10 @@ NETWORKS = {
     "googlenet_rnnpool": (3, 224, 224),
     "mobilenetv2_035_vww_rnnpool": (3, 224, 224),
     "rexnet_100_lowres_rnnpool": (3, 32, 32),
+    "mobilenetv2_100": (3, 224, 224),
 }
-MEMORY_TARGET = 1.3  # streamed measured peak / layer convention
+PATCH_BASED = ("mobilenetv2_100",)  # plain CNNs: first blocks patch by patch, target against the min figure
+MEMORY_TARGET = 1.3  # streamed measured peak / layer convention (min convention for PATCH_BASED)
 SPEED_TARGET = 2.0  # streamed latency / eager latency
 OUTPUT_TOLERANCE = 1e-4  # max |streamed - eager| / max |eager| of a correct streamed model (fp32 reordering)
 
@@ -101,6 +109,23 @@ def measured(model: nn.Module, x: torch.Tensor) -> dict:
     )
 
 
+def patch_based(streamed: PatchBasedModel, model: nn.Module, size: tuple[int, int, int], peak: int) -> dict:
+    """The split and MACs of a PatchBasedModel, and recompute_cost's for a budget of its measured peak."""
+    recompute = recompute_cost(model, peak, size)
+    return dict(
+        split_blocks=streamed.split_blocks,
+        patch=list(streamed.patch),
+        base_macs=streamed.base_macs,
+        extra_macs=streamed.extra_macs,
+        recompute_cost=dict(
+            budget_bytes=peak,
+            peak_bytes=recompute.peak_bytes,
+            extra_macs=recompute.extra_macs,
+            activation=recompute.activation,
+        ),
+    )
+
+
 def measure(name: str, rounds: int, threads: int, log) -> dict:
     size = NETWORKS[name]
     row: dict = dict(model=name, input_size=list(size))
@@ -117,15 +142,18 @@ def measure(name: str, rounds: int, threads: int, log) -> dict:
         return row
     models = {"eager": model}
     try:
-        streamed = leanvision.stream(model, size)
+        streamed = PatchBasedModel(model, size) if name in PATCH_BASED else leanvision.stream(model, size)
         log(f"{name}: measuring the streamed model ...")
         row["streamed"] = measured(streamed, x)
         with torch.no_grad():
             eager_out, streamed_out = model(x), streamed(x)
         row["max_rel_diff"] = float((streamed_out - eager_out).abs().max() / eager_out.abs().max())
         row["outputs_match"] = row["max_rel_diff"] <= OUTPUT_TOLERANCE
-        row["streamed_over_layer"] = row["streamed"]["peak_bytes"] / row["layer_bytes"]
-        row["memory_pass"] = row["streamed_over_layer"] <= MEMORY_TARGET
+        row["target_convention"] = convention = "min" if name in PATCH_BASED else "layer"
+        row[f"streamed_over_{convention}"] = row["streamed"]["peak_bytes"] / row[f"{convention}_bytes"]
+        row["memory_pass"] = row[f"streamed_over_{convention}"] <= MEMORY_TARGET
+        if name in PATCH_BASED:
+            row["patch_based"] = patch_based(streamed, model, size, row["streamed"]["peak_bytes"])
         models["streamed"] = streamed
     except Exception as err:
         row["error"] = f"stream: {error_text(err)}"
@@ -160,20 +188,24 @@ def verdict(passed: bool | None) -> str:
 def print_summary(rows: list[dict]) -> None:
     print(
         f"{'model':28s}{'input':>8s}{'layer KiB':>11s}{'min KiB':>10s}{'eager KiB':>11s}{'stream KiB':>11s}"
-        f"{'str/layer':>10s}{'mem':>6s}{'eager ms':>10s}{'stream ms':>10s}{'str/eager':>10s}{'speed':>7s}"
+        f"{'str/targ':>10s}{'mem':>6s}{'eager ms':>10s}{'stream ms':>10s}{'str/eager':>10s}{'speed':>7s}"
     )
     for r in rows:
         eager, streamed = r.get("eager", {}), r.get("streamed", {})
+        over_target = r.get(f"streamed_over_{r.get('target_convention')}")
         print(
             f"{r['model']:28s}{'x'.join(map(str, r['input_size'][1:])):>8s}"
             f"{cell(r.get('layer_bytes'), '.1f', 2**10):>11s}{cell(r.get('min_bytes'), '.1f', 2**10):>10s}"
             f"{cell(eager.get('peak_bytes'), '.1f', 2**10):>11s}"
             f"{cell(streamed.get('peak_bytes'), '.1f', 2**10):>11s}"
-            f"{cell(r.get('streamed_over_layer'), '.2f'):>10s}{verdict(r.get('memory_pass')):>6s}"
+            f"{cell(over_target, '.2f'):>10s}{verdict(r.get('memory_pass')):>6s}"
             f"{cell(r.get('eager_ms'), '.1f'):>10s}{cell(r.get('streamed_ms'), '.1f'):>10s}"
             f"{cell(r.get('streamed_over_eager_ms'), '.2f'):>10s}{verdict(r.get('speed_pass')):>7s}"
         )
-    print(f"targets: streamed peak <= {MEMORY_TARGET} x layer, streamed latency <= {SPEED_TARGET} x eager")
+    print(
+        f"targets: streamed peak <= {MEMORY_TARGET} x layer ({', '.join(PATCH_BASED)} patch-based: x min), "
+        f"streamed latency <= {SPEED_TARGET} x eager"
+    )
     for r in rows:
         if "error" in r:
             print(f"- {r['model']}: {r['error']}")
@@ -186,6 +218,14 @@ def print_summary(rows: list[dict]) -> None:
                 f"- {r['model']}: streamed peak after {r['streamed']['peak_op']}; alive: {held}; "
                 f"max |streamed - eager| = {r['max_rel_diff']:.1e} of max |eager|"
                 + ("" if r["outputs_match"] else f" -- OUTPUTS DIFFER (tolerance {OUTPUT_TOLERANCE:.0e})")
+            )
+        if "patch_based" in r:
+            pb, e3 = r["patch_based"], r["patch_based"]["recompute_cost"]
+            print(
+                f"- {r['model']}: first {pb['split_blocks']} blocks in {'x'.join(map(str, pb['patch']))} "
+                f"patches: {pb['extra_macs'] / 1e6:.1f}M extra MACs over {pb['base_macs'] / 1e6:.1f}M; "
+                f"recompute_cost with that RAM as budget: {e3['extra_macs'] / 1e6:.1f}M extra MACs, layer "
+                f"peak {e3['peak_bytes'] / 2**10:.1f} KiB ({e3['activation']} rebuilt voxel by voxel)"
             )
 
 
@@ -207,6 +247,7 @@ def main() -> int:
         latency="median of interleaved rounds (one call of eager and streamed each, order rotating)",
         targets=dict(
             streamed_over_layer=MEMORY_TARGET,
+            streamed_over_min=MEMORY_TARGET,
             streamed_over_eager_ms=SPEED_TARGET,
             max_rel_diff=OUTPUT_TOLERANCE,
         ),

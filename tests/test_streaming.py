@@ -74,6 +74,7 @@ STREAMED = [
     ("rexnet_100_lowres_rnnpool", (3, 32, 32)),
     ("googlenet_rnnpool", (3, 97, 112)),  # BasicConv2d's functional ReLU, spelled out as a layer
     ("resnet18_rnnpool", (3, 72, 80)),
+    ("densenet121_rnnpool", (3, 64, 72)),  # dense blocks written into one output (StreamedDenseBlock)
 ]
 
 

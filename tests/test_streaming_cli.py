@@ -51,7 +51,10 @@ def test_memory_measured_table_and_unchanged_json():
 def test_memory_streamed_needs_an_rnnpool_network():
     result = runner.invoke(app, ["memory", "mobilenetv2_035_vww", "--input-size", "96", "--streamed"])
     assert result.exit_code == 2
-    assert result.output.splitlines() == ["error: MobileNetV2 has no RNNPoolLayer to stream"]
+    assert result.output.splitlines() == [
+        "error: MobileNetV2 has no RNNPoolLayer to stream; for patch-based inference of its first blocks, "
+        "pass split_blocks=K"
+    ]
 
 
 def test_memory_measured_is_fp32_only():

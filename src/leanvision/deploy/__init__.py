@@ -1,11 +1,14 @@
-"""Inference forms of a model: batch-norm folding, fused RRR-Net inference, streaming in the reported RAM."""
+"""Inference forms of a model: batch-norm folding, fused RRR-Net inference, streaming in the reported RAM
+(and patch-based inference of a plain CNN's first blocks)."""
 
 from leanvision.deploy.fold import fold_batchnorm_, fuse_for_inference, use_pointwise_convs_
 from leanvision.deploy.fused_rrr import FusedRRRNet
+from leanvision.deploy.patch_based import PatchBasedModel
 from leanvision.deploy.streaming import StreamedModel, stream
 
 __all__ = [
     "FusedRRRNet",
+    "PatchBasedModel",
     "StreamedModel",
     "fold_batchnorm_",
     "fuse_for_inference",

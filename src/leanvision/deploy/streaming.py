@@ -21,11 +21,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 from torch.utils._pytree import tree_flatten
+from torchvision.models import densenet
 from torchvision.models.efficientnet import MBConv
 from torchvision.models.googlenet import BasicConv2d
 from torchvision.models.mobilenetv2 import InvertedResidual
@@ -35,6 +38,9 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import LinearBottleneck, RNNPoolLayer
 from leanvision.layers.rnn_cells import INDEXED_LANES
+
+if TYPE_CHECKING:
+    from leanvision.deploy.patch_based import PatchBasedModel
 
 IndexedSweep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [C, S], index [T, N]) -> [h, N]
 
@@ -238,7 +244,12 @@ class ConvStep:
         bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
         if bn is None:
             return bias, torch.ones_like(bias), torch.zeros_like(bias)
-        return bias - bn.running_mean, bn.weight / torch.sqrt(bn.running_var + bn.eps), bn.bias
+        return _norm_affine(bn, bias)
+
+
+def _norm_affine(bn: nn.BatchNorm2d, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offset, scale, shift) of eval-mode `bn` after a bias: (y + offset) * scale + shift."""
+    return bias - bn.running_mean, bn.weight / torch.sqrt(bn.running_var + bn.eps), bn.bias
 
 
 @dataclass
@@ -415,6 +426,107 @@ class BandedBasicBlock(nn.Module):
         return out
 
 
+class StreamedDenseBlock(nn.Module):
+    """torchvision's _DenseBlock (eval mode) with its concatenations made once: the block's output is
+    allocated up front, its input copied in, and every dense layer writes its new features into it. A
+    layer's BN -> ReLU -> 1x1 conv reads the channels written so far in groups of `group` channels, adding
+    each group's share of the 1x1 conv into the bottleneck map, so the block holds its input, its output,
+    one bottleneck map and one group (the layer convention's "a dense block costs its output")."""
+
+    def __init__(self, block: nn.Module, group: int) -> None:
+        super().__init__()
+        if group < 1:
+            raise InvalidArgumentError(f"group must be >= 1, got {group}")
+        self.group, self.layers = group, []
+        with torch.no_grad():
+            for layer in block.values():
+                norm1 = _norm_affine(layer.norm1, layer.norm1.running_mean.new_zeros(()))
+                norm2 = ConvStep(layer.conv1, layer.norm2, nn.ReLU()).affine()  # norm2 follows conv1
+                self.layers.append(
+                    (
+                        tuple(t[:, None].clone() for t in norm1),
+                        layer.conv1.weight[:, :, 0, 0].clone(),
+                        tuple(t[None, :, None, None].clone() for t in norm2),
+                        layer.conv2,
+                    )
+                )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            return torch.cat([self(image[None]) for image in x])
+        grown = sum(conv2.out_channels for *_, conv2 in self.layers)
+        out = x.new_empty(1, x.shape[1] + grown, *x.shape[2:])
+        out[:, : x.shape[1]] = x
+        flat, channels = out.view(out.shape[1], -1), x.shape[1]
+        for (offset1, scale1, shift1), weight1, (offset2, scale2, shift2), conv2 in self.layers:
+            bottleneck = None
+            for start in range(0, channels, self.group):
+                part = slice(start, min(start + self.group, channels))
+                t = (flat[part] + offset1[part]).mul_(scale1[part]).add_(shift1[part]).relu_()
+                if bottleneck is None:
+                    bottleneck = torch.mm(weight1[:, part], t)
+                else:
+                    bottleneck.addmm_(weight1[:, part], t)
+                del t
+            b = bottleneck.view(1, -1, *x.shape[2:]).add_(offset2).mul_(scale2).add_(shift2).relu_()
+            new = F.conv2d(b, conv2.weight, None, conv2.stride, conv2.padding, conv2.dilation, conv2.groups)
+            del bottleneck, b
+            out[:, channels : channels + new.shape[1]] = new
+            channels += new.shape[1]
+        return out
+
+
+class BandedTransition(nn.Module):
+    """torchvision's DenseNet _Transition (BN, ReLU, 1x1 conv, average pool without padding) band of output
+    rows by band, so that neither its BN output nor its conv output is ever whole."""
+
+    def __init__(self, transition: nn.Module, rows_per_band: int) -> None:
+        super().__init__()
+        if rows_per_band < 1:
+            raise InvalidArgumentError(f"rows_per_band must be >= 1, got {rows_per_band}")
+        with torch.no_grad():
+            norm = _norm_affine(transition.norm, transition.norm.running_mean.new_zeros(()))
+            self.norm = tuple(t[None, :, None, None].clone() for t in norm)
+        self.conv, self.pool, self.rows_per_band = transition.conv, transition.pool, rows_per_band
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (offset, scale, shift), conv, pool = self.norm, self.conv, self.pool
+        kernel, stride = _pair(pool.kernel_size)[0], _pair(pool.stride or pool.kernel_size)[0]
+        out_height = (x.shape[2] - kernel) // stride + 1
+        out = None
+        for r0 in range(0, out_height, self.rows_per_band):
+            r1 = min(r0 + self.rows_per_band, out_height)
+            band = (
+                (x[:, :, r0 * stride : (r1 - 1) * stride + kernel] + offset).mul_(scale).add_(shift).relu_()
+            )
+            y = pool(F.conv2d(band, conv.weight, conv.bias))
+            del band
+            if out is None:
+                out = x.new_empty(x.shape[0], y.shape[1], out_height, y.shape[3])
+            out[:, :, r0:r1] = y
+        return out
+
+
+class ChunkedMaxPool(nn.Module):
+    """nn.MaxPool2d channel group by channel group: PyTorch's CPU max pool also makes an int64 index map
+    (twice the output's bytes at fp32), which is then never whole."""
+
+    def __init__(self, pool: nn.MaxPool2d, group: int) -> None:
+        super().__init__()
+        if group < 1:
+            raise InvalidArgumentError(f"group must be >= 1, got {group}")
+        self.pool, self.group = pool, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        for start in range(0, x.shape[1], self.group):
+            y = self.pool(x[:, start : start + self.group])
+            if out is None:
+                out = x.new_empty(x.shape[0], x.shape[1], *y.shape[2:])
+            out[:, start : start + y.shape[1]] = y
+        return out
+
+
 def patches_per_group(pool: StreamedRNNPool, valid_width: int, budget: int) -> int:
     """The most patches of one patch row (at most `valid_width`) whose group_bytes fit `budget`, or 1."""
     return max([n for n in range(1, valid_width + 1) if pool.group_bytes(n) <= budget], default=1)
@@ -445,9 +557,13 @@ class InPlaceConv(nn.Module):
 
     def forward(self, x: torch.Tensor, padding: tuple[int, int] | None = None) -> torch.Tensor:
         """`padding` replaces the conv's own (rows, columns) padding, for an x that holds some already."""
-        c, (offset, scale, shift) = self.conv, self.affine
+        c = self.conv
         padding = c.padding if padding is None else padding
-        y = F.conv2d(x, c.weight, None, c.stride, padding, c.dilation, c.groups)
+        return self.finish(F.conv2d(x, c.weight, None, c.stride, padding, c.dilation, c.groups))
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The BN and the activation, in place on y, the convolution's output without its bias."""
+        offset, scale, shift = self.affine
         return self.act(y.add_(offset).mul_(scale).add_(shift))
 
 
@@ -520,11 +636,45 @@ def banded_basic_block(block: nn.Module, input_shape: torch.Size, band_bytes: in
     return BandedBasicBlock(block, max(1, band_bytes // row_bytes - 2))
 
 
+def streamed_dense_block(
+    block: nn.Module, input_shape: torch.Size, band_bytes: int
+) -> StreamedDenseBlock | None:
+    """StreamedDenseBlock for a torchvision _DenseBlock, with channel groups whose maps fit `band_bytes`."""
+    if not isinstance(block, densenet._DenseBlock):
+        return None
+    return StreamedDenseBlock(block, max(1, band_bytes // (4 * input_shape[2] * input_shape[3])))
+
+
+def banded_transition(
+    transition: nn.Module, input_shape: torch.Size, band_bytes: int
+) -> BandedTransition | None:
+    """BandedTransition for a DenseNet _Transition whose pool is an unpadded AvgPool2d, with bands whose
+    conv rows fit `band_bytes`."""
+    pool = getattr(transition, "pool", None)
+    if not isinstance(transition, densenet._Transition) or not isinstance(pool, nn.AvgPool2d):
+        return None
+    if _pair(pool.padding) != (0, 0) or pool.ceil_mode:
+        return None
+    row_bytes = 4 * (transition.conv.in_channels + transition.conv.out_channels) * input_shape[3]
+    return BandedTransition(transition, max(1, band_bytes // (row_bytes * _pair(pool.kernel_size)[0])))
+
+
+def chunked_max_pool(pool: nn.Module, input_shape: torch.Size, band_bytes: int) -> ChunkedMaxPool | None:
+    """ChunkedMaxPool for an nn.MaxPool2d (without return_indices), with groups whose indices fit
+    `band_bytes`."""
+    if not isinstance(pool, nn.MaxPool2d) or pool.return_indices:
+        return None
+    return ChunkedMaxPool(pool, max(1, band_bytes // (8 * input_shape[2] * input_shape[3])))
+
+
 def lean_module(module: nn.Module, input_shape: torch.Size, band_bytes: int) -> nn.Module | None:
     """The streaming form of `module` (run on inputs of input_shape), or None to run it as it is."""
     return (
         chunked_bottleneck(module, tuple(input_shape[2:]), band_bytes)
         or banded_basic_block(module, input_shape, band_bytes)
+        or streamed_dense_block(module, input_shape, band_bytes)
+        or banded_transition(module, input_shape, band_bytes)
+        or chunked_max_pool(module, input_shape, band_bytes)
         or InPlaceConv.of(module)
     )
 
@@ -668,7 +818,59 @@ def _same_outputs(got: object, expected: object) -> bool:
     )
 
 
-class StreamedModel(nn.Module):
+def _eval_copy(
+    model: nn.Module, input_size: tuple[int, int, int], band_bytes: int | None
+) -> tuple[nn.Module, torch.Tensor]:
+    """An eval-mode copy of `model` to rebuild and a batch-1 probe input of `input_size`, once the
+    arguments every streamed form takes are checked."""
+    if any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        raise InvalidArgumentError("stream() runs inference: put the model in eval mode (model.eval()) first")
+    if len(input_size) != 3 or min(input_size) < 1:
+        raise InvalidArgumentError(f"input_size must be (C, H, W) of positive sizes, got {input_size!r}")
+    if band_bytes is not None and band_bytes < 1:
+        raise InvalidArgumentError(f"band_bytes must be >= 1 (or None), got {band_bytes}")
+    probe = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+    return copy.deepcopy(model).eval(), probe
+
+
+def _lean_calls(
+    calls: list[_Call], done: Sequence[_Call], band_bytes: int
+) -> tuple[list[_Call], list[_Call]]:
+    """The outermost of `calls` (none inside `done` or inside a call lean_module replaces), and those of
+    them that lean_module replaces."""
+    run, replaced = [], []
+    for call in calls:
+        if any(call.name.startswith(outer.name + ".") for outer in (*done, *replaced)):
+            continue
+        run.append(call)
+        if call.input_shape is not None and lean_module(call.module, call.input_shape, band_bytes):
+            replaced.append(call)
+    return run, replaced
+
+
+def _make_lean(net: nn.Module, replaced: list[_Call], band_bytes: int, budget: int) -> None:
+    """Put the lean form of each replaced call's module into `net`, its groups taking band_bytes or the
+    headroom below `budget` beside the call's input and output, whichever is more."""
+    for call in replaced:
+        group_bytes = max(band_bytes, budget - call.input_bytes - call.output_bytes)
+        _set_module(net, call.name, lean_module(call.module, call.input_shape, group_bytes))
+
+
+class _InferenceOnly(nn.Module):
+    """Runs `self.net` without gradients; refuses to run in training mode."""
+
+    net: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise InvalidArgumentError(
+                f"a {type(self).__name__} runs inference only: call .eval() (no gradients)"
+            )
+        with torch.no_grad():
+            return self.net(x)
+
+
+class StreamedModel(_InferenceOnly):
     """An inference-only copy of an RNNPool network that runs in (about) the RAM its layer-convention
     analysis reports; see the module docstring. Its forward equals the eval-mode model's."""
 
@@ -676,21 +878,15 @@ class StreamedModel(nn.Module):
         self, model: nn.Module, input_size: tuple[int, int, int], band_bytes: int | None = None
     ) -> None:
         super().__init__()
-        if any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
-            raise InvalidArgumentError(
-                "stream() runs inference: put the model in eval mode (model.eval()) first"
-            )
-        if len(input_size) != 3 or min(input_size) < 1:
-            raise InvalidArgumentError(f"input_size must be (C, H, W) of positive sizes, got {input_size!r}")
-        if band_bytes is not None and band_bytes < 1:
-            raise InvalidArgumentError(f"band_bytes must be >= 1 (or None), got {band_bytes}")
+        net, probe = _eval_copy(model, input_size, band_bytes)
         self.input_size = tuple(input_size)
-        net = copy.deepcopy(model).eval()
-        probe = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
         calls, pooled, expected = _calls(net, probe)
         first = next((i for i, call in enumerate(calls) if isinstance(call.module, RNNPoolLayer)), None)
         if first is None:
-            raise InvalidArgumentError(f"{type(model).__name__} has no RNNPoolLayer to stream")
+            raise InvalidArgumentError(
+                f"{type(model).__name__} has no RNNPoolLayer to stream; for patch-based inference of its "
+                "first blocks, pass split_blocks=K"
+            )
         pool_call, prefix = calls[first], _prefix_layers(calls[:first])
         if band_bytes is None:  # a quarter of the pool's fp32 output, the first map the network keeps whole
             band_bytes = pool_call.output_bytes // 4
@@ -706,13 +902,8 @@ class StreamedModel(nn.Module):
         _set_module(net, pool_call.name, streamed_pool)
         for name, _ in prefix:
             _set_module(net, name, nn.Identity())
-        replaced, run = [], [pool_call]  # the calls lean modules replace; the calls that run (after the pool)
-        for call in calls[first + 1 :]:
-            if any(call.name.startswith(done.name + ".") for done in (pool_call, *replaced)):
-                continue
-            run.append(call)
-            if call.input_shape is not None and lean_module(call.module, call.input_shape, band_bytes):
-                replaced.append(call)
+        run, replaced = _lean_calls(calls[first + 1 :], [pool_call], band_bytes)
+        run = [pool_call, *run]  # the calls that run (from the pool on)
         # Every executor holds some call's input and its output at once: groups may use the headroom below
         # the largest such pair at no cost (the pool's input is never whole: its output alone counts).
         floor = max(c.input_bytes * (c is not pool_call) + c.output_bytes for c in run if c.output_bytes)
@@ -722,9 +913,7 @@ class StreamedModel(nn.Module):
         streamed_pool._index_cache.clear()
         with torch.no_grad():  # fills the index tables of input_size's groups: state, as the weights are
             streamed_pool(probe)
-        for call in replaced:
-            budget = max(band_bytes, floor - call.input_bytes - call.output_bytes)
-            _set_module(net, call.name, lean_module(call.module, call.input_shape, budget))
+        _make_lean(net, replaced, band_bytes, floor)
         chained = _chained_after_pool(net, calls, first)
         if chained is not None and _same_outputs(_raw(chained, probe), expected):
             net = chained
@@ -736,20 +925,24 @@ class StreamedModel(nn.Module):
         self.net = _flatten_sequentials(net).requires_grad_(False)
         self.eval()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            raise InvalidArgumentError("a StreamedModel runs inference only: call .eval() (no gradients)")
-        with torch.no_grad():
-            return self.net(x)
-
 
 def stream(
-    model: nn.Module, input_size: tuple[int, int, int], band_bytes: int | None = None
-) -> StreamedModel:
-    """`model` (eval mode) as a StreamedModel for inputs of `input_size` (C, H, W).
+    model: nn.Module,
+    input_size: tuple[int, int, int],
+    band_bytes: int | None = None,
+    split_blocks: int | None = None,
+) -> StreamedModel | PatchBasedModel:
+    """`model` (eval mode) as a StreamedModel for inputs of `input_size` (C, H, W), or with `split_blocks`
+    as a PatchBasedModel whose first split_blocks blocks run patch by patch (any plain CNN, see
+    leanvision.deploy.patch_based).
 
     `band_bytes`: the least RAM the work of one group (of patches, expanded channels or rows) may take
-    beyond the input and output its layer holds (default: a quarter of the RNNPool's fp32 output). Groups
-    also take the headroom below the largest input + output of any layer after the RNNPool, which every
-    executor holds at once: larger groups there cost no peak RAM and run faster."""
+    beyond the input and output its layer holds (default: a quarter of the RNNPool's fp32 output, or with
+    split_blocks of the last patch-based block's). Groups also take the headroom below the largest input
+    + output of any layer after the RNNPool, which every executor holds at once: larger groups there cost
+    no peak RAM and run faster."""
+    if split_blocks is not None:
+        from leanvision.deploy.patch_based import PatchBasedModel
+
+        return PatchBasedModel(model, input_size, split_blocks, band_bytes)
     return StreamedModel(model, input_size, band_bytes)
