@@ -15,7 +15,9 @@ from conftest import randomize_
 from leanvision.analysis.measured import measure_peak
 from leanvision.analysis.memory import peak_memory
 from leanvision.bench import calibrate_batchnorm
-from leanvision.deploy.streaming import StreamedRNNPool, chunked_bottleneck, lean_module, stream
+from leanvision.deploy.lean_blocks import chunked_bottleneck, lean_module
+from leanvision.deploy.streamed_rnnpool import StreamedRNNPool
+from leanvision.deploy.streaming import stream
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import LinearBottleneck, RNNPoolLayer
 from leanvision.models.mobilenet import DepthwiseSeparable

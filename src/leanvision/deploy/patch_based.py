@@ -25,21 +25,18 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.ops.misc import Conv2dNormActivation
 
-from leanvision.deploy.streaming import (
-    InPlaceConv,
-    _bottleneck_parts,
-    _Call,
-    _calls,
-    _conv_out,
-    _eval_copy,
-    _flatten_sequentials,
-    _InferenceOnly,
-    _lean_calls,
-    _make_lean,
-    _pad,
-    _same_outputs,
-    _set_module,
-    _Span,
+from leanvision.deploy.lean_blocks import InPlaceConv, bottleneck_parts
+from leanvision.deploy.regions import Span, conv_out, pad_zeros
+from leanvision.deploy.rewrite import (
+    InferenceOnly,
+    ModuleCall,
+    eval_copy,
+    flatten_sequentials,
+    lean_calls,
+    make_lean,
+    module_calls,
+    same_outputs,
+    set_module,
 )
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ConvNormAct
@@ -50,10 +47,10 @@ PEAK_TOLERANCE = 1.1  # the default split: the fewest blocks within 10% of the l
 
 
 def _out_hw(size: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
-    return _conv_out(size[0], conv, 0), _conv_out(size[1], conv, 1)
+    return conv_out(size[0], conv, 0), conv_out(size[1], conv, 1)
 
 
-def _area(rows: _Span, cols: _Span) -> int:
+def _area(rows: Span, cols: Span) -> int:
     return (rows.stop - rows.start) * (cols.stop - cols.start)
 
 
@@ -80,15 +77,15 @@ class _Read:
     (inside the map), the padding it adds on both sides, the zeros F.pad adds after the region first, and
     the outputs it drops at the start and keeps after them; each as (rows, columns)."""
 
-    rows: _Span
-    cols: _Span
+    rows: Span
+    cols: Span
     padding: tuple[int, int]
     extra: tuple[int, int]
     drop: tuple[int, int]
     keep: tuple[int, int]
 
     @classmethod
-    def of(cls, conv: nn.Conv2d, rows: _Span, cols: _Span, size: tuple[int, int]) -> _Read:
+    def of(cls, conv: nn.Conv2d, rows: Span, cols: Span, size: tuple[int, int]) -> _Read:
         """For output rows x cols of `conv` on an input map of `size` (H, W)."""
         axes = []
         for axis, span in enumerate((rows, cols)):
@@ -124,7 +121,7 @@ class BandBlock(nn.Module):
         conv = InPlaceConv.of(block)
         if conv is not None:
             return cls([conv], shortcut=False)
-        parts = _bottleneck_parts(block)
+        parts = bottleneck_parts(block)
         steps = [step for step in (parts["expand"], parts["depthwise"], parts["project"]) if step is not None]
         return cls([InPlaceConv(step) for step in steps], shortcut=parts["shortcut"] == "add")
 
@@ -133,7 +130,7 @@ class BandBlock(nn.Module):
             size = _out_hw(size, layer.conv)
         return size
 
-    def reads(self, rows: _Span, cols: _Span, size: tuple[int, int]) -> list[_Read]:
+    def reads(self, rows: Span, cols: Span, size: tuple[int, int]) -> list[_Read]:
         """What each convolution (first to last) reads to compute rows x cols of the block's output (inside
         its bounds) from an input map of `size` (H, W)."""
         sizes = [size]
@@ -170,8 +167,8 @@ class PatchedBlocks(nn.Module):
         of its convolutions (_Read.floats), with the block input that a shortcut holds."""
         sizes = self.sizes(*input_hw)
         (height, width), (ph, pw) = sizes[-1], (min(patch[0], sizes[-1][0]), min(patch[1], sizes[-1][1]))
-        rows = _Span((height - ph) // 2, (height - ph) // 2 + ph)
-        cols = _Span((width - pw) // 2, (width - pw) // 2 + pw)
+        rows = Span((height - ph) // 2, (height - ph) // 2 + ph)
+        cols = Span((width - pw) // 2, (width - pw) // 2 + pw)
         floats = 0
         for block, size in zip(reversed(self.blocks), reversed(sizes[:-1])):
             reads = block.reads(rows, cols, size)
@@ -191,12 +188,12 @@ class PatchedBlocks(nn.Module):
             y = torch.mm(conv.weight.view(conv.out_channels, -1), x.reshape(x.shape[1], -1))
             y = layer.finish(y.view(1, -1, *x.shape[2:]))
         else:
-            y = layer(_pad(x, (0, extra_c, 0, extra_r)), padding=read.padding)
+            y = layer(pad_zeros(x, (0, extra_c, 0, extra_r)), padding=read.padding)
         self.macs += y.numel() * layer.conv.weight[0].numel()
         return y[:, :, drop_r : drop_r + keep_r, drop_c : drop_c + keep_c]
 
     def _region(
-        self, x: torch.Tensor, depth: int, rows: _Span, cols: _Span, sizes: list[tuple[int, int]]
+        self, x: torch.Tensor, depth: int, rows: Span, cols: Span, sizes: list[tuple[int, int]]
     ) -> torch.Tensor:
         """Output of the first `depth` blocks on rows x cols (inside that output's bounds)."""
         if depth == 0:
@@ -219,7 +216,7 @@ class PatchedBlocks(nn.Module):
         for n in range(x.shape[0]):
             for r0 in range(0, height, ph):
                 for c0 in range(0, width, pw):
-                    rows, cols = _Span(r0, min(r0 + ph, height)), _Span(c0, min(c0 + pw, width))
+                    rows, cols = Span(r0, min(r0 + ph, height)), Span(c0, min(c0 + pw, width))
                     region = self._region(x[n : n + 1], len(self.blocks), rows, cols, sizes)
                     out[n : n + 1, :, rows.start : rows.stop, cols.start : cols.stop] = region
                     del region  # not alive while the next patch is computed
@@ -235,7 +232,7 @@ def fit_patch(blocks: PatchedBlocks, input_hw: tuple[int, int], budget: int) -> 
     return next((p for p in bands + squares if blocks.patch_bytes(p, input_hw) <= budget), (1, 1))
 
 
-def _eager_macs(call: _Call) -> int:
+def _eager_macs(call: ModuleCall) -> int:
     """MACs of one call of a Conv2d or a Linear as the eager model runs it; 0 for other modules."""
     module, shape = call.module, call.input_shape
     if isinstance(module, nn.Conv2d):
@@ -246,7 +243,7 @@ def _eager_macs(call: _Call) -> int:
     return 0
 
 
-def _leading_blocks(calls: list[_Call]) -> tuple[list[tuple[int, BandBlock]], _Call | None]:
+def _leading_blocks(calls: list[ModuleCall]) -> tuple[list[tuple[int, BandBlock]], ModuleCall | None]:
     """(index in `calls`, BandBlock) of the blocks that start the network and can run band by band (the
     outermost calls that are not plain nn.Sequential containers), and the call of the next block (None
     if the network ends with them)."""
@@ -269,14 +266,14 @@ class _Split:
     replace, the band_bytes of their groups, the RAM budget, the patch, and the peak it is estimated at."""
 
     blocks: int
-    replaced: list[_Call]
+    replaced: list[ModuleCall]
     band_bytes: int
     budget: int
     patch: tuple[int, int]
     peak: int
 
 
-class PatchBasedModel(_InferenceOnly):
+class PatchBasedModel(InferenceOnly):
     """An inference-only copy of a plain CNN whose first `split_blocks` blocks run patch by patch
     (PatchedBlocks) and whose later layers run as in StreamedModel; see the module docstring. Its forward
     equals the eval-mode model's.
@@ -305,13 +302,13 @@ class PatchBasedModel(_InferenceOnly):
         patch: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        net, probe = _eval_copy(model, input_size, band_bytes)
+        net, probe = eval_copy(model, input_size, band_bytes)
         if budget_bytes is not None and budget_bytes < 1:
             raise InvalidArgumentError(f"budget_bytes must be >= 1 (or None), got {budget_bytes}")
         if patch is not None and (len(patch) != 2 or min(patch) < 1):
             raise InvalidArgumentError(f"patch must be (rows, columns) >= 1 (or None), got {patch!r}")
         self.input_size = tuple(input_size)
-        calls, _, expected = _calls(net, probe)
+        calls, _, expected = module_calls(net, probe)
         leading, stop = _leading_blocks(calls)
         if not leading or (split_blocks is not None and not 1 <= split_blocks <= len(leading)):
             kinds = ", ".join(kind.__name__ for kind in BANDED_KINDS)
@@ -333,14 +330,14 @@ class PatchBasedModel(_InferenceOnly):
         k = chosen.blocks
         patched = PatchedBlocks([band for _, band in leading[:k]], chosen.patch)
         names = [calls[i].name for i, _ in leading[:k]]
-        _set_module(net, names[0], patched)
+        set_module(net, names[0], patched)
         for name in names[1:]:
-            _set_module(net, name, nn.Identity())
-        _make_lean(net, chosen.replaced, chosen.band_bytes, chosen.budget)
-        self.net = _flatten_sequentials(net).requires_grad_(False)
+            set_module(net, name, nn.Identity())
+        make_lean(net, chosen.replaced, chosen.band_bytes, chosen.budget)
+        self.net = flatten_sequentials(net).requires_grad_(False)
         with torch.no_grad():
             got = self.net(probe)
-        if not _same_outputs(got, expected):
+        if not same_outputs(got, expected):
             raise InvalidArgumentError(
                 f"{type(model).__name__} cannot run its first {k} blocks patch by patch: its forward is "
                 "not a plain chain of them (a functional op between them, or a map read again later)"
@@ -354,7 +351,7 @@ class PatchBasedModel(_InferenceOnly):
 
     @staticmethod
     def _plan(
-        calls: list[_Call],
+        calls: list[ModuleCall],
         leading: list[tuple[int, BandBlock]],
         k: int,
         input_hw: tuple[int, int],
@@ -366,7 +363,7 @@ class PatchBasedModel(_InferenceOnly):
         last = calls[leading[k - 1][0]]
         if band_bytes is None:
             band_bytes = max(1, last.output_bytes // 4)
-        run, replaced = _lean_calls(calls[leading[k - 1][0] + 1 :], [last], band_bytes)
+        run, replaced = lean_calls(calls[leading[k - 1][0] + 1 :], [last], band_bytes)
         later = max((c.input_bytes + c.output_bytes for c in run if c.output_bytes), default=0) + band_bytes
         blocks = PatchedBlocks([band for _, band in leading[:k]], (1, 1))
         width = blocks.sizes(*input_hw)[-1][1]
