@@ -1,6 +1,7 @@
 """Streaming inference of the RNNPool networks: measured peak RAM and latency, streamed against eager.
 
-For each network at its paper input size (224x224; rexnet_100_lowres_rnnpool at 32x32), and for the plain
+For each network at its paper input size (224x224; rexnet_100_lowres_rnnpool at 32x32; the RNNPool-Face
+detectors at 640x480 RGB or 320x240 grayscale, compared on their raw head outputs), and for the plain
 mobilenetv2_100 with patch-based first blocks (MCUNetV2-style: PatchBasedModel, its default split), random
 weights with BN statistics calibrated on random images (memory does not depend on the values; calibration
 keeps denormal floats out of the timings), batch 1, fp32, eval mode, no gradients:
@@ -50,6 +51,10 @@ NETWORKS = {
     "googlenet_rnnpool": (3, 224, 224),
     "mobilenetv2_035_vww_rnnpool": (3, 224, 224),
     "rexnet_100_lowres_rnnpool": (3, 32, 32),
+    "rnnpool_face_c": (3, 480, 640),  # the detectors at Table 4's VGA input, or EdgeML's QVGA one
+    "rnnpool_face_quant": (3, 480, 640),
+    "rnnpool_face_qvga_mono": (1, 240, 320),
+    "rnnpool_face_m4": (1, 240, 320),
     "mobilenetv2_100": (3, 224, 224),
 }
 PATCH_BASED = ("mobilenetv2_100",)  # plain CNNs: first blocks patch by patch, target against the min figure
@@ -126,6 +131,15 @@ def patch_based(streamed: PatchBasedModel, model: nn.Module, size: tuple[int, in
     )
 
 
+def raw_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's output, or a detector's raw loc and conf (its NMS output is discontinuous)."""
+    with torch.no_grad():
+        if not hasattr(model, "head_outputs"):
+            return model(x)
+        loc, conf, _ = model.head_outputs(model.batch_images(x))
+        return torch.cat([loc.flatten(), conf.flatten()])
+
+
 def measure(name: str, rounds: int, threads: int, log) -> dict:
     size = NETWORKS[name]
     row: dict = dict(model=name, input_size=list(size))
@@ -145,8 +159,7 @@ def measure(name: str, rounds: int, threads: int, log) -> dict:
         streamed = PatchBasedModel(model, size) if name in PATCH_BASED else leanvision.stream(model, size)
         log(f"{name}: measuring the streamed model ...")
         row["streamed"] = measured(streamed, x)
-        with torch.no_grad():
-            eager_out, streamed_out = model(x), streamed(x)
+        eager_out, streamed_out = raw_output(model, x), raw_output(streamed.net, x)
         row["max_rel_diff"] = float((streamed_out - eager_out).abs().max() / eager_out.abs().max())
         row["outputs_match"] = row["max_rel_diff"] <= OUTPUT_TOLERANCE
         row["target_convention"] = convention = "min" if name in PATCH_BASED else "layer"

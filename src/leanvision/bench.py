@@ -80,8 +80,9 @@ def calibrate_batchnorm(model: nn.Module, input_size: tuple[int, int, int] = (3,
     for bn in norms:
         bn.momentum = 1.0  # the running statistics become this batch's
     try:
-        with torch.no_grad():
-            model.train()(torch.randn(8, *input_size, generator=torch.Generator().manual_seed(0)))
+        with torch.no_grad():  # a detector's raw head outputs: in train mode its forward wants targets
+            forward = getattr(model.train(), "head_outputs", model)
+            forward(torch.randn(8, *input_size, generator=torch.Generator().manual_seed(0)))
     finally:
         for bn, momentum in zip(norms, momenta):
             bn.momentum = momentum
