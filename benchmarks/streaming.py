@@ -15,8 +15,8 @@ keeps denormal floats out of the timings), batch 1, fp32, eval mode, no gradient
 - patch-based: the split, the patch, the MACs the recomputation adds, and recompute_cost's (RNNPool
   Appendix E.3, voxel by voxel) for a budget of the streamed measured peak;
 - batch-1 latency with --threads threads, eager and streamed timed in interleaved rounds (one call of each
-  per round, the order rotating), the median of --rounds rounds (target streamed <= 2x eager). Timed
-  outside measure_peak: under a TorchDispatchMode the RNN sweeps leave their numba kernel for torch ops.
+  per round, the order rotating), the median of --rounds rounds (target streamed <= 2x eager). Run it on
+  an otherwise idle machine: a second process's spinning threads slow both sides many-fold.
 A network that cannot be traced, measured or streamed gets its error in its row; the others still run.
 
     python benchmarks/streaming.py [--models a,b] [--rounds 7] [--threads 2] [--out results/streaming.json]
