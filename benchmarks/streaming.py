@@ -40,6 +40,7 @@ from leanvision.analysis.memory import peak_memory, trace
 from leanvision.analysis.recompute import recompute_cost
 from leanvision.bench import calibrate_batchnorm
 from leanvision.deploy import PatchBasedModel
+from leanvision.deploy.rewrite import raw_forward
 from report import finish, interleaved_ms
 
 NETWORKS = {
@@ -134,10 +135,8 @@ def patch_based(streamed: PatchBasedModel, model: nn.Module, size: tuple[int, in
 def raw_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's output, or a detector's raw loc and conf (its NMS output is discontinuous)."""
     with torch.no_grad():
-        if not hasattr(model, "head_outputs"):
-            return model(x)
-        loc, conf, _ = model.head_outputs(model.batch_images(x))
-        return torch.cat([loc.flatten(), conf.flatten()])
+        out = raw_forward(model, x)
+    return out if isinstance(out, torch.Tensor) else torch.cat([out[0].flatten(), out[1].flatten()])
 
 
 def measure(name: str, rounds: int, threads: int, log) -> dict:

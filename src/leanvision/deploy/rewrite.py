@@ -55,6 +55,14 @@ def _nbytes(t: object) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
+def raw_forward(model: nn.Module, x: torch.Tensor) -> object:
+    """model(x); for a detector (torchvision's convention: it batches and normalises its own images) the
+    raw head outputs of the images x, before its NMS, whose output is discontinuous."""
+    if hasattr(model, "head_outputs"):
+        return model.head_outputs(model.batch_images(x))
+    return model(x)
+
+
 def module_calls(model: nn.Module, x: torch.Tensor) -> tuple[list[ModuleCall], list[torch.Tensor], object]:
     """Every module call of one forward pass, in call order, the outputs of the RNNPoolLayers called and
     the model's output."""
@@ -82,7 +90,7 @@ def module_calls(model: nn.Module, x: torch.Tensor) -> tuple[list[ModuleCall], l
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
         with torch.no_grad():
-            output = getattr(model, "head_outputs", model)(x)
+            output = raw_forward(model, x)
     finally:
         for handle in handles:
             handle.remove()

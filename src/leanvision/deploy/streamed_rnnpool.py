@@ -16,13 +16,18 @@ from torch import nn
 from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv
 from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.errors import InvalidArgumentError
-from leanvision.layers import RNNPoolLayer
+from leanvision.layers import ImageNormalize, RNNPoolLayer
 from leanvision.layers.rnn_cells import INDEXED_LANES
 
 IndexedSweep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [C, S], index [T, N]) -> [h, N]
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh)
-ELEMENTWISE = (*ACTIVATIONS, nn.Identity, nn.BatchNorm2d)  # the layers a prefix may hold besides convs
+ELEMENTWISE = (
+    *ACTIVATIONS,
+    nn.Identity,
+    nn.BatchNorm2d,
+    ImageNormalize,
+)  # the layers a prefix may hold besides convs
 
 
 def _fused(prefix: Sequence[nn.Module]) -> list[nn.Module]:

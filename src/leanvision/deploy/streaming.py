@@ -35,6 +35,7 @@ from leanvision.deploy.rewrite import (
     lean_calls,
     make_lean,
     module_calls,
+    raw_forward,
     same_outputs,
     set_module,
 )
@@ -62,11 +63,11 @@ def _prefix_layers(calls: list[ModuleCall]) -> list[tuple[str, nn.Module]]:
 
 
 def raw_outputs(model: nn.Module, x: torch.Tensor) -> object:
-    """model(x), or a detector's head_outputs(x) (before its discontinuous NMS); None if a layer fails (it
+    """raw_forward(model, x) without gradients; None if a layer fails (it
     got the wrong map)."""
     try:
         with torch.no_grad():
-            return getattr(model, "head_outputs", model)(x)
+            return raw_forward(model, x)
     except RuntimeError:
         return None
 

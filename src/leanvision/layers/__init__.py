@@ -2,6 +2,7 @@
 
 from leanvision.layers.classifier import ClassifierHead, create_classifier
 from leanvision.layers.conv import ConvNormAct
+from leanvision.layers.image_normalize import ImageNormalize
 from leanvision.layers.inverted_residual import LinearBottleneck
 from leanvision.layers.renet import ReNetLayer
 from leanvision.layers.rnn_cells import FastGRNNCell, GRUCell, LSTMCell, create_cell
@@ -13,6 +14,7 @@ __all__ = [
     "ConvNormAct",
     "FastGRNNCell",
     "GRUCell",
+    "ImageNormalize",
     "LSTMCell",
     "LinearBottleneck",
     "RNNPool",

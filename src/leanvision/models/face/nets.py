@@ -26,7 +26,7 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.ops.misc import Conv2dNormActivation
 
 from leanvision.errors import InvalidArgumentError
-from leanvision.layers import RNNPoolLayer
+from leanvision.layers import ImageNormalize, RNNPoolLayer
 from leanvision.models.base import init_like_torchvision, model_name
 from leanvision.models.face.checkpoint import load_face_checkpoint
 from leanvision.models.face.loss import multibox_loss, target_boxes
@@ -186,6 +186,7 @@ class RNNPoolFace(nn.Module):
         default_mean = RGB_MEAN if in_chans == 3 else GRAY_MEAN
         self.image_mean = tuple(image_mean if image_mean is not None else default_mean)
         self.image_std = tuple(image_std if image_std is not None else (PIXEL_STD,) * in_chans)
+        self.normalize = ImageNormalize(self.image_mean, self.image_std)
 
         stem, channels = [], in_chans
         for i, width in enumerate(stem_widths):
@@ -267,7 +268,8 @@ class RNNPoolFace(nn.Module):
 
     def batch_images(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """Normalised batch [B, C, H, W] of 0-1 images; a list is zero-padded (after normalisation, as
-        torchvision does) at the bottom/right to its largest height and width."""
+        torchvision does) at the bottom/right to its largest height and width: padded with the mean pixel,
+        then normalised by `self.normalize` (a module, which streaming moves into its patch groups)."""
         if isinstance(images, torch.Tensor):
             if images.ndim != 4:
                 raise InvalidArgumentError(
@@ -275,7 +277,7 @@ class RNNPoolFace(nn.Module):
                     f"got a tensor of shape {list(images.shape)}"
                 )
             self._check_channels(images.shape[1])
-            return self._normalise(images)
+            return self.normalize(images)
         if not images:
             raise InvalidArgumentError(f"{model_name(self)} got an empty list of images")
         for image in images:
@@ -284,14 +286,11 @@ class RNNPoolFace(nn.Module):
                 raise InvalidArgumentError(f"{model_name(self)} takes [C, H, W] images, got {got}")
             self._check_channels(image.shape[0])
         height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
-        batch = images[0].new_zeros(len(images), self.in_chans, height, width)
+        batch = images[0].new_empty(len(images), self.in_chans, height, width)
+        batch[:] = batch.new_tensor(self.image_mean).view(-1, 1, 1)
         for out, image in zip(batch, images):
-            out[:, : image.shape[1], : image.shape[2]] = self._normalise(image)
-        return batch
-
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = x.new_tensor(self.image_mean), x.new_tensor(self.image_std)
-        return (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+            out[:, : image.shape[1], : image.shape[2]] = image
+        return self.normalize(batch)
 
     def _check_channels(self, channels: int) -> None:
         if channels == self.in_chans:
