@@ -60,3 +60,17 @@ def test_memory_streamed_needs_an_rnnpool_network():
 def test_memory_measured_is_fp32_only():
     result = runner.invoke(app, ["memory", "mobilenetv2_035_vww", "--measured", "--dtype", "int8"])
     assert result.exit_code == 2 and "--measured runs the model in fp32" in result.output
+
+
+def test_memory_streamed_patch_based():
+    result = runner.invoke(
+        app,
+        ["memory", "mobilenetv2_035", "--input-size", "64", "--streamed", "--split-blocks", "3", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    layer = json.loads(result.stdout)[0]
+    assert layer["streamed_split_blocks"] == 3 and layer["streamed_extra_macs"] >= 0
+    assert layer["streamed_base_macs"] > 0
+    assert layer["streamed_peak_bytes"] < layer["measured_peak_bytes"]
+    refused = runner.invoke(app, ["memory", "mobilenetv2_035", "--split-blocks", "3"])
+    assert refused.exit_code == 2 and "--split-blocks needs --streamed" in refused.output

@@ -146,6 +146,13 @@ def memory(
             "--streamed", help="Also measure the streamed model (RNNPool nets; implies --measured)."
         ),
     ] = False,
+    split_blocks: Annotated[
+        int | None,
+        typer.Option(
+            "--split-blocks",
+            help="With --streamed: run the first K blocks patch by patch (any plain CNN, MCUNetV2-style).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Peak inference RAM (activations, batch 1) under the layer, min or planner convention."""
@@ -156,11 +163,14 @@ def memory(
         fail(f"--convention must be one of {', '.join(CONVENTIONS)} or all, got {convention!r}")
     if dtype not in DTYPE_BYTES:
         fail(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if split_blocks is not None and (not streamed or split_blocks < 1):
+        fail(f"--split-blocks needs --streamed and K >= 1, got {split_blocks} with --streamed={streamed}")
     measured = measured or streamed
     if measured and dtype != "fp32":
         fail(f"--measured runs the model in fp32: use --dtype fp32 with it, got {dtype!r}")
     graph = run(lambda: trace_model(name, square_input(input_size)))
-    peaks = run(lambda: _measured_peaks(graph.model, square_input(input_size), streamed)) if measured else {}
+    size = square_input(input_size)
+    peaks = run(lambda: _measured_peaks(graph.model, size, streamed, split_blocks)) if measured else {}
     options = dict(dtype_bytes=DTYPE_BYTES[dtype], inplace_depthwise=inplace_depthwise)
     reports = [
         run(lambda c=c: peak_memory(graph, convention=c, **options))
@@ -179,10 +189,13 @@ def memory(
         _print_recompute(graph, int(budget_kib * 2**10), DTYPE_BYTES[dtype])
 
 
-def _measured_peaks(model: nn.Module, input_size: tuple[int, int, int], streamed: bool) -> dict[str, dict]:
+def _measured_peaks(
+    model: nn.Module, input_size: tuple[int, int, int], streamed: bool, split_blocks: int | None = None
+) -> dict[str, dict]:
     """measure_peak of one batch-1 fp32 forward (eval mode, no grad) of `model`, and with `streamed` of
-    `stream(model, input_size)`: {"measured": {...}, "streamed": {...}} of peak_bytes, peak_op and the
-    largest tensors alive at the peak. Inputs and weights are not counted (they exist before the call)."""
+    `stream(model, input_size, split_blocks=...)`: {"measured": {...}, "streamed": {...}} of peak_bytes,
+    peak_op and the largest tensors alive at the peak (and a patch-based model's MACs). Inputs and weights
+    are not counted (they exist before the call)."""
     import torch
 
     from leanvision.analysis.measured import measure_peak
@@ -191,7 +204,7 @@ def _measured_peaks(model: nn.Module, input_size: tuple[int, int, int], streamed
     was_training = model.training
     model.eval()
     try:
-        lean = stream(model, input_size) if streamed else None  # no RNNPool: fails before measuring
+        lean = stream(model, input_size, split_blocks=split_blocks) if streamed else None  # fails early
         x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             runs = {"measured": measure_peak(model, x)}
@@ -205,6 +218,10 @@ def _measured_peaks(model: nn.Module, input_size: tuple[int, int, int], streamed
             peak_bytes=peak.peak_bytes,
             peak_op=peak.peak_op,
             live_at_peak=[dict(op=t.op, shape=list(t.shape), bytes=t.nbytes) for t in peak.live_at_peak[:5]],
+        )
+    if split_blocks is not None:  # a PatchBasedModel: what recomputing the overlap costs
+        peaks["streamed"].update(
+            split_blocks=split_blocks, base_macs=lean.base_macs, extra_macs=lean.extra_macs
         )
     return peaks
 
@@ -249,6 +266,12 @@ def _print_memory(
             f"- streamed / layer = {streamed['peak_bytes'] / layer:.2f}, streamed / eager = "
             f"{streamed['peak_bytes'] / max(peaks['measured']['peak_bytes'], 1):.3f}; alive at the streamed "
             f"peak: {held or 'nothing'}"
+        )
+    if "streamed" in peaks and "split_blocks" in peaks["streamed"]:
+        streamed = peaks["streamed"]
+        console.print(
+            f"- patch-based: the first {streamed['split_blocks']} blocks patch by patch add "
+            f"{streamed['extra_macs'] / 1e6:.1f}M MACs to {streamed['base_macs'] / 1e6:.1f}M"
         )
 
 
