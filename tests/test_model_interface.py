@@ -153,3 +153,17 @@ def test_cli_takes_torchvision_and_timm_names():
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["iterations"] >= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(pretrained=True), "path of a local checkpoint file"),
+        (dict(in_chans=0), "in_chans must be a positive int"),
+        (dict(width_mult=float("inf")), "width_mult must be a positive number, and finite"),
+        (dict(width_mult=float("nan")), "width_mult must be a positive number, and finite"),
+    ],
+)
+def test_create_model_refuses_bad_arguments_by_name(kwargs, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        leanvision.create_model("rexnet", **kwargs)

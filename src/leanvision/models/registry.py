@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +88,23 @@ def get_model_config(name: str) -> ModelConfig:
     return config
 
 
+def _check_arguments(name: str, pretrained: object, kwargs: dict[str, Any]) -> None:
+    """Refuse, by name, the arguments that would otherwise fail deep inside a builder or build an empty
+    model: a pretrained that is not a path (weights are never downloaded), in_chans < 1, a width_mult that
+    is not a finite positive number."""
+    if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
+        raise InvalidArgumentError(
+            f"pretrained must be the path of a local checkpoint file (weights are not downloaded), "
+            f"got {pretrained!r}"
+        )
+    in_chans = kwargs.get("in_chans")
+    if in_chans is not None and (isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1):
+        raise InvalidArgumentError(f"{name}: in_chans must be a positive int, got {in_chans!r}")
+    width = kwargs.get("width_mult")
+    if width is not None and not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+        raise InvalidArgumentError(f"{name}: width_mult must be a positive number, and finite: got {width!r}")
+
+
 def create_model(
     name: str,
     pretrained: str | None = None,
@@ -103,6 +122,7 @@ def create_model(
     timm's.
     """
     config = get_model_config(name)
+    _check_arguments(name, pretrained, kwargs)
     kwargs = {**config.kwargs, **kwargs}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
