@@ -53,7 +53,9 @@ class ConvStep:
         return _norm_affine(bn, bias)
 
 
-def _norm_affine(bn: nn.BatchNorm2d, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _norm_affine(
+    bn: nn.BatchNorm2d, bias: torch.Tensor | float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(offset, scale, shift) of eval-mode `bn` after a bias: (y + offset) * scale + shift."""
     return bias - bn.running_mean, bn.weight / torch.sqrt(bn.running_var + bn.eps), bn.bias
 
@@ -246,7 +248,7 @@ class StreamedDenseBlock(nn.Module):
         self.group, self.layers = group, []
         with torch.no_grad():
             for layer in block.values():
-                norm1 = _norm_affine(layer.norm1, layer.norm1.running_mean.new_zeros(()))
+                norm1 = _norm_affine(layer.norm1)
                 norm2 = ConvStep(layer.conv1, layer.norm2, nn.ReLU()).affine()  # norm2 follows conv1
                 self.layers.append(
                     (
@@ -291,7 +293,7 @@ class BandedTransition(nn.Module):
         if rows_per_band < 1:
             raise InvalidArgumentError(f"rows_per_band must be >= 1, got {rows_per_band}")
         with torch.no_grad():
-            norm = _norm_affine(transition.norm, transition.norm.running_mean.new_zeros(()))
+            norm = _norm_affine(transition.norm)
             self.norm = tuple(t[None, :, None, None].clone() for t in norm)
         self.conv, self.pool, self.rows_per_band = transition.conv, transition.pool, rows_per_band
 

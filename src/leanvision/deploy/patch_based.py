@@ -30,12 +30,12 @@ from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.deploy.rewrite import (
     InferenceOnly,
     ModuleCall,
+    computes,
     eval_copy,
     flatten_sequentials,
     lean_calls,
     make_lean,
     module_calls,
-    same_outputs,
     set_module,
 )
 from leanvision.errors import InvalidArgumentError
@@ -335,9 +335,7 @@ class PatchBasedModel(InferenceOnly):
             set_module(net, name, nn.Identity())
         make_lean(net, chosen.replaced, chosen.band_bytes, chosen.budget)
         self.net = flatten_sequentials(net).requires_grad_(False)
-        with torch.no_grad():
-            got = self.net(probe)
-        if not same_outputs(got, expected):
+        if not computes(self.net, probe, expected):
             raise InvalidArgumentError(
                 f"{type(model).__name__} cannot run its first {k} blocks patch by patch: its forward is "
                 "not a plain chain of them (a functional op between them, or a map read again later)"

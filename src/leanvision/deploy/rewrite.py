@@ -97,7 +97,7 @@ def module_calls(model: nn.Module, x: torch.Tensor) -> tuple[list[ModuleCall], l
     return calls, pooled, output
 
 
-def same_outputs(got: object, expected: object) -> bool:
+def _same_outputs(got: object, expected: object) -> bool:
     """Whether two model outputs (tensors, or lists/dicts of them) agree to 1e-3 of the largest value: a
     check of structure (a layer fed the wrong map is far off), not of rounding, which BN can make ~1e-4."""
     if got is None:
@@ -111,6 +111,16 @@ def same_outputs(got: object, expected: object) -> bool:
         for a, b in zip(got_leaves, expected_leaves)
         if b.numel()
     )
+
+
+def computes(net: nn.Module, probe: torch.Tensor, expected: object) -> bool:
+    """Whether the rebuilt `net` gives the `expected` raw_forward output on `probe` (False also when a
+    layer fails on the map it now gets)."""
+    try:
+        with torch.no_grad():
+            return _same_outputs(raw_forward(net, probe), expected)
+    except RuntimeError:
+        return False
 
 
 def eval_copy(

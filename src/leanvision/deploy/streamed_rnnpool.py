@@ -77,6 +77,14 @@ class StreamedRNNPool(nn.Module):
         self._index_cache: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._sweeps = pool.pool.rnn1.inference_sweep(), pool.pool.rnn2.inference_sweep()
 
+    def regroup(self, patches_per_group: int, x: torch.Tensor) -> None:
+        """Run `patches_per_group` patches a group from now on, with the index tables of x's groups made
+        here: they are state like the weights, so a meter of the next forward does not count them."""
+        self.patches_per_group = patches_per_group
+        self._index_cache.clear()
+        with torch.no_grad():
+            self(x)
+
     def _sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """(H, W) of the input of every prefix layer, and of the pool's input last."""
         sizes = [(height, width)]

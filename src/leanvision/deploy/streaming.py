@@ -30,13 +30,12 @@ from torchvision.models.googlenet import BasicConv2d
 from leanvision.deploy.rewrite import (
     InferenceOnly,
     ModuleCall,
+    computes,
     eval_copy,
     flatten_sequentials,
     lean_calls,
     make_lean,
     module_calls,
-    raw_forward,
-    same_outputs,
     set_module,
 )
 from leanvision.deploy.streamed_rnnpool import StreamedRNNPool, patches_per_group
@@ -60,16 +59,6 @@ def _prefix_layers(calls: list[ModuleCall]) -> list[tuple[str, nn.Module]]:
         elif not list(module.children()) and not isinstance(module, nn.Sequential):  # an empty one: nothing
             layers.append((name, module))
     return layers
-
-
-def raw_outputs(model: nn.Module, x: torch.Tensor) -> object:
-    """raw_forward(model, x) without gradients; None if a layer fails (it
-    got the wrong map)."""
-    try:
-        with torch.no_grad():
-            return raw_forward(model, x)
-    except RuntimeError:
-        return None
 
 
 def _chained_after_pool(net: nn.Module, calls: list[ModuleCall], first: int) -> nn.Module | None:
@@ -137,15 +126,12 @@ class StreamedModel(InferenceOnly):
         floor = max(c.input_bytes * (c is not pool_call) + c.output_bytes for c in run if c.output_bytes)
         valid_width = pool_call.module.output_size(*pool_call.input_shape[2:])[1]
         budget = max(band_bytes, floor - pool_call.output_bytes)
-        streamed_pool.patches_per_group = patches_per_group(streamed_pool, valid_width, budget)
-        streamed_pool._index_cache.clear()
-        with torch.no_grad():  # fills the index tables of input_size's groups: state, as the weights are
-            streamed_pool(probe)
+        streamed_pool.regroup(patches_per_group(streamed_pool, valid_width, budget), probe)
         make_lean(net, replaced, band_bytes, floor)
         chained = _chained_after_pool(net, calls, first)
-        if chained is not None and same_outputs(raw_outputs(chained, probe), expected):
+        if chained is not None and computes(chained, probe, expected):
             net = chained
-        elif not same_outputs(raw_outputs(net, probe), expected):  # e.g. a prefix map read after the pool
+        elif not computes(net, probe, expected):  # e.g. a prefix map read after the pool
             raise InvalidArgumentError(
                 f"{type(model).__name__} cannot be streamed: a map before its RNNPoolLayer is read again "
                 "after it (e.g. by a detection head), so it cannot be computed patch by patch and dropped"
