@@ -46,7 +46,12 @@ def test_streamed_rnnpool_equals_the_prefix_and_the_layer(padding, size, group):
     x = torch.randn(2, 3, *size, generator=g)
     with torch.no_grad():
         eager = pool(nn.Sequential(*prefix)(x))
-        _close(StreamedRNNPool(prefix, pool, patches_per_group=group)(x), eager)
+        streamed = StreamedRNNPool(prefix, pool, patches_per_group=group)
+        _close(streamed(x), eager)
+        streamed.regroup(group + 1, x[:1])
+        _close(streamed(x), eager)
+    with pytest.raises(InvalidArgumentError, match="patches_per_group must be >= 1"):
+        streamed.regroup(0, x)
 
 
 def _blocks() -> list[nn.Module]:

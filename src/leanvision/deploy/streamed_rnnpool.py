@@ -55,6 +55,12 @@ def _sweep_indexed(sweep: IndexedSweep, x: torch.Tensor, indices: list[torch.Ten
     return torch.cat([sweep(x, index) for index in indices], 1)
 
 
+def _checked_group(patches_per_group: int) -> int:
+    if patches_per_group < 1:
+        raise InvalidArgumentError(f"patches_per_group must be >= 1, got {patches_per_group}")
+    return patches_per_group
+
+
 class StreamedRNNPool(nn.Module):
     """`prefix` (convolutions and elementwise layers, in order) followed by `pool`, computed patch group by
     patch group so that only one group's input region of the prefix output is alive at a time."""
@@ -67,20 +73,15 @@ class StreamedRNNPool(nn.Module):
                     f"streaming supports convolutions and elementwise layers before the RNNPoolLayer, "
                     f"got {type(layer).__name__}"
                 )
-        if patches_per_group < 1:
-            raise InvalidArgumentError(f"patches_per_group must be >= 1, got {patches_per_group}")
-        self.prefix, self.pool, self.patches_per_group = (
-            nn.ModuleList(_fused(prefix)),
-            pool,
-            patches_per_group,
-        )
+        self.prefix, self.pool = nn.ModuleList(_fused(prefix)), pool
+        self.patches_per_group = _checked_group(patches_per_group)
         self._index_cache: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._sweeps = pool.pool.rnn1.inference_sweep(), pool.pool.rnn2.inference_sweep()
 
     def regroup(self, patches_per_group: int, x: torch.Tensor) -> None:
         """Run `patches_per_group` patches a group from now on, with the index tables of x's groups made
         here: they are state like the weights, so a meter of the next forward does not count them."""
-        self.patches_per_group = patches_per_group
+        self.patches_per_group = _checked_group(patches_per_group)
         self._index_cache.clear()
         with torch.no_grad():
             self(x)

@@ -231,13 +231,8 @@ class FastGRNNCell(RecurrentCell):
         if not self._sigmoid_pair or _numba_kernels() is None:
             return self.sweep_indexed
         with torch.no_grad():
-            w, u, zeta, nu = (
-                self.weight_w(),
-                self.weight_u(),
-                torch.sigmoid(self.zeta),
-                torch.sigmoid(self.nu),
-            )
-            inputs = _kernel_inputs(w, u, self.bias_gate, self.bias_update, zeta, nu)
+            w, zeta, nu = self.weight_w(), torch.sigmoid(self.zeta), torch.sigmoid(self.nu)
+            inputs = _kernel_inputs(w, self.weight_u(), self.bias_gate, self.bias_update, zeta, nu)
 
         def sweep(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             if torch.compiler.is_compiling() or not _kernel_applies(w, x):
