@@ -150,7 +150,8 @@ def test_repro_passes_only_the_given_options(monkeypatch, args, expected):
 
 # (command, the library config or function its options feed, options whose default differs on purpose)
 LIBRARY_DEFAULTS = [
-    (("train",), "leanvision.engine.train.TrainConfig", {"out"}),  # runs/MODEL
+    # out: runs/MODEL; None: the task's own (TrainConfig's for classification, DETECTION_DEFAULTS)
+    (("train",), "leanvision.engine.train.TrainConfig", {"out", "batch_size", "lr", "wd", "warmup_epochs"}),
     (("eval",), "leanvision.engine.train.evaluate_checkpoint", set()),
     (("demo",), "leanvision.experiments.demo.DemoConfig", set()),
     (("compare",), "leanvision.experiments.compare.compare", {"names"}),  # none: the Table 5 set

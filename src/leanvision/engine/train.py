@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from leanvision.engine.data import DataSplits, build_dataset
+from leanvision.engine.task import StepMeter, Task
 from leanvision.engine.train_state import (
     load_training_checkpoint,
     read_training_config,
@@ -79,6 +80,7 @@ class TrainConfig:
     channels_last: bool = False
     strict: bool = False
     progress: bool = True
+    task: str = "classification"
 
     def check(self) -> None:
         """Raise a ValueError naming the first bad setting."""
@@ -199,13 +201,14 @@ def lr_factor(step: int, total: int, warmup: int, sched: str) -> float:
     return 1.0
 
 
-def _loader(dataset: Dataset, batch_size: int, workers: int, sampler=None) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, workers: int, sampler=None, collate=None) -> DataLoader:
     return DataLoader(
-        dataset, batch_size, sampler=sampler, num_workers=workers, persistent_workers=False, drop_last=False
-    )
+        dataset, batch_size, sampler=sampler, num_workers=workers, persistent_workers=False, drop_last=False,
+        collate_fn=collate,
+    )  # fmt: skip
 
 
-class Meter:
+class Meter(StepMeter):
     """Sums of loss, exact-match hits, per-label hits and samples, reduced over processes on demand."""
 
     def __init__(self, num_labels: int, multilabel: bool, device: torch.device) -> None:
@@ -265,9 +268,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     meter = None
-    for images, targets in _loader(dataset, batch_size, workers):
+    for images, targets in make_loader(dataset, batch_size, workers):
         images, targets = _to_device(images, device, channels_last), targets.to(device, non_blocking=True)
-        with _autocast(device):
+        with autocast(device):
             logits = model(images).float()
         meter = meter or Meter(logits.shape[1], multilabel, device)
         meter.update(criterion(logits, targets), logits, targets)
@@ -277,12 +280,49 @@ def evaluate(
     return meter.result()
 
 
+class ClassificationTask(Task):
+    """Single- or multi-label image classification on a `build_dataset` spec (the default task)."""
+
+    name = "classification"
+    metric = "acc"
+    train_columns = ("loss", "acc")
+    val_columns = ("loss", "acc", "label_acc")
+
+    def build_data(self, config: TrainConfig) -> DataSplits:
+        return build_dataset(config.data, config.img_size, config.strict)
+
+    def make_model(self, config: TrainConfig, data: DataSplits) -> nn.Module:
+        return make_model(config.model, data)
+
+    def check_model_fits(self, model: nn.Module, data: DataSplits, name: str) -> None:
+        check_model_fits(model, data, name)
+
+    def to_device(self, batch, device: torch.device, config: TrainConfig) -> tuple[torch.Tensor, ...]:
+        images, targets = batch
+        return _to_device(images, device, config.channels_last), targets.to(device, non_blocking=True)
+
+    def loss(self, net, inputs, targets, config) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = net(inputs).float()
+        multilabel = targets.is_floating_point()
+        loss = make_criterion(multilabel, config.label_smoothing)(logits, targets)
+        return loss, logits.detach()
+
+    def train_meter(self, data: DataSplits, device: torch.device) -> Meter:
+        return Meter(data.num_classes, data.multilabel, device)
+
+    def evaluate(self, model, data: DataSplits, config: TrainConfig, device: torch.device) -> dict[str, Any]:
+        return evaluate(
+            model, data.val, data.multilabel, config.batch_size, device, config.workers, config.channels_last
+        )
+
+
 def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     return images.to(device, non_blocking=True, memory_format=memory_format)
 
 
-def _autocast(device: torch.device, enabled: bool = True):
+def autocast(device: torch.device, enabled: bool = True):
+    """fp16 autocast on CUDA, nothing elsewhere."""
     return torch.autocast("cuda", dtype=torch.float16) if enabled and device.type == "cuda" else nullcontext()
 
 
@@ -294,17 +334,18 @@ def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(history)
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy per epoch, train and validation, side by side."""
+def plot_curves(history: list[dict[str, Any]], path: Path, metric: str = "acc") -> None:
+    """Loss and `metric` per epoch, train and validation (where the history has them), side by side."""
     from leanvision.plotting import new_figure, save_figure
 
     epochs = [row["epoch"] for row in history]
     fig, axes = new_figure(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "acc")):
+    for ax, name in zip(axes, ("loss", metric)):
         for split in ("train", "val"):
-            ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
+            if f"{split}_{name}" in history[0]:
+                ax.plot(epochs, [row[f"{split}_{name}"] for row in history], marker="o", label=split)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy (%)" if metric == "acc" else "loss")
+        ax.set_ylabel({"acc": "accuracy (%)", "loss": "loss"}.get(name, name))
         ax.grid(alpha=0.3)
         ax.legend()
     save_figure(fig, path, dpi=100)
@@ -325,8 +366,8 @@ class TrainResult:
 def _resume_config(config: TrainConfig, state: dict[str, Any], path: Path) -> TrainConfig:
     """The checkpoint's settings, except those in RUN_SETTINGS; another model or data spec raises."""
     saved = state["config"]
-    for key in ("model", "data"):
-        if saved[key] != getattr(config, key):
+    for key in ("model", "data", "task"):
+        if saved.get(key, "classification") != getattr(config, key):
             raise InvalidArgumentError(
                 f"cannot resume: {path} is a checkpoint of {key} {saved[key]!r}, not {getattr(config, key)!r}"
             )
@@ -341,12 +382,17 @@ def train(
     model: nn.Module | None = None,
     data: DataSplits | None = None,
     on_epoch_end: Callable[[dict[str, Any]], bool | None] | None = None,
+    task: Task | None = None,
 ) -> TrainResult:
     """Train `config.model` (or the given module, named by config.model) on `config.data` (or `data`).
 
     `on_epoch_end(row)` gets each epoch's metrics row; returning True stops the run after that epoch.
+    `task` (default: classification) supplies data, model, loss and metrics; it must be `config.task`.
     """
     config.check()
+    task = task or ClassificationTask()
+    if task.name != config.task:
+        raise InvalidArgumentError(f"config.task is {config.task!r} but a {task.name!r} task was given")
     out = Path(config.out)
     checkpoint_path = out / "last.pt"
     state = None
@@ -359,7 +405,7 @@ def train(
         )
     ctx = setup_distributed(config.device)
     try:
-        result = _train(config, model, data, on_epoch_end, state, ctx)
+        result = _train(config, model, data, on_epoch_end, state, ctx, task)
         if ctx.world > 1:  # leave together: a rank tearing gloo down while rank 0 still writes can abort
             dist.barrier()
         return result
@@ -375,18 +421,19 @@ def _train(
     on_epoch_end: Callable[[dict[str, Any]], bool | None] | None,
     state: dict[str, Any] | None,
     ctx: Dist,
+    task: Task,
 ) -> TrainResult:
     out = Path(config.out)
     checkpoint_path = out / "last.pt"
     seed_everything(config.seed)
-    data = data or build_dataset(config.data, config.img_size, config.strict)
-    model = (model or make_model(config.model, data)).to(ctx.device)
+    data = data or task.build_data(config)
+    model = (model or task.make_model(config, data)).to(ctx.device)
     if config.channels_last:  # NHWC: faster convolutions (and their backward) on CPU and on tensor cores
         model = model.to(memory_format=torch.channels_last)
-    check_model_fits(model, data, config.model)
+    task.check_model_fits(model, data, config.model)
 
     sampler = DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=config.seed)
-    loader = _loader(data.train, config.batch_size, config.workers, sampler)
+    loader = make_loader(data.train, config.batch_size, config.workers, sampler, task.collate)
     optimizer = build_optimizer(model, config)
     steps = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -405,7 +452,6 @@ def _train(
         history, start_epoch = list(state["history"]), state["epoch"]
         set_rng_state(state["rng"])
     net = nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
-    criterion = make_criterion(data.multilabel, config.label_smoothing)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -415,15 +461,12 @@ def _train(
             sampler.set_epoch(epoch)
             tic, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
             train_metrics = _train_epoch(
-                net, loader, criterion, optimizer, scheduler, scaler, data, ctx, amp, epoch, config
+                net, loader, task, optimizer, scheduler, scaler, data, ctx, amp, epoch, config
             )
-            val = evaluate(
-                model, data.val, data.multilabel, config.batch_size, ctx.device, config.workers,
-                config.channels_last,
-            )  # fmt: skip
+            val = task.evaluate(model, data, config, ctx.device)
             row = {"epoch": epoch + 1, "lr": lr}
-            row.update({f"train_{k}": v for k, v in train_metrics.items() if k in ("loss", "acc")})
-            row.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "acc", "label_acc")})
+            row.update({f"train_{k}": v for k, v in train_metrics.items() if k in task.train_columns})
+            row.update({f"val_{k}": v for k, v in val.items() if k in task.val_columns})
             row["time_s"] = round(time.perf_counter() - tic, 3)
             history.append(row)
             if ctx.main:
@@ -442,7 +485,7 @@ def _train(
                 )
                 write_metrics_csv(history, out / "metrics.csv")
                 if config.progress:
-                    _print_row(row, config.epochs)
+                    _print_row(row, config.epochs, task)
             if on_epoch_end is not None and on_epoch_end(row):
                 status = "stopped"
                 break
@@ -452,28 +495,23 @@ def _train(
             done = history[-1]["epoch"] if history else start_epoch
             print(f"interrupted: {checkpoint_path} holds epoch {done}; continue with --resume")
     if val is None:  # nothing ran in this session
-        val = evaluate(
-            model, data.val, data.multilabel, config.batch_size, ctx.device, config.workers,
-            config.channels_last,
-        )  # fmt: skip
+        val = task.evaluate(model, data, config, ctx.device)
     if ctx.main and history:
-        _write_summary(out, config, status, history, val, model, ctx, time.perf_counter() - started)
-        plot_curves(history, out / "curves.png")
+        _write_summary(out, config, status, history, val, model, ctx, time.perf_counter() - started, task)
+        plot_curves(history, out / "curves.png", task.metric)
     return TrainResult(status, history, val, out, model, ctx.main)
 
 
-def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, data, ctx, amp, epoch, config):
+def _train_epoch(net, loader, task, optimizer, scheduler, scaler, data, ctx, amp, epoch, config):
     net.train()
-    meter = Meter(data.num_classes, data.multilabel, ctx.device)
+    meter = task.train_meter(data, ctx.device)
     progress = _progress_bar(ctx.main and config.progress, f"epoch {epoch + 1}/{config.epochs}", len(loader))
     with progress as bar:
-        task = bar.add_task("train", total=len(loader), loss=float("nan"))
-        for step, (images, targets) in enumerate(loader):
-            images = _to_device(images, ctx.device, config.channels_last)
-            targets = targets.to(ctx.device, non_blocking=True)
-            with _autocast(ctx.device, amp):
-                logits = net(images).float()
-                loss = criterion(logits, targets)
+        bar_task = bar.add_task("train", total=len(loader), loss=float("nan"))
+        for step, batch in enumerate(loader):
+            inputs, targets = task.to_device(batch, ctx.device, config)
+            with autocast(ctx.device, amp):
+                loss, outputs = task.loss(net, inputs, targets, config)
             checked = loss.detach().clone()
             if ctx.world > 1:  # every process sees a non-finite loss together, so all stop at once
                 dist.all_reduce(checked)
@@ -488,8 +526,8 @@ def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, data, ctx
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            meter.update(loss, logits.detach(), targets)
-            bar.update(task, advance=1, loss=loss.item())
+            meter.update(loss, outputs, targets)
+            bar.update(bar_task, advance=1, loss=loss.item())
     return meter.result()
 
 
@@ -507,24 +545,25 @@ def _progress_bar(enabled: bool, title: str, total: int):
     )
 
 
-def _print_row(row: dict[str, Any], epochs: int) -> None:
-    extra = f", val label acc {row['val_label_acc']:.2f}%" if "val_label_acc" in row else ""
-    print(
-        f"epoch {row['epoch']}/{epochs}: lr {row['lr']:.4g}, train loss {row['train_loss']:.4f}, "
-        f"train acc {row['train_acc']:.2f}%, val loss {row['val_loss']:.4f}, val acc {row['val_acc']:.2f}%"
-        f"{extra} ({row['time_s']:.1f} s)"
-    )
+def _print_row(row: dict[str, Any], epochs: int, task: Task) -> None:
+    columns = [f"{split}_{k}" for split in ("train", "val") for k in getattr(task, f"{split}_columns")]
+    metrics = []
+    for key in (c for c in columns if c in row):
+        split, name = key.split("_", 1)
+        value = f"{row[key]:.2f}%" if name.endswith("acc") else f"{row[key]:.4f}"
+        metrics.append(f"{split} {name.replace('_', ' ')} {value}")
+    print(f"epoch {row['epoch']}/{epochs}: lr {row['lr']:.4g}, {', '.join(metrics)} ({row['time_s']:.1f} s)")
 
 
-def _write_summary(out, config, status, history, val, model, ctx, seconds) -> None:
-    best = max(history, key=lambda row: row["val_acc"])
+def _write_summary(out, config, status, history, val, model, ctx, seconds, task) -> None:
+    best = max(history, key=lambda row: row[f"val_{task.metric}"])
     summary = {
         "status": status,
         "model": config.model,
         "data": config.data,
         "epochs_completed": history[-1]["epoch"],
         "val": val,
-        "best_val_acc": best["val_acc"],
+        f"best_val_{task.metric}": best[f"val_{task.metric}"],
         "best_epoch": best["epoch"],
         "params": sum(p.numel() for p in model.parameters()),
         "world_size": ctx.world,
