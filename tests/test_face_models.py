@@ -265,10 +265,16 @@ def test_detection_interface(name):
     for d in detections:
         assert d["boxes"].shape == (len(d["scores"]), 4) and bool((d["scores"] > model.score_thresh).all())
     assert loc.shape == (2, len(priors), 4) and conf.shape == (2, len(priors), 2)
-    with torch.no_grad():  # a list and a batch of the same image
+    with torch.no_grad():  # a list and a batch of the same image: equal outputs, the same best detections
         (batched,) = model(images[0][None])
-    assert batched["boxes"].shape == detections[0]["boxes"].shape
-    torch.testing.assert_close(batched["scores"], detections[0]["scores"])
+        single = model.head_outputs(model.batch_images(images[0][None]))
+    torch.testing.assert_close(single[0][0], loc[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(single[1][0], conf[0], atol=1e-5, rtol=0)
+    # NMS at IoU 0.3 over hundreds of random-weight boxes: a 1e-7 difference can flip a box whose IoU with a
+    # kept one is at the threshold, and the rest of the list after it; the leading detections agree
+    top = 10
+    torch.testing.assert_close(batched["scores"][:top], detections[0]["scores"][:top])
+    torch.testing.assert_close(batched["boxes"][:top], detections[0]["boxes"][:top])
 
     model.train()
     targets = [
