@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from leanvision.cli import experiments, models, rank, rrr, search, train
+from leanvision.cli import detect, experiments, models, rank, rrr, search, train
 
 app = typer.Typer(help="Build, measure and slim vision networks.", no_args_is_help=True, add_completion=False)
 app.command("models")(models.models)
@@ -19,6 +19,7 @@ app.command("compare")(experiments.compare)
 app.command("demo")(experiments.demo)
 app.command("train")(train.train)
 app.command("eval")(train.evaluate)
+app.command("detect")(detect.detect)
 app.command("memory")(models.memory)
 app.command("rank-study")(rank.rank_study_command)
 app.command("rank")(rank.rank_command)

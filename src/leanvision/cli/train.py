@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from leanvision.cli.common import (
     AutoDeviceOpt,
@@ -25,15 +26,24 @@ from leanvision.cli.common import (
 def train(
     model: ModelOpt,
     data: Annotated[str, typer.Option(help="Dataset spec, e.g. synthetic:lines, fashion-mnist, folder:DIR.")],
+    task: TaskOpt = "classification",
     epochs: Annotated[int, typer.Option(help="Epochs to train (a resumed run may raise it).")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Images per step and process.")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.05,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per step and process (default 64; detection 32).")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate (default 0.05; detection 0.01).")
+    ] = None,
     opt: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     nesterov: Annotated[bool, typer.Option("--nesterov", help="Nesterov momentum.")] = False,
-    wd: Annotated[float, typer.Option(help="Weight decay (weights only, not biases or norms).")] = 5e-5,
+    wd: Annotated[
+        float | None, typer.Option(help="Weight decay on weights only (default 5e-5; detection 5e-4).")
+    ] = None,
     sched: Annotated[str, typer.Option(help="cosine, step (x0.1 at 50% and 75%) or none.")] = "cosine",
-    warmup_epochs: Annotated[int, typer.Option(help="Epochs of linear learning-rate warm-up.")] = 0,
+    warmup_epochs: Annotated[
+        int | None, typer.Option(help="Epochs of linear learning-rate warm-up (default 0; detection 5).")
+    ] = None,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.0,
     img_size: DataImgSizeOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of weights, order and augmentation.")] = 0,
@@ -49,46 +59,112 @@ def train(
 ) -> None:
     """Train a model; writes last.pt, metrics.csv, summary.json and curves.png to --out.
 
+    --task detection trains a face detector (rnnpool_face_*) on a detection spec (synthetic:faces,
+    widerface:DIR, scut-head:DIR, coco-boxes:DIR) with S3FD's loss and reports WIDER-style AP.
     Data-parallel: torchrun --nproc_per_node N $(which leanvision) train ... (gloo on CPU, nccl on CUDA).
     """
     from leanvision.engine.train import NonFiniteLossError, TrainConfig
     from leanvision.engine.train import train as run_training
 
+    run_task = _task(task)
+    given = {"batch_size": batch_size, "lr": lr, "wd": wd, "warmup_epochs": warmup_epochs}
+    defaults = {}
+    if task == "detection":
+        from leanvision.detection.task import DETECTION_DEFAULTS
+
+        defaults = dict(DETECTION_DEFAULTS, warmup_epochs=min(DETECTION_DEFAULTS["warmup_epochs"], epochs))
+    settings = {**defaults, **{k: v for k, v in given.items() if v is not None}}
     config = TrainConfig(
-        model=model, data=data, epochs=epochs, batch_size=batch_size, lr=lr, opt=opt, momentum=momentum,
-        nesterov=nesterov, wd=wd, sched=sched, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-        img_size=img_size, seed=seed, out=out or f"runs/{model}", resume=resume, workers=workers,
-        device=device, amp=amp, channels_last=channels_last, strict=strict,
+        model=model, data=data, epochs=epochs, opt=opt, momentum=momentum, nesterov=nesterov, sched=sched,
+        label_smoothing=label_smoothing, img_size=img_size, seed=seed, out=out or f"runs/{model}",
+        resume=resume, workers=workers, device=device, amp=amp, channels_last=channels_last, strict=strict,
+        task=task,
+        **settings,
     )  # fmt: skip
     try:
-        result = run(lambda: run_training(config))
+        result = run(lambda: run_training(config, task=run_task))
     except NonFiniteLossError as err:
         fail(str(err), code=1)
     if result.status == "interrupted":
         raise typer.Exit(130)
     if result.main_process:
-        console.print(f"{result.status}: val acc {result.val['acc']:.2f}%; results in {result.out}")
+        score = (
+            f"val AP {result.val['ap']:.4f}" if task == "detection" else f"val acc {result.val['acc']:.2f}%"
+        )
+        console.print(f"{result.status}: {score}; results in {result.out}")
+
+
+TaskOpt = Annotated[str, typer.Option(help="classification or detection.")]
+
+
+def _task(name: str):
+    """The engine task named by --task."""
+    if name == "classification":
+        from leanvision.engine.train import ClassificationTask
+
+        return ClassificationTask()
+    if name == "detection":
+        from leanvision.detection.task import DetectionTask
+
+        return DetectionTask()
+    fail(f"--task must be classification or detection, got {name!r}")
 
 
 def evaluate(
-    model: ModelOpt,
-    checkpoint: Annotated[str, typer.Option(help="Weights file (a training last.pt or any checkpoint).")],
     data: Annotated[str, typer.Option(help="Dataset spec; its validation split is evaluated.")],
+    model: Annotated[str | None, typer.Option(help="Registered model name.")] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Weights file (a training last.pt or any checkpoint).")
+    ] = None,
+    task: TaskOpt = "classification",
+    baseline: Annotated[
+        str | None, typer.Option(help="Detection only: evaluate a classical baseline instead (haar).")
+    ] = None,
+    multiscale: Annotated[
+        bool, typer.Option("--multiscale", help="Detection: S3FD's multi-scale test.")
+    ] = False,
+    flip: Annotated[bool, typer.Option("--flip", help="Detection: add a horizontally flipped pass.")] = False,
     img_size: RunImgSizeOpt = None,
     batch_size: ForwardBatchOpt = 256,
     device: DeviceOpt = "cpu",
     strict: StrictOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate a checkpoint on a dataset's validation split: loss and accuracy."""
-    from leanvision.engine.train import evaluate_checkpoint
+    """Evaluate a checkpoint on a dataset's validation split: loss and accuracy, or (--task detection) WIDER
+    FACE AP per subset (easy / medium / hard, and on images with <= 3 faces), single-scale by default."""
+    _task(task)
+    if task == "detection":
+        from leanvision.detection.task import evaluate_detection
 
-    metrics = run(lambda: evaluate_checkpoint(model, checkpoint, data, img_size, batch_size, device, strict))
+        options = {"multiscale": multiscale, "flip": flip}
+        metrics = run(
+            lambda: evaluate_detection(
+                model, checkpoint, data, baseline, min(batch_size, 16), device, strict, **options
+            )
+        )
+    else:
+        if model is None or checkpoint is None or baseline is not None:
+            fail("classification eval needs --model and --checkpoint (--baseline is for --task detection)")
+        from leanvision.engine.train import evaluate_checkpoint
+
+        metrics = run(
+            lambda: evaluate_checkpoint(model, checkpoint, data, img_size, batch_size, device, strict)
+        )
     if as_json:
         print(json.dumps(metrics))
         return
+    name = baseline or model
+    if task == "detection":
+        table = Table(
+            "subset", "AP", title=f"{name} on {data} ({metrics['images']} images), WIDER FACE protocol"
+        )
+        for key, value in metrics.items():
+            if key.startswith("ap_"):
+                table.add_row(key[3:], f"{value:.4f}")
+        console.print(table)
+        return
     extra = f", per-label accuracy {metrics['label_acc']:.2f}%" if "label_acc" in metrics else ""
     console.print(
-        f"[bold]{model}[/bold] on {data} ({metrics['samples']} images): loss {metrics['loss']:.4f}, "
+        f"[bold]{name}[/bold] on {data} ({metrics['samples']} images): loss {metrics['loss']:.4f}, "
         f"accuracy {metrics['acc']:.2f}%{extra}"
     )

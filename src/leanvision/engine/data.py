@@ -137,7 +137,7 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat(chunks).round().clamp(0, 255).to(torch.uint8)
 
 
-def _parse_options(spec: str, text: str, allowed: dict[str, int]) -> dict[str, int]:
+def parse_options(spec: str, text: str, allowed: dict[str, int]) -> dict[str, int]:
     options = dict(allowed)
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
@@ -154,7 +154,7 @@ def synthetic_splits(spec: str, name: str, options: str, img_size: int | None) -
         raise DataError(
             f"unknown synthetic dataset {name!r} in {spec!r}; expected one of {sorted(synthetic.SYNTHETIC)}"
         )
-    opts = _parse_options(spec, options, {"train": 10000, "val": 2000, "seed": 0})
+    opts = parse_options(spec, options, {"train": 10000, "val": 2000, "seed": 0})
     size = img_size or (64 if name == "shapes" else 32)
     multilabel = synthetic.MULTILABEL[name]
     splits = []
@@ -425,7 +425,7 @@ def metaalbum_splits(spec: str, arg: str, img_size: int | None, strict: bool) ->
     machine. With `holdout` V > 0, the last V of the training images are the validation split instead.
     """
     root_text, _, options = arg.partition(",")
-    opts = _parse_options(spec, options, {"seed": 0, "per_class": METAALBUM_PER_CLASS, "holdout": 0})
+    opts = parse_options(spec, options, {"seed": 0, "per_class": METAALBUM_PER_CLASS, "holdout": 0})
     root, per_class, holdout = Path(root_text), opts["per_class"], opts["holdout"]
     if per_class < 1 or not 0 <= holdout < per_class:
         raise DataError(

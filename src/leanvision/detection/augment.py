@@ -1,0 +1,83 @@
+"""S3FD's training augmentation (EdgeML's VGA `preprocess`, notes 1.5) on transforms.v2 with boxes.
+
+photometric distortion (p = 0.5 per op) -> data-anchor-sampling (p = 0.5) or SSD's IoU crop -> square
+resize -> horizontal flip (p = 0.5) -> faces whose centre left the crop, or smaller than `min_face` px,
+dropped -> grayscale (inference.to_channels) for a 1-channel detector. Deviations from EdgeML: one
+resize interpolation (bilinear, antialiased) instead of a random one of PIL's five; the crop's padding
+is the image's mean colour, not the dataset's; the QVGA models train on the same pipeline at 320 px
+(EdgeML's `preprocess_qvga` pads to square and shrinks images whose largest face exceeds 48 px).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from leanvision.detection.inference import to_channels
+
+VGA_ANCHORS = (16, 32, 64, 128, 256, 512)  # S3FD's anchor sizes at its 640 px training size
+ANCHOR_SAMPLING_P = 0.5
+MIN_FACE = 6  # EdgeML's min_face_size (VGA)
+
+
+class S3FDAugment:
+    """One training sample: uint8 RGB [3, H, W] and its face boxes [M, 4] xyxy pixels -> a float 0-1
+    [channels, size, size] crop and its boxes (float32 xyxy in the crop's pixels), possibly none."""
+
+    def __init__(self, size: int, channels: int = 3, min_face: int = MIN_FACE) -> None:
+        self.size, self.channels = size, channels
+        self.anchors = tuple(a * size / 640 for a in VGA_ANCHORS)  # the same faces per crop at any size
+        self.photometric = v2.RandomPhotometricDistort(
+            brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.05, 0.05), p=0.5
+        )  # hue +-18 degrees
+        self.iou_crop = v2.RandomIoUCrop(min_scale=0.3)
+        self.resize = v2.Resize((size, size), antialias=True)
+        self.flip = v2.RandomHorizontalFlip()
+        self.sanitize = v2.Compose([v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=min_face)])
+
+    def __call__(self, image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = {
+            "image": tv_tensors.Image(image),
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[1:])),
+            "labels": torch.ones(len(boxes), dtype=torch.int64),
+        }
+        sample = self.photometric(sample)
+        sample["image"] = TF.to_dtype(sample["image"], torch.float32, scale=True)
+        if len(boxes) and float(torch.rand(())) < ANCHOR_SAMPLING_P:
+            sample = self.anchor_sample(sample)
+        elif len(boxes):
+            sample = self.iou_crop(sample)
+        sample = self.flip(self.resize(sample))
+        sample = self.sanitize(sample)
+        image = to_channels(sample["image"].as_subclass(torch.Tensor), self.channels)
+        return image, sample["boxes"].as_subclass(torch.Tensor).float()
+
+    def anchor_sample(self, sample: dict) -> dict:
+        """PyramidBox's data-anchor-sampling: a random face is rescaled to a random anchor size no larger
+        than one above its nearest (times 2^U(-1, 1)) and a square crop of the training size around it is
+        taken (in the original pixels: a window of size / scale); outside the image it is padded with the
+        image's mean colour. Faces whose centre falls outside the crop are dropped."""
+        image, boxes = sample["image"], sample["boxes"]
+        face = boxes[int(torch.randint(len(boxes), ()))].tolist()
+        side = math.sqrt(max(face[2] - face[0], 1.0) * max(face[3] - face[1], 1.0))
+        nearest = min(range(len(self.anchors)), key=lambda i: abs(self.anchors[i] - side))
+        anchor = self.anchors[int(torch.randint(min(nearest + 1, len(self.anchors) - 1) + 1, ()))]
+        target = anchor * 2.0 ** float(torch.empty(()).uniform_(-1, 1))
+        window = max(1, round(self.size * side / target))
+        left = _uniform(min(face[0], face[2] - window), max(face[0], face[2] - window))
+        top = _uniform(min(face[1], face[3] - window), max(face[1], face[3] - window))
+        mean = image.mean((1, 2), keepdim=True)
+        crop = TF.crop(image - mean, top, left, window, window) + mean  # out of the image: mean colour
+        out_boxes = TF.crop(boxes, top, left, window, window)
+        centres = (out_boxes[:, :2] + out_boxes[:, 2:]) / 2
+        outside = ((centres < 0) | (centres >= window)).any(1)
+        out_boxes[outside] = 0  # zero-area: the sanitiser drops them with their labels
+        return {**sample, "image": tv_tensors.wrap(crop, like=image), "boxes": out_boxes}
+
+
+def _uniform(low: float, high: float) -> int:
+    return round(float(torch.empty(()).uniform_(low, high))) if high > low else round(low)
