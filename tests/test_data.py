@@ -163,6 +163,29 @@ def test_folder_dataset_skips_or_fails_on_corrupt_images(tmp_path):
         build_dataset(f"folder:{tmp_path / 'train'}")
 
 
+def test_folder_dataset_finds_truncated_images_before_training(tmp_path):
+    """Issue 20, item 3: a truncated JPEG passes Image.verify; the scan decodes it and finds it."""
+    _image_folder(tmp_path, ["cat", "dog"])
+    whole = tmp_path / "whole.jpg"
+    Image.effect_noise((64, 64), 60).convert("RGB").save(whole)
+    (tmp_path / "train" / "cat" / "cut.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="skipped 1 corrupt or missing image.*cut.jpg"):
+        data = build_dataset(f"folder:{tmp_path}", img_size=16)
+    assert len(data.train) == 4 and all(data.train[i][0].shape == (3, 16, 16) for i in range(4))
+    with pytest.raises(ValueError, match="corrupt or missing image .*cut.jpg.*truncated"):
+        build_dataset(f"folder:{tmp_path}", strict=True)
+
+
+def test_folder_dataset_refuses_different_classes(tmp_path):
+    """Issue 20, item 4: train/{a,b} and val/{a,c} would report val accuracy on class a alone."""
+    _image_folder(tmp_path, ["a", "b"])
+    (tmp_path / "val" / "b").rename(tmp_path / "val" / "c")
+    with pytest.raises(
+        ValueError, match=r"same class folders; only in train/: \['b'\], only in val/: \['c'\]"
+    ):
+        build_dataset(f"folder:{tmp_path}")
+
+
 def test_imagenet10_picks_table6_synsets(tmp_path):
     synsets = [s for s, _ in IMAGENET10_SYNSETS]
     _image_folder(tmp_path, [s for s in synsets if s != "n02430045"] + ["n99999999"], per_class=1)

@@ -115,3 +115,28 @@ def test_demo_bad_input(tmp_path):
     (tmp_path / "old.txt").write_text("x")
     busy = runner.invoke(app, ["demo", "--out", str(tmp_path)])
     assert busy.exit_code == 2 and "is not empty" in busy.stdout
+
+
+def test_ctrl_c_stops_the_demo(tmp_path, monkeypatch):
+    """Ctrl-C while the second model trains: nothing more trains, no table reports its partial accuracy,
+    exit code 130 (issue 20, item 1)."""
+    import leanvision.engine.train as engine
+
+    real_train, calls = engine.train, []
+
+    def train(config, **kwargs):
+        calls.append(config.model)
+        if len(calls) == 2:
+            kwargs["on_epoch_end"] = lambda row: (_ for _ in ()).throw(KeyboardInterrupt)
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(engine, "train", train)
+    out = tmp_path / "demo"
+    result = runner.invoke(
+        app,
+        ["demo", "--data", "synthetic:lines,train=64,val=32", "--epochs", "1", "--img-size", "16",
+         "--out", str(out), "--latency-seconds", "0.05"],
+    )  # fmt: skip
+    assert result.exit_code == 130, result.stdout
+    assert calls == list(DEMO_MODELS[:2]) and "interrupted" in result.stdout
+    assert not (out / "results.json").exists() and not (out / "table.md").exists()

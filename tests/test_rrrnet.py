@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -209,8 +211,26 @@ def test_cli_reduce_writes_a_loadable_checkpoint(tmp_path, resnet50_file):
         "rrrnet_resnet50", blocks=(1, 2, 1, 1), num_classes=20, pretrained=resnet50_file
     )
     assert all(torch.equal(a, b) for a, b in zip(reduced.state_dict().values(), direct.state_dict().values()))
-    bad = CliRunner().invoke(app, [*args[:-1], "1,2,7,1", "--out", str(out)])
+    bad = CliRunner().invoke(app, [*args[:-1], "1,2,7,1", "--out", str(tmp_path / "other.pth")])
     assert bad.exit_code == 2 and "layer3 of resnet50 has 6 blocks" in bad.output
+
+
+def test_cli_reduce_never_overwrites_silently(tmp_path, resnet50_file):
+    """Issue 20, item 2: an existing --out needs --overwrite; the --weights file is never the output."""
+    out = tmp_path / "reduced.pth"
+    out.write_bytes(b"keep me")
+    args = ["rrr", "reduce", "--backbone", "resnet50", "--weights", resnet50_file, "--blocks", "1,1,1,1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 2 and "already exists; pass --overwrite" in result.output
+    assert out.read_bytes() == b"keep me"
+    before = Path(resnet50_file).read_bytes()
+    for flags in ([], ["--overwrite"]):
+        result = CliRunner().invoke(app, [*args, "--out", resnet50_file, *flags])
+        assert result.exit_code == 2 and "is the --weights file" in result.output
+    assert Path(resnet50_file).read_bytes() == before
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() != b"keep me"
 
 
 def test_fit_rrr_trains_branches_on_a_frozen_warmed_stem():

@@ -23,12 +23,16 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def run(work: Callable[[], T]) -> T:
-    """Return `work()`. A LeanvisionError (bad input) becomes one error line and exit code 2; any other
-    exception is a bug and propagates with its traceback."""
+    """Return `work()`. A LeanvisionError (bad input) becomes one error line and exit code 2; Ctrl-C one
+    line and exit code 130 (what was saved says so itself); any other exception is a bug and propagates
+    with its traceback."""
     try:
         return work()
     except LeanvisionError as err:
         fail(str(err))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        raise typer.Exit(130) from None
 
 
 def millions(n: float) -> str:

@@ -33,12 +33,15 @@ def rrr_reduce(
     branches: Annotated[int, typer.Option(help="Split layer3/layer4 into this many branches.")] = 1,
     num_classes: Annotated[int, typer.Option(help="Classifier outputs (fresh unless it fits).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the random part of the branch kernel slices.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Keep the first blocks of each stage of a pretrained ResNet (by name) and write the checkpoint."""
     from leanvision.experiments.rrr import reduce_checkpoint
 
     kept = parse_blocks(blocks)
-    model = run(lambda: reduce_checkpoint(backbone, weights, kept, out, num_classes, branches, seed))
+    model = run(
+        lambda: reduce_checkpoint(backbone, weights, kept, out, num_classes, branches, seed, overwrite)
+    )
     params = sum(p.numel() for p in model.parameters())
     console.print(
         f"rrrnet_{backbone} blocks {','.join(map(str, kept))}, {branches} branch(es): {params:,} params; "

@@ -274,8 +274,12 @@ class ImageFiles(Dataset):
         from PIL import Image
 
         path, target = self.samples[index]
-        with Image.open(path) as image:
-            return self.transform(image.convert("RGB")), torch.tensor(target)
+        try:
+            with Image.open(path) as image:
+                pixels = image.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as err:  # changed on disk since the scan
+            raise DataError(f"cannot decode image {path}: {err}") from err
+        return self.transform(pixels), torch.tensor(target)
 
 
 def scan_images(root: Path, classes: list[str], strict: bool) -> list[tuple[Path, int]]:
@@ -293,15 +297,19 @@ def scan_images(root: Path, classes: list[str], strict: bool) -> list[tuple[Path
 
 
 def readable_images(samples: list[tuple[Path, int]], root: Path, strict: bool) -> list[tuple[Path, int]]:
-    """The samples whose image PIL can read; the others are counted in a warning, or raise if `strict`."""
+    """The samples whose image PIL can decode to the end; the others (missing, corrupt or truncated files)
+    are counted in a warning, or raise if `strict`. Each file is decoded once (JPEGs at reduced scale,
+    which still reads all their data): `Image.verify` would miss a truncated JPEG, which then fails in
+    the middle of an epoch."""
     from PIL import Image, UnidentifiedImageError
 
     readable, bad = [], []
     for path, index in samples:
         try:
             with Image.open(path) as image:
-                image.verify()
-        except (OSError, UnidentifiedImageError, SyntaxError) as err:
+                image.draft(image.mode, (64, 64))
+                image.load()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
             if strict:
                 raise DataError(f"corrupt or missing image {path}: {err}") from err
             bad.append(path)
@@ -360,6 +368,16 @@ def folder_splits(
         classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
         if not classes:
             raise DataError(f"{spec}: no class folders in {base / 'train'}")
+        val_classes = sorted(p.name for p in (base / "val").iterdir() if p.is_dir())
+        if val_classes != classes:
+            only = {
+                split: sorted(set(mine) - set(other))
+                for split, mine, other in (("train", classes, val_classes), ("val", val_classes, classes))
+            }
+            raise DataError(
+                f"{spec}: train/ and val/ must hold the same class folders; only in train/: "
+                f"{only['train']}, only in val/: {only['val']}"
+            )
         names = tuple(classes)
     size = img_size or 224
     splits = [

@@ -362,6 +362,12 @@ class TrainResult:
     model: nn.Module
     main_process: bool = True  # False on the other ranks of a data-parallel run
 
+    def raise_if_interrupted(self) -> None:
+        """Re-raise the Ctrl-C that ended this run: a caller running several must stop too (its `out`
+        keeps the last finished epoch, which the same call with resume continues)."""
+        if self.status == "interrupted":
+            raise KeyboardInterrupt
+
 
 def _resume_config(config: TrainConfig, state: dict[str, Any], path: Path) -> TrainConfig:
     """The checkpoint's settings, except those in RUN_SETTINGS; another model or data spec raises."""

@@ -82,6 +82,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> list[dic
             ),
             data=data,
         )  # fmt: skip
+        result.raise_if_interrupted()  # an interrupted model has no place beside the trained ones
         trained[name] = result.model.eval()
         cost = profile(result.model, input_size=input_size)
         rows.append(

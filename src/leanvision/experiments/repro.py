@@ -86,7 +86,9 @@ def _fit(model: nn.Module, data: DataSplits, out: Path, config: dict[str, Any], 
     torch.manual_seed(config.get("seed", 0))
     cfg = TrainConfig("probe", data.spec, out=str(out), opt="adamw", wd=0.0, **config)
     stop = (lambda row: row["val_acc"] >= 100.0) if stop_at_100 else None
-    return train(cfg, model=model, data=data, on_epoch_end=stop)
+    result = train(cfg, model=model, data=data, on_epoch_end=stop)
+    result.raise_if_interrupted()
+    return result
 
 
 def rnnpool_probe(

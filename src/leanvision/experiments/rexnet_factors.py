@@ -170,6 +170,7 @@ def rexnet_factors(
                 **config,
             )  # fmt: skip
             result = train(run, model=model, data=splits)
+            result.raise_if_interrupted()
             nuclear, normalized, rank = summarize(spectrum_of(penultimate_features(result.model, splits.val)))
             runs.append(
                 dict(

@@ -196,8 +196,7 @@ def train_model(trial: optuna.Trial, settings: SearchSettings, space: SearchSpac
         except Exception as err:
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
             raise
-        if result.status == "interrupted":
-            raise KeyboardInterrupt
+        result.raise_if_interrupted()
         accs.append(result.val["acc"])
     trial.set_user_attr("acc_runs", accs)
     print(

@@ -32,12 +32,17 @@ def reduce_checkpoint(
     num_classes: int = 1000,
     branches: int = 1,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> RRRNet:
     """Write the reduced (and optionally split) model built from a full ResNet file; returns the model.
 
     The file loads with `create_model(f"rrrnet_{backbone}", blocks=..., branches=..., num_classes=...,
-    pretrained=out)`.
+    pretrained=out)`. An existing `out` is replaced only with `overwrite`, and never when it is `weights`.
     """
+    if Path(out).exists() and Path(weights).exists() and Path(out).samefile(weights):
+        raise InvalidArgumentError(f"--out {out} is the --weights file it is reduced from; write elsewhere")
+    if Path(out).exists() and not overwrite:
+        raise InvalidArgumentError(f"{out} already exists; pass --overwrite to replace it")
     model = RRRNet(backbone, blocks, branches, num_classes, seed=seed).load_pretrained(weights)
     save_checkpoint(model, out)
     return model
@@ -140,6 +145,5 @@ def finetune(
         progress=False,
     )
     result = train(config, model, data)
-    if result.status != "completed":
-        raise KeyboardInterrupt  # `out` keeps the last epoch; the same call resumes it
+    result.raise_if_interrupted()
     return result.val
