@@ -157,11 +157,56 @@ def test_missing_file_and_pickled_objects_are_refused(tmp_path):
         read_state_dict(tmp_path / "nope.pth")
 
     torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match=r"objects other than tensors .*\(test_checkpoints.Payload\)"):
         read_state_dict(tmp_path / "evil.pth")
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         read_state_dict(tmp_path / "garbage.pth")
+
+
+def bad_checkpoints(folder) -> dict[str, bytes]:
+    """Files that are not checkpoints: empty, random bytes, a truncated one, a hostile pickle."""
+    torch.save({"w": torch.zeros(100)}, folder / "whole.pt")
+    whole = (folder / "whole.pt").read_bytes()
+    torch.save({"obj": Payload()}, folder / "evil.pt")
+    random = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return {
+        "empty": b"", "random": bytes(random.tolist()), "truncated": whole[: len(whole) // 2],
+        "hostile": (folder / "evil.pt").read_bytes(),
+    }  # fmt: skip
+
+
+def test_bad_files_are_named_and_never_unpickled(tmp_path):
+    """Issue 20, items 6 and 9: every bad file is one CheckpointError naming it, and torch's hint to load
+    with weights_only=False is never passed on; `train --resume` says so in one line, as `eval` does."""
+    from typer.testing import CliRunner
+
+    from leanvision.cli import app
+    from leanvision.engine.train_state import load_training_checkpoint
+
+    for kind, content in bad_checkpoints(tmp_path).items():
+        path = tmp_path / f"{kind}.pth"
+        path.write_bytes(content)
+        for load in (read_state_dict, load_training_checkpoint):
+            with pytest.raises(CheckpointError, match=str(path)) as caught:
+                load(path)
+            assert "weights_only=False" not in str(caught.value) and "weights_only` set" not in str(
+                caught.value
+            )
+        run = tmp_path / kind
+        run.mkdir()
+        (run / "last.pt").write_bytes(content)
+        args = ["train", "--model", "rexnet_100_lowres", "--data", "synthetic:lines,train=8,val=8", "--out"]
+        result = CliRunner().invoke(app, [*args, str(run), "--resume"])
+        assert result.exit_code == 2, (kind, result.output)
+        assert (
+            result.output.startswith("error:")
+            and "last.pt" in result.output
+            and "Traceback" not in result.output
+        )
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="bad.safetensors is not a readable safetensors file"):
+        read_state_dict(tmp_path / "bad.safetensors")
 
 
 def test_non_strict_load_allows_new_classifier(tmp_path):

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -305,6 +306,34 @@ def test_a_model_whose_worker_died_is_queued_again(tmp_path, monkeypatch):
     trials = study_trials(settings)
     assert trials[0].state == optuna.trial.TrialState.FAIL and trials[2].params == {"model": 0}
     assert sorted(m["model"] for m in report.ranked) == [0, 1] and report.untrained == []
+
+
+def test_a_local_worker_that_died_is_not_waited_for(tmp_path, monkeypatch):
+    """Issue 20, item 5: re-running right after a local worker died trains its model again at once (the
+    default 300 s grace period is not waited for) and reports every model trained."""
+    settings = tiny_settings(tmp_path / "search", models=2)
+    run_workers = search_study._run_workers
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid of this host that no longer runs
+
+    def dying_worker(settings):  # claims the first queued model as train_model does, then dies
+        storage = open_storage(settings.storage_url)
+        with pytest.warns(UserWarning, match="Heartbeat"):
+            trial = optuna.load_study(study_name=settings.study_name, storage=storage).ask()
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": gone.pid})
+        storage.record_heartbeat(trial._trial_id)
+
+    monkeypatch.setattr(search_study, "_run_workers", dying_worker)
+    assert run_search(settings).untrained == [
+        {"model": 0, "state": "running"},
+        {"model": 1, "state": "queued"},
+    ]
+    monkeypatch.setattr(search_study, "_run_workers", run_workers)
+    report = run_search(settings)  # at once: the heartbeat is fresh
+    assert sorted(m["model"] for m in report.ranked) == [0, 1] and report.untrained == []
+    assert study_trials(settings)[0].state == optuna.trial.TrialState.FAIL
+    alive = study_trials(settings)[-1].user_attrs["worker"]
+    assert alive == {"host": socket.gethostname(), "pid": os.getpid()}  # one worker: this process
 
 
 def test_cli_reports_bad_limits_in_one_line(tmp_path):

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from leanvision.errors import InvalidArgumentError, MissingFileError
+from leanvision.errors import CheckpointError, InvalidArgumentError, MissingFileError
+from leanvision.models.weights import load_torch_file
 
 
 def empty_output_dir(out: str | Path) -> Path:
@@ -74,8 +75,8 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"no checkpoint to resume from: {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    missing = {"model", "optimizer", "epoch", "config", "rng"} - set(state)
+    state = load_torch_file(path)
+    missing = {"model", "optimizer", "epoch", "config", "rng"} - set(state if isinstance(state, dict) else ())
     if missing:
         raise InvalidArgumentError(
             f"{path} is not a leanvision training checkpoint (missing {sorted(missing)})"
@@ -89,7 +90,7 @@ def read_training_config(path: str | Path) -> dict[str, Any] | None:
     if path.suffix == ".safetensors" or not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not ours: leave the error to the weights loader, which names the problem
+        state = load_torch_file(path)
+    except CheckpointError:  # not ours: leave the error to the weights loader, which names the problem
         return None
     return state.get("config") if isinstance(state, dict) and isinstance(state.get("config"), dict) else None

@@ -18,8 +18,10 @@ Files are read with `torch.load(weights_only=True)` or safetensors: nothing is e
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +29,27 @@ from torch import nn
 from leanvision.errors import CheckpointError, MissingFileError
 
 WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_state_dict", "net")
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """`torch.load(weights_only=True)` of a local file. Any failure is a CheckpointError naming the file;
+    torch's own message is not passed on, since it suggests weights_only=False (unpickling arbitrary code),
+    which leanvision never does."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if found:
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain containers ({found.group(1)}); "
+                "leanvision loads weights only, never pickled objects. Re-save it as a state_dict"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or not one)") from None
+    except Exception as err:  # a file torch cannot parse is bad input, whatever its parser raises
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or not one): {first}"
+        ) from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -37,19 +60,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"checkpoint file not found: {path} (leanvision loads weights from local files only)"
         )
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(
-                f"{path} holds objects other than tensors and plain containers; leanvision only loads "
-                f"weights (weights_only=True). Re-save it as a state_dict. ({str(err).splitlines()[0]})"
-            ) from err
-        except (RuntimeError, EOFError) as err:
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+    else:
+        state = load_torch_file(path)
     while isinstance(state, Mapping) and not _is_tensor_dict(state):
         inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
         if inner is None:

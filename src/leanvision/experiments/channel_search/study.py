@@ -14,7 +14,10 @@ is empty.
 Re-running the same command resumes: finished models (trained, or diverged) are kept, models whose trial
 failed are queued again, and each training run continues from its `last.pt`. A worker that dies leaves a
 RUNNING trial whose heartbeat stops; after the grace period the next worker or re-run fails it and queues
-the model again.
+the model again. A re-run on the worker's own machine does not wait for the grace period: each trial
+records its worker's host and process id, and a RUNNING trial of this host whose process is gone is
+failed and queued again at once (a pid reused by another process meanwhile looks alive: then the grace
+period applies).
 
 Run r of every model trains with seed `seed + r`, so models are compared under the same seeds.
 """
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -178,6 +183,7 @@ def train_model(trial: optuna.Trial, settings: SearchSettings, space: SearchSpac
     if "model" not in trial.params:  # another worker took the last queued model after our queue check
         raise optuna.TrialPruned("no queued model left")
     model, channels = trial.params["model"], list(trial.user_attrs["channels"])
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
     name = "search:" + "-".join(map(str, channels))
     tic, accs = time.perf_counter(), []
     for run in range(settings.repeats):
@@ -205,6 +211,28 @@ def train_model(trial: optuna.Trial, settings: SearchSettings, space: SearchSpac
         flush=True,
     )
     return float(np.mean(accs))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def fail_dead_local_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
+    """Fail the RUNNING trials whose worker ran on this host and has exited (their models are then queued
+    again); returns their numbers. Trials of other hosts wait for the heartbeat's grace period."""
+    host, failed = socket.gethostname(), []
+    for trial in _trials(study, TrialState.RUNNING):
+        worker = trial.user_attrs.get("worker") or {}
+        if worker.get("host") == host and not _process_alive(int(worker["pid"])):
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            failed.append(trial.number)
+    return failed
 
 
 def _stop_when_queue_empty(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -411,8 +439,9 @@ def run_search(settings: SearchSettings) -> SearchReport:
         space, settings.max_params, settings.max_macs, settings.seed, settings.models
     )
     Path(settings.out).mkdir(parents=True, exist_ok=True)
+    storage = open_storage(settings.storage_url)
     study = optuna.create_study(
-        storage=open_storage(settings.storage_url),
+        storage=storage,
         study_name=settings.study_name,
         direction="maximize",
         load_if_exists=True,
@@ -421,6 +450,7 @@ def run_search(settings: SearchSettings) -> SearchReport:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    fail_dead_local_trials(study, storage)
     _queue_missing(study, settings, candidates)
     if _trials(study, TrialState.WAITING):
         _run_workers(settings)
