@@ -99,3 +99,35 @@ def test_a_bug_shows_its_traceback(tmp_path):
     assert done.returncode == 1
     assert "Traceback" in done.stderr and done.stderr.rstrip().endswith("KeyError: 'key'")
     assert "error:" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["memory", "mobilenetv2_035", "--input-size", "32"],
+        ["rank-study", "--networks", "1", "--ratios", "0.5:1:0.5"],
+    ],
+)
+def test_plot_files_are_checked_before_the_work(tmp_path, command, monkeypatch):
+    """Issue 20, item 7: --plot into a missing folder is created before the work (the figure lands), an
+    unknown format or a file in the folder's place fails before any work."""
+    runner = CliRunner()
+    target = tmp_path / "new" / "deeper" / "plot.png"
+    result = runner.invoke(app, [*command, "--plot", str(target)])
+    assert result.exit_code == 0, result.output
+    assert target.stat().st_size > 1000
+    (tmp_path / "file").write_text("x")
+    import leanvision.analysis.memory as memory
+    import leanvision.analysis.rank as rank
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started before the options were checked")
+
+    monkeypatch.setattr(memory, "trace", no_work)
+    monkeypatch.setattr(rank, "rank_study", no_work)
+    for bad, message in (
+        (tmp_path / "file" / "plot.png", "is a file, not a folder"),
+        (tmp_path / "plot.xyz", "suffix names the image format"),
+    ):
+        result = runner.invoke(app, [*command, "--plot", str(bad)])
+        assert result.exit_code == 2 and message in result.output, result.output

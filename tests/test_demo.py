@@ -112,6 +112,9 @@ def test_demo_bad_input(tmp_path):
     )
     assert unknown.exit_code == 2 and "unknown model 'rexnet_bogus'" in unknown.stdout
     assert not any(tmp_path.iterdir())  # refused before anything trained
+    bad = runner.invoke(app, ["demo", "--latency-seconds", "-1", "--out", str(tmp_path)])  # issue 20, item 7
+    assert bad.exit_code == 2 and "latency_seconds > 0" in bad.stdout and "training" not in bad.stdout
+    assert not any(tmp_path.iterdir())
     (tmp_path / "old.txt").write_text("x")
     busy = runner.invoke(app, ["demo", "--out", str(tmp_path)])
     assert busy.exit_code == 2 and "is not empty" in busy.stdout

@@ -35,6 +35,25 @@ def run(work: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
 
 
+def plot_file(path: str | None, option: str = "--plot") -> None:
+    """Check an image file to be written after the work, before the work starts: a format matplotlib
+    writes, in a folder (created if missing)."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        fail(f"{option} {path}: the suffix names the image format, one of {', '.join(sorted(formats))}")
+    folder = Path(path).parent
+    if folder.exists() and not folder.is_dir():
+        fail(f"{option} {path}: {folder} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def millions(n: float) -> str:
     """A count in millions: 4796873 -> '4.80M'."""
     return f"{n / 1e6:.2f}M"

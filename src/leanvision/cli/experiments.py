@@ -95,6 +95,7 @@ def demo(
     config = DemoConfig(
         data, tuple(models.split(",")), epochs, img_size, seed=seed, out=out, latency_seconds=latency_seconds
     )
+    run(config.check)
     console.print(config.plan())
     rows = run(lambda: run_demo(config, log=console.print))
     table = Table(

@@ -17,6 +17,7 @@ from leanvision.cli.common import (
     ThreadsOpt,
     console,
     fail,
+    plot_file,
     run,
     square_input,
 )
@@ -168,6 +169,7 @@ def memory(
     measured = measured or streamed
     if measured and dtype != "fp32":
         fail(f"--measured runs the model in fp32: use --dtype fp32 with it, got {dtype!r}")
+    plot_file(plot)
     graph = run(lambda: trace_model(name, square_input(input_size)))
     size = square_input(input_size)
     peaks = run(lambda: _measured_peaks(graph.model, size, streamed, split_blocks)) if measured else {}

@@ -17,6 +17,7 @@ from leanvision.cli.common import (
     console,
     fail,
     parse_ratios,
+    plot_file,
     run,
 )
 
@@ -61,6 +62,7 @@ def rank_study_command(
     """
     from leanvision.analysis.rank import plot_rank_study, rank_study
 
+    plot_file(plot)
     study = run(
         lambda: rank_study(
             blocks=blocks.split(","), activations=activations.split(","), networks=networks,
@@ -112,6 +114,7 @@ def rank_command(
 
     if len(model) != len(checkpoint):
         fail(f"give one --checkpoint per --model: got {len(model)} models and {len(checkpoint)} checkpoints")
+    plot_file(plot)
     options = dict(split=split, max_images=max_images, img_size=img_size, batch_size=batch_size)
     spectra = [
         run(lambda m=m, c=c: feature_spectrum(m, c, data, device=device, strict=strict, **options))

@@ -39,6 +39,20 @@ class DemoConfig:
     out: str = "runs/demo"
     latency_seconds: float = 2.0  # timed seconds per model
 
+    def check(self) -> None:
+        """Raise an InvalidArgumentError naming the first bad setting (before anything trains)."""
+        if self.epochs < 1 or not self.models:
+            raise InvalidArgumentError(
+                f"need epochs >= 1 and at least one model, got {self.epochs} and {self.models}"
+            )
+        if not self.latency_seconds > 0 or not self.lr > 0 or self.batch_size < 1:
+            raise InvalidArgumentError(
+                f"need latency_seconds > 0, lr > 0 and batch_size >= 1; got {self.latency_seconds}, "
+                f"{self.lr} and {self.batch_size}"
+            )
+        if self.img_size is not None and self.img_size < 16:
+            raise InvalidArgumentError(f"img_size must be >= 16, got {self.img_size}")
+
     def plan(self) -> str:
         """One paragraph saying what the demo is about to do."""
         return (
@@ -61,10 +75,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> list[dic
     from leanvision.experiments.compare import interleaved_latency_ms
     from leanvision.models.registry import get_model_config
 
-    if config.epochs < 1 or not config.models:
-        raise InvalidArgumentError(
-            f"need epochs >= 1 and at least one model, got {config.epochs} and {config.models}"
-        )
+    config.check()
     for name in config.models:
         get_model_config(name)  # an unknown name fails now, not after the others have trained
     out = empty_output_dir(config.out)
