@@ -19,6 +19,7 @@ from leanvision.engine.train import Meter, NonFiniteLossError, TrainConfig, lr_f
 from leanvision.engine.train_state import load_training_checkpoint
 
 LINES = "synthetic:lines,train=48,val=24"
+runner = CliRunner()
 
 
 class Tiny(nn.Module):
@@ -193,7 +194,6 @@ def test_multilabel_training_reports_label_accuracy(tmp_path):
 
 
 def test_cli_train_then_eval(tmp_path):
-    runner = CliRunner()
     out = tmp_path / "run"
     args = ["train", "--model", "mobilenetv2_035", "--data", LINES, "--epochs", "1", "--img-size", "32"]
     result = runner.invoke(app, [*args, "--batch-size", "16", "--out", str(out)])
@@ -245,6 +245,41 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert state["epoch"] == 2 and not any(k.startswith("module.") for k in state["model"])
     data = build_dataset(LINES, 32)
     assert len(data.train) == 48  # 3 steps of 8 per process and epoch
+    # issue 20, item 8: one process cannot continue a two-process run exactly
+    again = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "mobilenetv2_035",
+            "--data",
+            LINES,
+            "--epochs",
+            "3",
+            "--out",
+            str(out),
+            "--resume",
+        ],
+    )
+    assert again.exit_code == 2 and "trained by 2 process(es), this run has 1" in again.stdout
+
+
+def test_resume_refuses_flags_it_would_ignore(tmp_path):
+    """Issue 20, item 8: --resume keeps the checkpoint's settings; a different --lr or --batch-size given
+    with it is refused, each named with the run's value; the same values and run settings are fine."""
+    out = tmp_path / "run"
+    base = ["train", "--model", "mobilenetv2_035", "--data", LINES, "--img-size", "32", "--out", str(out)]
+    first = runner.invoke(app, [*base, "--epochs", "1", "--lr", "0.05", "--batch-size", "16"])
+    assert first.exit_code == 0, first.stdout
+    changed = runner.invoke(app, [*base, "--epochs", "2", "--resume", "--lr", "0.5", "--batch-size", "8"])
+    assert changed.exit_code == 2, changed.stdout
+    assert (
+        "--lr 0.5 (the run's: 0.05)" in changed.stdout and "--batch-size 8 (the run's: 16)" in changed.stdout
+    )
+    assert load_training_checkpoint(out / "last.pt")["epoch"] == 1  # nothing ran
+    same = runner.invoke(app, [*base, "--epochs", "2", "--resume", "--lr", "0.05", "--workers", "1"])
+    assert same.exit_code == 0, same.stdout
+    assert load_training_checkpoint(out / "last.pt")["epoch"] == 2
 
 
 def test_probe_and_one_go_models():
@@ -288,7 +323,6 @@ def test_rnnpool_probe_learns_the_lines_set(tmp_path):
 
 @pytest.mark.slow
 def test_repro_commands_run_end_to_end(tmp_path):
-    runner = CliRunner()
     args = ["--train-size", "16", "--val-size", "32", "--max-hidden", "4", "--epochs", "1"]
     probe = runner.invoke(app, ["repro", "rnnpool-probe", *args, "--out", str(tmp_path / "probe")])
     assert probe.exit_code == 0, probe.stdout

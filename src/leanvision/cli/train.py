@@ -24,6 +24,7 @@ from leanvision.cli.common import (
 
 
 def train(
+    ctx: typer.Context,
     model: ModelOpt,
     data: Annotated[str, typer.Option(help="Dataset spec, e.g. synthetic:lines, fashion-mnist, folder:DIR.")],
     task: TaskOpt = "classification",
@@ -67,6 +68,8 @@ def train(
     from leanvision.engine.train import train as run_training
 
     run_task = _task(task)
+    if resume:
+        _refuse_ignored_flags(ctx, out or f"runs/{model}")
     given = {"batch_size": batch_size, "lr": lr, "wd": wd, "warmup_epochs": warmup_epochs}
     defaults = {}
     if task == "detection":
@@ -95,6 +98,30 @@ def train(
 
 
 TaskOpt = Annotated[str, typer.Option(help="classification or detection.")]
+
+
+def _refuse_ignored_flags(ctx: typer.Context, out: str) -> None:
+    """A resumed run keeps its checkpoint's settings (engine.train.RUN_SETTINGS excepted): a flag given on
+    the command line with another value would be ignored silently, so it is refused, each one named."""
+    from pathlib import Path
+
+    from leanvision.engine.train import RUN_SETTINGS
+    from leanvision.engine.train_state import read_training_config
+
+    saved = read_training_config(Path(out) / "last.pt")
+    if saved is None:
+        return  # no readable checkpoint: the engine says what is wrong with it
+    ignored = [
+        f"--{name.replace('_', '-')} {value} (the run's: {saved[name]})"
+        for name, value in ctx.params.items()
+        if name in saved and name not in RUN_SETTINGS and value != saved[name]
+        and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"  # typer vendors click
+    ]  # fmt: skip
+    if ignored:
+        fail(
+            f"--resume continues {out}/last.pt with its own settings; these flags differ from them and would "
+            f"be ignored: {', '.join(ignored)}. Drop them, or start a new run with another --out"
+        )
 
 
 def _task(name: str):

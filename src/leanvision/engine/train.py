@@ -450,6 +450,12 @@ def _train(
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    if state is not None and state.get("world_size", ctx.world) != ctx.world:
+        raise InvalidArgumentError(
+            f"cannot resume: {checkpoint_path} was trained by {state['world_size']} process(es), this run "
+            f"has {ctx.world}; the global batch and the data order would change. Resume with "
+            f"{state['world_size']} process(es)"
+        )
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -486,6 +492,7 @@ def _train(
                         "history": history,
                         "config": asdict(config),
                         "rng": rng_state(),
+                        "world_size": ctx.world,
                     },
                     checkpoint_path,
                 )
