@@ -332,3 +332,53 @@ def test_repro_commands_run_end_to_end(tmp_path):
     assert again.exit_code == 2 and "not empty" in again.stdout
     unknown = runner.invoke(app, ["repro", "table9"])
     assert unknown.exit_code == 2 and "No such command 'table9'" in unknown.output
+
+
+def test_full_disk_bad_device_and_file_out(tmp_path, monkeypatch):
+    """Issue 20, items 9 and 10: a full disk during the checkpoint write is one error that says so, leaves
+    no temporary file and keeps the previous last.pt; --device garbage, --out naming a file, --wd nan and
+    --lr inf are refused before any work."""
+    import errno
+
+    import leanvision.engine.train_state as train_state
+
+    out = tmp_path / "run"
+    base = ["train", "--model", "mobilenetv2_035", "--data", LINES, "--img-size", "32", "--out", str(out)]
+    assert runner.invoke(app, [*base, "--epochs", "1"]).exit_code == 0
+    before = (out / "last.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_state.torch, "save", full_disk)
+    result = runner.invoke(app, [*base, "--epochs", "2", "--resume"])
+    monkeypatch.setattr(train_state.torch, "save", real_save)
+    assert result.exit_code == 2, result.stdout
+    assert "the disk is full" in result.stdout and "keeps its previous content" in result.stdout
+    assert (out / "last.pt").read_bytes() == before and not (out / ".last.pt.tmp").exists()
+    (out / ".last.pt.tmp").write_bytes(b"left by a crash")
+    assert runner.invoke(app, [*base, "--epochs", "2", "--resume"]).exit_code == 0
+    assert not (out / ".last.pt.tmp").exists()
+
+    (tmp_path / "afile").write_text("x")
+    for flags, message in (
+        (["--device", "garbage"], "device must be cpu, cuda or cuda:N, got 'garbage'"),
+        (["--out", str(tmp_path / "afile")], "is a file; the run needs a folder"),
+        (["--wd", "nan"], "need finite lr > 0, wd >= 0"),
+        (["--lr", "inf"], "need finite lr > 0, wd >= 0"),
+    ):
+        args = [
+            "train",
+            "--model",
+            "mobilenetv2_035",
+            "--data",
+            LINES,
+            "--out",
+            str(tmp_path / "new"),
+            *flags,
+        ]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.stdout, (flags, result.stdout)
+    assert not (tmp_path / "new").exists()

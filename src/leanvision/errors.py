@@ -31,3 +31,7 @@ class DataError(LeanvisionError, ValueError):
 
 class MissingFileError(LeanvisionError, FileNotFoundError):
     """A file or folder that was named but does not exist."""
+
+
+class OutputError(LeanvisionError, OSError):
+    """An output that cannot be written (a full disk, no permission); what was written before stays."""

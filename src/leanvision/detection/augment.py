@@ -19,18 +19,20 @@ from torchvision.transforms.v2 import functional as TF
 
 from leanvision.detection.inference import to_channels
 
-VGA_ANCHORS = (16, 32, 64, 128, 256, 512)  # S3FD's anchor sizes at its 640 px training size
+VGA_ANCHORS = (16, 32, 64, 128, 256, 512)  # S3FD's anchor sizes (px), EdgeML's VGA config
 ANCHOR_SAMPLING_P = 0.5
 MIN_FACE = 6  # EdgeML's min_face_size (VGA)
 
 
 class S3FDAugment:
     """One training sample: uint8 RGB [3, H, W] and its face boxes [M, 4] xyxy pixels -> a float 0-1
-    [channels, size, size] crop and its boxes (float32 xyxy in the crop's pixels), possibly none."""
+    [channels, size, size] crop and its boxes (float32 xyxy in the crop's pixels), possibly none.
+    `anchors`: the detector's anchor sizes in pixels, which data-anchor-sampling rescales faces to."""
 
-    def __init__(self, size: int, channels: int = 3, min_face: int = MIN_FACE) -> None:
-        self.size, self.channels = size, channels
-        self.anchors = tuple(a * size / 640 for a in VGA_ANCHORS)  # the same faces per crop at any size
+    def __init__(
+        self, size: int, channels: int = 3, anchors: tuple[int, ...] = VGA_ANCHORS, min_face: int = MIN_FACE
+    ) -> None:
+        self.size, self.channels, self.anchors = size, channels, tuple(anchors)  # the detector's, in px
         self.photometric = v2.RandomPhotometricDistort(
             brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.05, 0.05), p=0.5
         )  # hue +-18 degrees

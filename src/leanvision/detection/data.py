@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from leanvision.detection import synthetic_faces
-from leanvision.detection.augment import S3FDAugment
+from leanvision.detection.augment import VGA_ANCHORS, S3FDAugment
 from leanvision.detection.evaluation import SIZE_BUCKETS
 from leanvision.detection.inference import to_channels
 from leanvision.engine.data import parse_options, readable_images
@@ -186,7 +186,9 @@ def _readable(annotations: list[Annotation], root: Path, strict: bool) -> list[A
 
 
 # --------------------------------------------------------------------------------------------- synthetic
-def synthetic_splits(spec: str, options: str, channels: int, img_size: int | None) -> DetectionSplits:
+def synthetic_splits(
+    spec: str, options: str, channels: int, img_size: int | None, anchors: tuple[int, ...]
+) -> DetectionSplits:
     opts = parse_options(spec, options, {"train": 2000, "val": 200, "seed": 0})
     subsets = tuple(SIZE_BUCKETS)
 
@@ -198,7 +200,7 @@ def synthetic_splits(spec: str, options: str, channels: int, img_size: int | Non
         return torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(boxes)
 
     size = img_size or SMALL_SIZE
-    train = FaceBoxes(annotations("train"), render, channels, subsets, S3FDAugment(size, channels))
+    train = FaceBoxes(annotations("train"), render, channels, subsets, S3FDAugment(size, channels, anchors))
     val = FaceBoxes(annotations("val"), render, channels, subsets)
     return DetectionSplits(spec, train, val, channels, size, subsets)
 
@@ -270,7 +272,7 @@ def wider_subsets(root: Path, annotations: list[Annotation]) -> None:
 
 
 def widerface_splits(
-    spec: str, arg: str, channels: int, img_size: int | None, strict: bool
+    spec: str, arg: str, channels: int, img_size: int | None, strict: bool, anchors: tuple[int, ...]
 ) -> DetectionSplits:
     root = Path(arg)
     hint = f"expected WIDER FACE's official layout under {root} ({WIDER_URL})"
@@ -287,7 +289,7 @@ def widerface_splits(
     size = img_size or LARGE_SIZE
     return DetectionSplits(
         spec,
-        FaceBoxes(train, load_file, channels, WIDER_SUBSETS, S3FDAugment(size, channels)),
+        FaceBoxes(train, load_file, channels, WIDER_SUBSETS, S3FDAugment(size, channels, anchors)),
         FaceBoxes(val, load_file, channels, WIDER_SUBSETS),
         channels, size, WIDER_SUBSETS,
     )  # fmt: skip
@@ -307,7 +309,9 @@ def read_voc_boxes(path: Path, problems: _Problems) -> torch.Tensor | None:
     return torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
 
 
-def scut_splits(spec: str, arg: str, channels: int, img_size: int | None, strict: bool) -> DetectionSplits:
+def scut_splits(
+    spec: str, arg: str, channels: int, img_size: int | None, strict: bool, anchors: tuple[int, ...]
+) -> DetectionSplits:
     path, _, options = arg.partition(",")
     opts = parse_options(spec, options, {"seed": 0})
     root = Path(path)
@@ -335,16 +339,21 @@ def scut_splits(spec: str, arg: str, channels: int, img_size: int | None, strict
     order = torch.randperm(len(annotations), generator=torch.Generator().manual_seed(opts["seed"])).tolist()
     n_val = max(1, round(SCUT_VAL_FRACTION * len(annotations)))
     val, train = [annotations[i] for i in order[:n_val]], [annotations[i] for i in order[n_val:]]
-    return _file_splits(spec, train, val, channels, img_size or SMALL_SIZE)
+    return _file_splits(spec, train, val, channels, img_size or SMALL_SIZE, anchors)
 
 
 def _file_splits(
-    spec: str, train: list[Annotation], val: list[Annotation], channels: int, size: int
+    spec: str,
+    train: list[Annotation],
+    val: list[Annotation],
+    channels: int,
+    size: int,
+    anchors: tuple[int, ...],
 ) -> DetectionSplits:
     subsets = (*SIZE_BUCKETS, "all")
     return DetectionSplits(
         spec,
-        FaceBoxes(train, load_file, channels, subsets, S3FDAugment(size, channels)),
+        FaceBoxes(train, load_file, channels, subsets, S3FDAugment(size, channels, anchors)),
         FaceBoxes(val, load_file, channels, subsets),
         channels, size, subsets,
     )  # fmt: skip
@@ -378,7 +387,9 @@ def read_coco_boxes(path: Path, images: Path, category: int, problems: _Problems
     ]
 
 
-def coco_splits(spec: str, arg: str, channels: int, img_size: int | None, strict: bool) -> DetectionSplits:
+def coco_splits(
+    spec: str, arg: str, channels: int, img_size: int | None, strict: bool, anchors: tuple[int, ...]
+) -> DetectionSplits:
     path, _, options = arg.partition(",")
     opts = parse_options(spec, options, {"category": 0})
     root = Path(path)
@@ -393,15 +404,20 @@ def coco_splits(spec: str, arg: str, channels: int, img_size: int | None, strict
         images = root / found[0].stem.removeprefix("instances_")
         annotations = read_coco_boxes(found[0], images, opts["category"], _Problems(strict))
         splits.append(_readable(annotations, images, strict))
-    return _file_splits(spec, *splits, channels, img_size or LARGE_SIZE)
+    return _file_splits(spec, *splits, channels, img_size or LARGE_SIZE, anchors)
 
 
 def build_detection_data(
-    spec: str, channels: int = 3, img_size: int | None = None, strict: bool = False
+    spec: str,
+    channels: int = 3,
+    img_size: int | None = None,
+    strict: bool = False,
+    anchors: tuple[int, ...] = VGA_ANCHORS,
 ) -> DetectionSplits:
-    """The train and val splits named by `spec` (module docstring), for a `channels`-channel detector;
-    training crops img_size x img_size (default per dataset). `strict` fails on the first corrupt image
-    or malformed annotation instead of skipping it with a warning."""
+    """The train and val splits named by `spec` (module docstring), for a `channels`-channel detector with
+    `anchors` (its anchor sizes in pixels, for data-anchor-sampling); training crops img_size x img_size
+    (default per dataset). `strict` fails on the first corrupt image or malformed annotation instead of
+    skipping it with a warning."""
     if channels not in (1, 3):
         raise DataError(f"detection data is RGB or gray: channels must be 1 or 3, got {channels}")
     if img_size is not None and (img_size < 32 or img_size % 32):
@@ -411,13 +427,13 @@ def build_detection_data(
         name, _, options = arg.partition(",")
         if name != "faces":
             raise DataError(f"unknown synthetic detection set {name!r} in {spec!r}; expected synthetic:faces")
-        return synthetic_splits(spec, options, channels, img_size)
+        return synthetic_splits(spec, options, channels, img_size, anchors)
     if kind in ("widerface", "scut-head", "coco-boxes") and not arg.partition(",")[0]:
         raise DataError(f"data spec {spec!r} needs a folder: {kind}:DIR")
     if kind == "widerface":
-        return widerface_splits(spec, arg, channels, img_size, strict)
+        return widerface_splits(spec, arg, channels, img_size, strict, anchors)
     if kind == "scut-head":
-        return scut_splits(spec, arg, channels, img_size, strict)
+        return scut_splits(spec, arg, channels, img_size, strict, anchors)
     if kind == "coco-boxes":
-        return coco_splits(spec, arg, channels, img_size, strict)
+        return coco_splits(spec, arg, channels, img_size, strict, anchors)
     raise DataError(f"unknown detection data spec {spec!r}; expected one of {SPEC_HELP}")

@@ -71,8 +71,10 @@ class DetectionTask(Task):
     collate = staticmethod(collate_detection)
 
     def build_data(self, config: TrainConfig) -> DetectionSplits:
-        channels = make_detector(config.model).in_chans
-        return build_detection_data(config.data, channels, config.img_size, config.strict)
+        detector = make_detector(config.model)
+        return build_detection_data(
+            config.data, detector.in_chans, config.img_size, config.strict, detector.anchor_sizes
+        )
 
     def make_model(self, config: TrainConfig, data: DetectionSplits) -> nn.Module:
         return make_detector(config.model)

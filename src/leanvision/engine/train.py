@@ -40,6 +40,7 @@ from leanvision.engine.train_state import (
     rng_state,
     save_atomic,
     set_rng_state,
+    temporary_path,
 )
 from leanvision.errors import CheckpointError, InvalidArgumentError
 from leanvision.models.weights import load_checkpoint
@@ -97,11 +98,28 @@ class TrainConfig:
             raise InvalidArgumentError(
                 f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"
             )
-        if not self.lr > 0 or self.wd < 0 or not 0 <= self.label_smoothing < 1 or not 0 <= self.momentum < 1:
+        finite = all(math.isfinite(v) for v in (self.lr, self.wd, self.label_smoothing, self.momentum))
+        if (
+            not finite
+            or not self.lr > 0
+            or not self.wd >= 0
+            or not 0 <= self.label_smoothing < 1
+            or not (0 <= self.momentum < 1)
+        ):
             raise InvalidArgumentError(
-                f"need lr > 0, wd >= 0, 0 <= label_smoothing < 1, 0 <= momentum < 1; got lr={self.lr}, "
-                f"wd={self.wd}, label_smoothing={self.label_smoothing}, momentum={self.momentum}"
+                "need finite lr > 0, wd >= 0, 0 <= label_smoothing < 1, 0 <= momentum < 1; got "
+                f"lr={self.lr}, wd={self.wd}, label_smoothing={self.label_smoothing}, "
+                f"momentum={self.momentum}"
             )
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise InvalidArgumentError(
+                    f"device must be cpu, cuda or cuda:N, got {self.device!r}"
+                ) from None
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise InvalidArgumentError(f"out {self.out} is a file; the run needs a folder")
 
 
 @dataclass
@@ -409,6 +427,7 @@ def train(
         raise InvalidArgumentError(
             f"{out} already holds a run ({checkpoint_path}); pass --resume or another --out"
         )
+    temporary_path(checkpoint_path).unlink(missing_ok=True)  # a write a crash cut short
     ctx = setup_distributed(config.device)
     try:
         result = _train(config, model, data, on_epoch_end, state, ctx, task)

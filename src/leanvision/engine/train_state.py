@@ -7,6 +7,7 @@ A checkpoint holds `model` (its state_dict, so `create_model(name, pretrained=FI
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from leanvision.errors import CheckpointError, InvalidArgumentError, MissingFileError
+from leanvision.errors import CheckpointError, InvalidArgumentError, MissingFileError, OutputError
 from leanvision.models.weights import load_torch_file
 
 
@@ -28,16 +29,29 @@ def empty_output_dir(out: str | Path) -> Path:
     return out
 
 
+def temporary_path(path: str | Path) -> Path:
+    """Where `save_atomic` writes `path` before renaming it (a crash can leave it behind)."""
+    return Path(path).with_name(f".{Path(path).name}.tmp")
+
+
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`."""
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`. A
+    failed write (a full disk) removes the temporary file and raises an OutputError; `path` keeps its
+    previous content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        full = getattr(err, "errno", None) == errno.ENOSPC or "space" in str(err)
+        kept = "it keeps its previous content" if path.exists() else "nothing was written"
+        raise OutputError(f"cannot write {path} ({'the disk is full' if full else err}); {kept}") from err
     return path
 
 
