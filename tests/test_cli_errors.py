@@ -131,3 +131,41 @@ def test_plot_files_are_checked_before_the_work(tmp_path, command, monkeypatch):
     ):
         result = runner.invoke(app, [*command, "--plot", str(bad)])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["search", "channels", "--data", "synthetic:lines", "--max-params", "1e400"],
+            "--max-params must be a count",
+        ),
+        (
+            ["search", "channels", "--data", "synthetic:lines", "--max-macs", "-5M"],
+            "--max-macs must be a count",
+        ),
+        (["repro", "rnnpool-probe", "--max-hidden", "0"], "max_hidden must be an integer >= 4"),
+        (["models", "nosuch*"], "no registered model matches 'nosuch*'"),
+    ],
+)
+def test_out_of_range_options_are_one_line_errors(tmp_path, args, message):
+    """Issue 20, item 10 (and a rough edge): overflowing counts, a zero probe size and a pattern matching
+    nothing are bad input, not an OverflowError or an empty table with exit code 0."""
+    result = CliRunner().invoke(
+        app, [*args, *(["--out", str(tmp_path / "out")] if args[0] != "models" else [])]
+    )
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_rnnpool_takes_an_empty_batch():
+    import torch
+
+    from leanvision.layers import RNNPoolLayer
+
+    layer = RNNPoolLayer(4, 8, 6, 4, 2)
+    assert (
+        layer(torch.zeros(0, 4, 16, 16)).shape
+        == (0, 24, 8, 8)
+        == (0, *layer(torch.zeros(1, 4, 16, 16)).shape[1:])
+    )

@@ -382,3 +382,24 @@ def test_full_disk_bad_device_and_file_out(tmp_path, monkeypatch):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.stdout, (flags, result.stdout)
     assert not (tmp_path / "new").exists()
+
+
+def test_sigterm_stops_like_ctrl_c(tmp_path):
+    """Issue 20, item 10: `kill` (SIGTERM) stops a run as Ctrl-C does: a message naming the checkpoint,
+    summary.json with status interrupted, exit code 130; --resume continues it."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "leanvision.cli", "train", "--model", "mobilenetv2_035", "--data", LINES]
+    command += ["--img-size", "32", "--epochs", "500", "--device", "cpu", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.csv").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "continue with --resume" in stdout and "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["epochs_completed"] >= 1

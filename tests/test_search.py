@@ -336,6 +336,21 @@ def test_a_local_worker_that_died_is_not_waited_for(tmp_path, monkeypatch):
     assert alive == {"host": socket.gethostname(), "pid": os.getpid()}  # one worker: this process
 
 
+def test_workers_end_when_the_main_process_is_gone():
+    """Issue 20, item 10: a worker whose search main process was killed stops instead of training on."""
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    watcher = multiprocessing.get_context("spawn").Process(
+        target=search_study._exit_when_gone, args=(parent.pid, 0.05)
+    )
+    watcher.start()
+    time.sleep(1.0)
+    assert watcher.is_alive()
+    parent.kill()
+    parent.wait()
+    watcher.join(timeout=30)
+    assert watcher.exitcode == 1
+
+
 def test_cli_reports_bad_limits_in_one_line(tmp_path):
     base = ["search", "channels", "--data", DATA, "--img-size", "16", "--blocks", "3", "--out", str(tmp_path)]
     result = CliRunner().invoke(app, [*base, "--max-params", "2k", "--max-macs", "2M"])

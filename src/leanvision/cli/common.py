@@ -3,6 +3,7 @@ types that more than one command takes."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Annotated, NoReturn, TypeVar
 
@@ -81,9 +82,12 @@ def parse_count(text: str, option: str) -> int:
     """'200000', '200k', '0.2M' or '1.5G' -> an integer count."""
     scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:].lower(), 1)
     try:
-        return round(float(text[:-1] if scale > 1 else text) * scale)
+        value = float(text[:-1] if scale > 1 else text) * scale
     except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
         fail(f"{option} must be a count such as 200000, 200k or 0.2M, got {text!r}")
+    return round(value)
 
 
 def parse_blocks(text: str) -> tuple[int, ...]:

@@ -37,6 +37,8 @@ def models(
     from leanvision.models.registry import get_model_config, list_models
 
     names = list_models(pattern)
+    if not names:
+        fail(f"no registered model matches {pattern!r}; `leanvision models` lists them all")
     if as_json:
         print(json.dumps(names))
         return

@@ -18,10 +18,12 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -401,6 +403,24 @@ def _resume_config(config: TrainConfig, state: dict[str, Any], path: Path) -> Tr
     )
 
 
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, a scheduler's stop) handled as Ctrl-C is: the run stops, says where its last
+    epoch is and writes its summary. Only in the main thread, where Python can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(
     config: TrainConfig,
     model: nn.Module | None = None,
@@ -430,7 +450,8 @@ def train(
     temporary_path(checkpoint_path).unlink(missing_ok=True)  # a write a crash cut short
     ctx = setup_distributed(config.device)
     try:
-        result = _train(config, model, data, on_epoch_end, state, ctx, task)
+        with sigterm_as_interrupt():
+            result = _train(config, model, data, on_epoch_end, state, ctx, task)
         if ctx.world > 1:  # leave together: a rank tearing gloo down while rank 0 still writes can abort
             dist.barrier()
         return result

@@ -75,6 +75,10 @@ def one_go_model(kind: str, in_chans: int, size: int, num_classes: int) -> nn.Mo
 
 def probe_candidates(max_hidden: int) -> list[tuple[int, int]]:
     """(h1, h2) powers of 2 from 4 to max_hidden, fewest RNNPool parameters first."""
+    if not isinstance(max_hidden, int) or max_hidden < 4:
+        raise InvalidArgumentError(
+            f"max_hidden must be an integer >= 4 (the smallest probe), got {max_hidden}"
+        )
     sizes = [2**i for i in range(2, int(np.log2(max_hidden)) + 1)]
     return sorted(
         ((h1, h2) for h1 in sizes for h2 in sizes),
@@ -102,6 +106,7 @@ def rnnpool_probe(
     **train_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Table 7: one row per (dataset, size, conv) with the smallest fitting (h1, h2) or None."""
+    probe_candidates(max_hidden)  # a bad max_hidden fails before the output folder is made
     out = empty_output_dir(out)
     config = {"epochs": epochs, "lr": 0.01, "batch_size": 64, "progress": False, **train_kwargs}
     rows, mds_model = [], None

@@ -67,6 +67,8 @@ def rnnpool_map(
     """
     (kh, kw), (sh, sw) = patch_size, stride
     batch, oh, ow = x.shape[0], (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    if batch == 0:  # an empty batch, as torch's layers take it
+        return x.new_zeros(0, max(oh, 0), max(ow, 0), 4 * rnn2.hidden_size)
     tile = FUSED_TILE_PATCHES if rnn1.fused_sweep(x) else TILE_PATCHES
     if batch > 1 and batch * oh * ow > tile:
         images = max(1, tile // (oh * ow))

@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import os
 import socket
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,7 @@ from leanvision.experiments.channel_search.space import (
 
 HEARTBEAT_S = 60
 GRACE_S = 300
+PARENT_CHECK_S = 1.0  # how often a worker checks that the search's main process still runs
 GROUP_COLORS = {"top": "tab:red", "middle": "tab:blue", "bottom": "tab:green"}
 # Settings that define a study: a re-run with other values would mix incomparable models.
 STUDY_SETTINGS = (
@@ -240,8 +242,19 @@ def _stop_when_queue_empty(study: optuna.Study, trial: optuna.trial.FrozenTrial)
         study.stop()
 
 
-def work(settings: SearchSettings) -> None:
-    """One worker: train queued models until the queue is empty (torch limited to `threads` threads)."""
+def _exit_when_gone(parent: int, interval_s: float = PARENT_CHECK_S) -> None:
+    """End this process once `parent` has exited (killed, say): a worker must not train on, orphaned.
+    Its RUNNING trial is failed and queued again by the next run (fail_dead_local_trials)."""
+    while _process_alive(parent):
+        time.sleep(interval_s)
+    os._exit(1)
+
+
+def work(settings: SearchSettings, parent: int | None = None) -> None:
+    """One worker: train queued models until the queue is empty (torch limited to `threads` threads).
+    With `parent` (the search's main process) the worker ends when that process is gone."""
+    if parent is not None:
+        threading.Thread(target=_exit_when_gone, args=(parent,), daemon=True).start()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
@@ -263,7 +276,7 @@ def _run_workers(settings: SearchSettings) -> None:
     # start-up import, and no fork of a process whose thread pools are running.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    processes = [context.Process(target=work, args=(settings,)) for _ in range(settings.workers)]
+    processes = [context.Process(target=work, args=(settings, os.getpid())) for _ in range(settings.workers)]
     for process in processes:
         process.start()
     for process in processes:
