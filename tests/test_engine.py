@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -403,3 +404,12 @@ def test_sigterm_stops_like_ctrl_c(tmp_path):
     assert "continue with --resume" in stdout and "Traceback" not in stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["epochs_completed"] >= 1
+
+
+def test_raising_epochs_on_resume_continues_the_schedule(tmp_path):
+    """Issue 20 (rough edge): after a finished cosine run, --epochs raised on resume starts the new epoch
+    at the new schedule's rate, not at the old schedule's final 0."""
+    first = train(config(tmp_path, epochs=1), model=tiny())
+    assert first.history[0]["lr"] == pytest.approx(0.1)
+    more = train(config(tmp_path, epochs=2, resume=True), model=tiny())
+    assert more.history[1]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.5)))

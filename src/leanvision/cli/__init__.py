@@ -7,11 +7,32 @@ written out, and tests/test_cli.py checks that it matches the library's default.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from leanvision.cli import detect, experiments, models, rank, rrr, search, train
 
 app = typer.Typer(help="Build, measure and slim vision networks.", no_args_is_help=True, add_completion=False)
+
+
+def _print_version(given: bool) -> None:
+    if given:
+        from importlib.metadata import version
+
+        print(f"leanvision {version('leanvision')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Build, measure and slim vision networks."""
+
+
 app.command("models")(models.models)
 app.command("profile")(models.profile)
 app.command("bench")(models.bench)

@@ -4,6 +4,7 @@ types that more than one command takes."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Annotated, NoReturn, TypeVar
 
@@ -13,7 +14,8 @@ from rich.markup import escape
 
 from leanvision.errors import LeanvisionError
 
-console = Console()
+# Piped output (not a terminal) keeps wide tables whole instead of cutting them to 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=200)
 T = TypeVar("T")
 
 

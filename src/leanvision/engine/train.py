@@ -500,6 +500,10 @@ def _train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # the schedule of this run's
+            group["lr"] = base * lr_factor(  # epochs: a raised --epochs continues the cosine, not at 0
+                scheduler.last_epoch, config.epochs * steps, config.warmup_epochs * steps, config.sched
+            )
         scaler.load_state_dict(state["scaler"])
         history, start_epoch = list(state["history"]), state["epoch"]
         set_rng_state(state["rng"])

@@ -92,6 +92,10 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> list[dic
                 progress=False,
             ),
             data=data,
+            on_epoch_end=lambda row, name=name: log(
+                f"  {name} epoch {row['epoch']}/{config.epochs}: val acc {row['val_acc']:.2f}% "
+                f"({row['time_s']:.0f} s)"
+            ),
         )  # fmt: skip
         result.raise_if_interrupted()  # an interrupted model has no place beside the trained ones
         trained[name] = result.model.eval()

@@ -25,9 +25,11 @@ Run r of every model trains with seed `seed + r`, so models are compared under t
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -250,11 +252,45 @@ def _exit_when_gone(parent: int, interval_s: float = PARENT_CHECK_S) -> None:
     os._exit(1)
 
 
+class _QuietInterrupt(logging.Filter):
+    """Drops Optuna's report of a trial that Ctrl-C ended (a traceback per worker, then "failed with value
+    None"): the run's own line already says where its last epoch is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.exc_info
+            and record.exc_info[0] is not None
+            and issubclass(record.exc_info[0], KeyboardInterrupt)
+        ):
+            self.interrupted = True
+            return False
+        return not (self.interrupted and "failed with value None" in record.getMessage())
+
+
+QUIET_INTERRUPT = _QuietInterrupt()
+
+
 def work(settings: SearchSettings, parent: int | None = None) -> None:
     """One worker: train queued models until the queue is empty (torch limited to `threads` threads).
-    With `parent` (the search's main process) the worker ends when that process is gone."""
+    With `parent` (the search's main process) the worker ends when that process is gone, and ends
+    quietly (exit code 130) on Ctrl-C."""
     if parent is not None:
         threading.Thread(target=_exit_when_gone, args=(parent,), daemon=True).start()
+        try:
+            _work(settings)
+        except KeyboardInterrupt:
+            sys.exit(130)
+    else:
+        _work(settings)
+
+
+def _work(settings: SearchSettings) -> None:
+    QUIET_INTERRUPT.interrupted = False
+    logging.getLogger("optuna.study._optimize").addFilter(QUIET_INTERRUPT)  # once: the same object
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
