@@ -146,6 +146,14 @@ def test_ctrl_c_keeps_last_epoch_and_resume_continues(tmp_path, capsys):
     assert without_time(resumed.history) == without_time(full.history)
 
 
+def test_non_finite_loss_in_the_first_epoch_cites_no_checkpoint(tmp_path):
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss is nan at epoch 1, step 2: .*no checkpoint was written"
+    ):
+        train(config(tmp_path), model=tiny(fail_at=2, fail_with="nan"))
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, step 2.*last good epoch \(1\)"):
         train(config(tmp_path), model=tiny(fail_at=5, fail_with="nan"))

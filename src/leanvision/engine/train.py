@@ -573,10 +573,15 @@ def _train_epoch(net, loader, task, optimizer, scheduler, scaler, data, ctx, amp
             if ctx.world > 1:  # every process sees a non-finite loss together, so all stop at once
                 dist.all_reduce(checked)
             if not torch.isfinite(checked):
+                checkpoint = Path(config.out) / "last.pt"
+                kept = (
+                    f"{checkpoint} keeps the last good epoch ({epoch})"
+                    if checkpoint.exists()
+                    else "no checkpoint was written"
+                )
                 raise NonFiniteLossError(
                     f"loss is {checked.item()} at epoch {epoch + 1}, step {step + 1}: training stopped; "
-                    f"{Path(config.out) / 'last.pt'} keeps the last good epoch ({epoch}). "
-                    "Try a lower --lr or check the data"
+                    f"{kept}. Try a lower --lr or check the data"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
