@@ -65,6 +65,7 @@ def train_and_measure(name: str, spec: str, args: argparse.Namespace) -> dict:
     )  # fmt: skip
     tic = time.perf_counter()
     result = train(config, task=DetectionTask())
+    result.raise_if_interrupted()  # the same command resumes the run
     model = result.model.eval()
     data = build_detection_data(spec, model.in_chans)
     aps = detection_ap(lambda images: detect_images(model, images), data, max_faces=3)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from leanvision.cli import detect, experiments, models, rank, rrr, search, train
+from leanvision.cli import detect, experiments, export, models, rank, rrr, search, train
 
 app = typer.Typer(help="Build, measure and slim vision networks.", no_args_is_help=True, add_completion=False)
 
@@ -41,6 +41,7 @@ app.command("demo")(experiments.demo)
 app.command("train")(train.train)
 app.command("eval")(train.evaluate)
 app.command("detect")(detect.detect)
+app.command("export")(export.export)
 app.command("memory")(models.memory)
 app.command("rank-study")(rank.rank_study_command)
 app.command("rank")(rank.rank_command)

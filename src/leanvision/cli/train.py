@@ -151,6 +151,12 @@ def evaluate(
         bool, typer.Option("--multiscale", help="Detection: S3FD's multi-scale test.")
     ] = False,
     flip: Annotated[bool, typer.Option("--flip", help="Detection: add a horizontally flipped pass.")] = False,
+    backend: Annotated[
+        str, typer.Option(help="eager, ort (ONNX Runtime, fp32) or ort-int8 (static int8, calibrated).")
+    ] = "eager",
+    calib: Annotated[
+        str | None, typer.Option(help="ort-int8: calibration data spec (default: --data's training images).")
+    ] = None,
     img_size: RunImgSizeOpt = None,
     batch_size: ForwardBatchOpt = 256,
     device: DeviceOpt = "cpu",
@@ -160,6 +166,10 @@ def evaluate(
     """Evaluate a checkpoint on a dataset's validation split: loss and accuracy, or (--task detection) WIDER
     FACE AP per subset (easy / medium / hard, and on images with <= 3 faces), single-scale by default."""
     _task(task)
+    if backend not in ("eager", "ort", "ort-int8"):
+        fail(f"--backend must be eager, ort or ort-int8, got {backend!r}")
+    if task == "detection" and backend != "eager":
+        fail("--task detection evaluates eager PyTorch only; export detectors with `leanvision export`")
     if task == "detection":
         from leanvision.detection.task import evaluate_detection
 
@@ -172,11 +182,20 @@ def evaluate(
     else:
         if model is None or checkpoint is None or baseline is not None:
             fail("classification eval needs --model and --checkpoint (--baseline is for --task detection)")
-        from leanvision.engine.train import evaluate_checkpoint
+        if backend == "eager":
+            from leanvision.engine.train import evaluate_checkpoint
 
-        metrics = run(
-            lambda: evaluate_checkpoint(model, checkpoint, data, img_size, batch_size, device, strict)
-        )
+            metrics = run(
+                lambda: evaluate_checkpoint(model, checkpoint, data, img_size, batch_size, device, strict)
+            )
+        else:
+            from leanvision.export import evaluate_exported
+
+            metrics = run(
+                lambda: evaluate_exported(
+                    model, checkpoint, data, backend, img_size, batch_size, calib, strict=strict
+                )
+            )
     if as_json:
         print(json.dumps(metrics))
         return
@@ -191,7 +210,8 @@ def evaluate(
         console.print(table)
         return
     extra = f", per-label accuracy {metrics['label_acc']:.2f}%" if "label_acc" in metrics else ""
+    via = "" if backend == "eager" else f" via {backend}"
     console.print(
-        f"[bold]{name}[/bold] on {data} ({metrics['samples']} images): loss {metrics['loss']:.4f}, "
+        f"[bold]{name}[/bold]{via} on {data} ({metrics['samples']} images): loss {metrics['loss']:.4f}, "
         f"accuracy {metrics['acc']:.2f}%{extra}"
     )

@@ -27,12 +27,21 @@ MIN_FACE = 6  # EdgeML's min_face_size (VGA)
 class S3FDAugment:
     """One training sample: uint8 RGB [3, H, W] and its face boxes [M, 4] xyxy pixels -> a float 0-1
     [channels, size, size] crop and its boxes (float32 xyxy in the crop's pixels), possibly none.
-    `anchors`: the detector's anchor sizes in pixels, which data-anchor-sampling rescales faces to."""
+    `anchors`: the detector's anchor sizes in pixels at its training crop size `anchors_at` (S3FD: 640),
+    which data-anchor-sampling rescales faces to (scaled to `size`)."""
 
     def __init__(
-        self, size: int, channels: int = 3, anchors: tuple[int, ...] = VGA_ANCHORS, min_face: int = MIN_FACE
+        self,
+        size: int,
+        channels: int = 3,
+        anchors: tuple[float, ...] = VGA_ANCHORS,
+        anchors_at: int = 640,
+        min_face: int = MIN_FACE,
     ) -> None:
-        self.size, self.channels, self.anchors = size, channels, tuple(anchors)  # the detector's, in px
+        self.size, self.channels = size, channels
+        # the detector's anchors are meant for its own training crops (`anchors_at` px): at another crop
+        # size the sampled faces keep their share of the crop
+        self.anchors = tuple(a * size / anchors_at for a in anchors)
         self.photometric = v2.RandomPhotometricDistort(
             brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.05, 0.05), p=0.5
         )  # hue +-18 degrees

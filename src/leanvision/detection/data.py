@@ -187,7 +187,7 @@ def _readable(annotations: list[Annotation], root: Path, strict: bool) -> list[A
 
 # --------------------------------------------------------------------------------------------- synthetic
 def synthetic_splits(
-    spec: str, options: str, channels: int, img_size: int | None, anchors: tuple[int, ...]
+    spec: str, options: str, channels: int, img_size: int | None, anchors: tuple[tuple[float, ...], int]
 ) -> DetectionSplits:
     opts = parse_options(spec, options, {"train": 2000, "val": 200, "seed": 0})
     subsets = tuple(SIZE_BUCKETS)
@@ -200,7 +200,7 @@ def synthetic_splits(
         return torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(boxes)
 
     size = img_size or SMALL_SIZE
-    train = FaceBoxes(annotations("train"), render, channels, subsets, S3FDAugment(size, channels, anchors))
+    train = FaceBoxes(annotations("train"), render, channels, subsets, S3FDAugment(size, channels, *anchors))
     val = FaceBoxes(annotations("val"), render, channels, subsets)
     return DetectionSplits(spec, train, val, channels, size, subsets)
 
@@ -272,7 +272,12 @@ def wider_subsets(root: Path, annotations: list[Annotation]) -> None:
 
 
 def widerface_splits(
-    spec: str, arg: str, channels: int, img_size: int | None, strict: bool, anchors: tuple[int, ...]
+    spec: str,
+    arg: str,
+    channels: int,
+    img_size: int | None,
+    strict: bool,
+    anchors: tuple[tuple[float, ...], int],
 ) -> DetectionSplits:
     root = Path(arg)
     hint = f"expected WIDER FACE's official layout under {root} ({WIDER_URL})"
@@ -289,7 +294,7 @@ def widerface_splits(
     size = img_size or LARGE_SIZE
     return DetectionSplits(
         spec,
-        FaceBoxes(train, load_file, channels, WIDER_SUBSETS, S3FDAugment(size, channels, anchors)),
+        FaceBoxes(train, load_file, channels, WIDER_SUBSETS, S3FDAugment(size, channels, *anchors)),
         FaceBoxes(val, load_file, channels, WIDER_SUBSETS),
         channels, size, WIDER_SUBSETS,
     )  # fmt: skip
@@ -310,7 +315,12 @@ def read_voc_boxes(path: Path, problems: _Problems) -> torch.Tensor | None:
 
 
 def scut_splits(
-    spec: str, arg: str, channels: int, img_size: int | None, strict: bool, anchors: tuple[int, ...]
+    spec: str,
+    arg: str,
+    channels: int,
+    img_size: int | None,
+    strict: bool,
+    anchors: tuple[tuple[float, ...], int],
 ) -> DetectionSplits:
     path, _, options = arg.partition(",")
     opts = parse_options(spec, options, {"seed": 0})
@@ -348,12 +358,12 @@ def _file_splits(
     val: list[Annotation],
     channels: int,
     size: int,
-    anchors: tuple[int, ...],
+    anchors: tuple[tuple[float, ...], int],
 ) -> DetectionSplits:
     subsets = (*SIZE_BUCKETS, "all")
     return DetectionSplits(
         spec,
-        FaceBoxes(train, load_file, channels, subsets, S3FDAugment(size, channels, anchors)),
+        FaceBoxes(train, load_file, channels, subsets, S3FDAugment(size, channels, *anchors)),
         FaceBoxes(val, load_file, channels, subsets),
         channels, size, subsets,
     )  # fmt: skip
@@ -388,7 +398,12 @@ def read_coco_boxes(path: Path, images: Path, category: int, problems: _Problems
 
 
 def coco_splits(
-    spec: str, arg: str, channels: int, img_size: int | None, strict: bool, anchors: tuple[int, ...]
+    spec: str,
+    arg: str,
+    channels: int,
+    img_size: int | None,
+    strict: bool,
+    anchors: tuple[tuple[float, ...], int],
 ) -> DetectionSplits:
     path, _, options = arg.partition(",")
     opts = parse_options(spec, options, {"category": 0})
@@ -412,10 +427,11 @@ def build_detection_data(
     channels: int = 3,
     img_size: int | None = None,
     strict: bool = False,
-    anchors: tuple[int, ...] = VGA_ANCHORS,
+    anchors: tuple[tuple[float, ...], int] = (VGA_ANCHORS, 640),
 ) -> DetectionSplits:
     """The train and val splits named by `spec` (module docstring), for a `channels`-channel detector with
-    `anchors` (its anchor sizes in pixels, for data-anchor-sampling); training crops img_size x img_size
+    `anchors` (its anchor sizes in pixels and the crop size they are meant for, for data-anchor-sampling;
+    default S3FD's at 640); training crops img_size x img_size
     (default per dataset). `strict` fails on the first corrupt image or malformed annotation instead of
     skipping it with a warning."""
     if channels not in (1, 3):

@@ -19,7 +19,7 @@ from torch import nn
 from leanvision.detection.data import DetectionSplits, build_detection_data, collate_detection
 from leanvision.detection.evaluation import few_faces_subsets, subsets_from_targets, wider_ap
 from leanvision.detection.haar import HaarCascade
-from leanvision.detection.inference import detect_images
+from leanvision.detection.inference import detect_images, eval_area
 from leanvision.engine.task import StepMeter, Task
 from leanvision.engine.train import TrainConfig
 from leanvision.engine.train_state import read_training_config
@@ -72,9 +72,8 @@ class DetectionTask(Task):
 
     def build_data(self, config: TrainConfig) -> DetectionSplits:
         detector = make_detector(config.model)
-        return build_detection_data(
-            config.data, detector.in_chans, config.img_size, config.strict, detector.anchor_sizes
-        )
+        anchors = (detector.anchor_sizes, max(eval_area(detector)))  # its own training crop: 640 or 320
+        return build_detection_data(config.data, detector.in_chans, config.img_size, config.strict, anchors)
 
     def make_model(self, config: TrainConfig, data: DetectionSplits) -> nn.Module:
         return make_detector(config.model)

@@ -67,6 +67,8 @@ def rnnpool_map(
     """
     (kh, kw), (sh, sw) = patch_size, stride
     batch, oh, ow = x.shape[0], (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    if torch.compiler.is_compiling():  # compile / ONNX export: one graph over the map, for any batch size
+        return _rnnpool_tile(rnn1, rnn2, x, patch_size, stride)
     if batch == 0:  # an empty batch, as torch's layers take it
         return x.new_zeros(0, max(oh, 0), max(ow, 0), 4 * rnn2.hidden_size)
     tile = FUSED_TILE_PATCHES if rnn1.fused_sweep(x) else TILE_PATCHES
@@ -79,6 +81,19 @@ def rnnpool_map(
             x[:, :, i * sh : (min(i + rows_per_tile, oh) - 1) * sh + kh] for i in range(0, oh, rows_per_tile)
         ]
         return torch.cat([rnnpool_map(rnn1, rnn2, band, patch_size, stride) for band in bands], dim=1)
+    return _rnnpool_tile(rnn1, rnn2, x, patch_size, stride)
+
+
+def _rnnpool_tile(
+    rnn1: RecurrentCell,
+    rnn2: RecurrentCell,
+    x: torch.Tensor,
+    patch_size: tuple[int, int],
+    stride: tuple[int, int],
+) -> torch.Tensor:
+    """rnnpool_map of one tile, in one go."""
+    (kh, kw), (sh, sw) = patch_size, stride
+    oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
     x = x[:, :, : (oh - 1) * sh + kh, : (ow - 1) * sw + kw]
     rows = x.unfold(3, kw, sw).permute(4, 0, 2, 3, 1)  # [kw, B, height, ow, C]: the row segments
     cols = x.unfold(2, kh, sh).permute(4, 0, 2, 3, 1)  # [kh, B, oh, width, C]

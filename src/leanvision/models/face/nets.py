@@ -67,7 +67,9 @@ class Source:
 
 class L2Norm(nn.Module):
     """Each location's channel vector scaled to unit L2 norm, then by a learned per-channel weight
-    (SSD's conv4_3 normalisation; EdgeML's numerics: x / (||x|| + 1e-10))."""
+    (SSD's conv4_3 normalisation): x / max(||x||, 1e-10). EdgeML computes x / (||x|| + 1e-10), the same to
+    float32 precision wherever ||x|| > 1e-6; the ONNX exporter drops that tiny addition (0 / 0 = NaN at an
+    all-zero location), a clamp it keeps."""
 
     def __init__(self, channels: int, scale: float, eps: float = 1e-10) -> None:
         super().__init__()
@@ -75,7 +77,7 @@ class L2Norm(nn.Module):
         self.weight = nn.Parameter(torch.full((channels,), float(scale)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x / (x.pow(2).sum(1, keepdim=True).sqrt() + self.eps) * self.weight.view(1, -1, 1, 1)
+        return x / x.pow(2).sum(1, keepdim=True).sqrt().clamp_min(self.eps) * self.weight.view(1, -1, 1, 1)
 
 
 class DetectionHead(nn.Module):
@@ -387,7 +389,7 @@ def rnnpool_face_quant(**kwargs) -> RNNPoolFace:
 def rnnpool_face_qvga_mono(**kwargs) -> RNNPoolFace:
     """EdgeML's RPool_Face_QVGA_monochrome (the C reference's face-2): 320x240 grayscale, ConvBNReLU6
     (1 -> 4, stride 2), RNNPool h = 16, 14 MBConvs, 4 sources at strides 8, 8, 16, 16 (config_qvga)."""
-    return RNNPoolFace(FACE_QVGA_MONO, hidden_size=16, in_chans=1, stem_widths=(4,), **{**QVGA, **kwargs})
+    return RNNPoolFace(FACE_QVGA_MONO, hidden_size=16, stem_widths=(4,), **{"in_chans": 1, **QVGA, **kwargs})
 
 
 def rnnpool_face_m4(**kwargs) -> RNNPoolFace:
@@ -396,8 +398,8 @@ def rnnpool_face_m4(**kwargs) -> RNNPoolFace:
     enforces them while fine-tuning: loading an EdgeML checkpoint sets the masks to ones, so its weights
     run as saved)."""
     return RNNPoolFace(
-        FACE_M4, hidden_size=16, in_chans=1, stem_widths=(4,), rnn_sparsity=((0.5, 0.3), (0.3, 0.3)),
-        **{**QVGA, **kwargs},
+        FACE_M4, hidden_size=16, stem_widths=(4,), rnn_sparsity=((0.5, 0.3), (0.3, 0.3)),
+        **{"in_chans": 1, **QVGA, **kwargs},
     )  # fmt: skip
 
 
