@@ -48,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train", type=int, default=2000, help="synthetic training images")
     parser.add_argument("--val", type=int, default=200, help="synthetic validation images")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (EdgeML's)")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers (augmentation)")
     parser.add_argument("--edgeml-dir", default=None, help="EdgeML checkout for the side-by-side latency")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default="results/face.json")
@@ -59,8 +61,8 @@ def train_and_measure(name: str, spec: str, args: argparse.Namespace) -> dict:
     """Train `name` on `spec` (resuming a finished or interrupted run in the same folder) and measure it."""
     out = Path(args.runs) / name
     config = TrainConfig(
-        model=name, data=spec, task="detection", epochs=args.epochs, batch_size=args.batch_size, lr=1e-2,
-        wd=5e-4, warmup_epochs=min(5, args.epochs), img_size=320, out=str(out),
+        model=name, data=spec, task="detection", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        wd=5e-4, warmup_epochs=min(5, args.epochs), img_size=320, out=str(out), workers=args.workers,
         resume=(out / "last.pt").exists(), progress=False,
     )  # fmt: skip
     tic = time.perf_counter()
