@@ -57,6 +57,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def subset_aps(aps: dict) -> dict:
+    """{subset: AP} of detection_ap's {"ap_SUBSET": AP, ...}."""
+    return {k[3:]: v for k, v in aps.items() if k.startswith("ap_")}
+
+
 def train_and_measure(name: str, spec: str, args: argparse.Namespace) -> dict:
     """Train `name` on `spec` (resuming a finished or interrupted run in the same folder) and measure it."""
     out = Path(args.runs) / name
@@ -78,7 +83,7 @@ def train_and_measure(name: str, spec: str, args: argparse.Namespace) -> dict:
         "train_seconds": round(time.perf_counter() - tic, 1),
         "epochs": result.history[-1]["epoch"],
         "final_train_loss": result.history[-1]["train_loss"],
-        "ap": {k[3:]: v for k, v in aps.items() if k.startswith("ap_")},
+        "ap": subset_aps(aps),
         "params": cost.params,
         "macs": cost.macs,
         "peak_ram_fp32": peak_memory(model, size, "layer", dtype_bytes=4).peak_bytes,
@@ -129,13 +134,8 @@ def main() -> int:
     for name in args.models.split(","):
         report["detectors"].append(train_and_measure(name, spec, args))
         print(f"{name}: {report['detectors'][-1]['ap']}", flush=True)
-    haar_data = build_detection_data(spec, 3)
-    report["detectors"].append(
-        {"model": "haar (OpenCV)", "ap": detection_ap(HaarCascade(), haar_data, max_faces=3)}
-    )
-    report["detectors"][-1]["ap"] = {
-        k[3:]: v for k, v in report["detectors"][-1]["ap"].items() if k.startswith("ap_")
-    }
+    haar_aps = detection_ap(HaarCascade(), build_detection_data(spec, 3), max_faces=3)
+    report["detectors"].append({"model": "haar (OpenCV)", "ap": subset_aps(haar_aps)})
     if args.edgeml_dir:
         from face_latency import latency_rows
 

@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.ops import clip_boxes_to_image
 
 from leanvision.detection import synthetic_faces
 from leanvision.detection.augment import VGA_ANCHORS, S3FDAugment
-from leanvision.detection.evaluation import SIZE_BUCKETS
+from leanvision.detection.evaluation import SIZE_BUCKETS, size_subsets
 from leanvision.detection.inference import to_channels
 from leanvision.engine.data import parse_options, readable_images
 from leanvision.errors import DataError, MissingFileError
@@ -117,7 +118,7 @@ class FaceBoxes(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         item = self.annotations[index]
         pixels, boxes = self.load(item)
-        boxes = clip_boxes(boxes, pixels.shape[1:])
+        boxes = clip_boxes_to_image(boxes, tuple(pixels.shape[1:]))
         if self.augment is not None:
             image, boxes = self.augment(pixels, boxes)
             return image, {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}
@@ -127,19 +128,11 @@ class FaceBoxes(Dataset):
         return image, {**target, "image_id": item.image_id, "subsets": masks}
 
 
-def clip_boxes(boxes: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    height, width = size
-    return torch.stack(
-        [boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height), boxes[:, 2].clamp(0, width),
-         boxes[:, 3].clamp(0, height)], 1,
-    )  # fmt: skip
-
-
 def size_masks(boxes: torch.Tensor, subsets: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Faces by size: SIZE_BUCKETS' minimum side per subset name, every face in "all"."""
-    side = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    return {n: side >= SIZE_BUCKETS[n] if n in SIZE_BUCKETS else torch.ones_like(side, dtype=torch.bool)
-            for n in subsets}  # fmt: skip
+    """One image's faces by size (evaluation.size_subsets' buckets), every face in "all"."""
+    buckets = size_subsets({"image": boxes}, {n: SIZE_BUCKETS[n] for n in subsets if n in SIZE_BUCKETS})
+    everyone = torch.ones(len(boxes), dtype=torch.bool)
+    return {n: buckets[n]["image"] if n in buckets else everyone for n in subsets}
 
 
 def _valid_boxes(boxes: torch.Tensor, where: str, dropped: list[str]) -> torch.Tensor:
@@ -190,7 +183,7 @@ def synthetic_splits(
     spec: str, options: str, channels: int, img_size: int | None, anchors: tuple[tuple[float, ...], int]
 ) -> DetectionSplits:
     opts = parse_options(spec, options, {"train": 2000, "val": 200, "seed": 0})
-    subsets = tuple(SIZE_BUCKETS)
+    subsets = tuple(SIZE_BUCKETS)  # every generated face is boxed: no "all" beyond "hard"
 
     def annotations(split: str) -> list[Annotation]:
         return [Annotation(f"{split}/{i}", i, None) for i in range(opts[split])]
@@ -200,9 +193,7 @@ def synthetic_splits(
         return torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(boxes)
 
     size = img_size or SMALL_SIZE
-    train = FaceBoxes(annotations("train"), render, channels, subsets, S3FDAugment(size, channels, *anchors))
-    val = FaceBoxes(annotations("val"), render, channels, subsets)
-    return DetectionSplits(spec, train, val, channels, size, subsets)
+    return _splits(spec, annotations("train"), annotations("val"), channels, size, anchors, subsets, render)
 
 
 # -------------------------------------------------------------------------------------------- WIDER FACE
@@ -291,13 +282,7 @@ def widerface_splits(
         splits.append(_readable(read_wider_annotations(gt, images, strict), images, strict))
     train, val = splits
     wider_subsets(root, val)
-    size = img_size or LARGE_SIZE
-    return DetectionSplits(
-        spec,
-        FaceBoxes(train, load_file, channels, WIDER_SUBSETS, S3FDAugment(size, channels, *anchors)),
-        FaceBoxes(val, load_file, channels, WIDER_SUBSETS),
-        channels, size, WIDER_SUBSETS,
-    )  # fmt: skip
+    return _splits(spec, train, val, channels, img_size or LARGE_SIZE, anchors, WIDER_SUBSETS)
 
 
 # --------------------------------------------------------------------------------------------- SCUT-HEAD
@@ -349,22 +334,24 @@ def scut_splits(
     order = torch.randperm(len(annotations), generator=torch.Generator().manual_seed(opts["seed"])).tolist()
     n_val = max(1, round(SCUT_VAL_FRACTION * len(annotations)))
     val, train = [annotations[i] for i in order[:n_val]], [annotations[i] for i in order[n_val:]]
-    return _file_splits(spec, train, val, channels, img_size or SMALL_SIZE, anchors)
+    return _splits(spec, train, val, channels, img_size or SMALL_SIZE, anchors)
 
 
-def _file_splits(
+def _splits(
     spec: str,
     train: list[Annotation],
     val: list[Annotation],
     channels: int,
     size: int,
     anchors: tuple[tuple[float, ...], int],
+    subsets: tuple[str, ...] = (*SIZE_BUCKETS, "all"),
+    load: Callable[[Annotation], tuple[torch.Tensor, torch.Tensor]] = load_file,
 ) -> DetectionSplits:
-    subsets = (*SIZE_BUCKETS, "all")
+    """Training crops (S3FD-augmented to `size`) and whole validation images of the annotations."""
     return DetectionSplits(
         spec,
-        FaceBoxes(train, load_file, channels, subsets, S3FDAugment(size, channels, *anchors)),
-        FaceBoxes(val, load_file, channels, subsets),
+        FaceBoxes(train, load, channels, subsets, S3FDAugment(size, channels, *anchors)),
+        FaceBoxes(val, load, channels, subsets),
         channels, size, subsets,
     )  # fmt: skip
 
@@ -419,7 +406,7 @@ def coco_splits(
         images = root / found[0].stem.removeprefix("instances_")
         annotations = read_coco_boxes(found[0], images, opts["category"], _Problems(strict))
         splits.append(_readable(annotations, images, strict))
-    return _file_splits(spec, *splits, channels, img_size or LARGE_SIZE, anchors)
+    return _splits(spec, *splits, channels, img_size or LARGE_SIZE, anchors)
 
 
 def build_detection_data(

@@ -15,7 +15,7 @@ import numpy as np
 
 from leanvision.errors import InvalidArgumentError
 from leanvision.export.int8 import CALIBRATION_METHODS, calibration_batches, quantize_int8, weight_bytes
-from leanvision.export.onnx import ExportReport, OrtModule, ort_session, to_onnx
+from leanvision.export.onnx import INPUT_NAME, ExportReport, OrtModule, ort_session, to_onnx
 
 __all__ = [
     "BACKENDS",
@@ -75,8 +75,8 @@ def export_model(
         quantize_int8(fp32_path, out, batches, method, per_channel)
         fp32_session, int8_session = ort_session(fp32_path), ort_session(out)
         sample = batches[0]
-        reference = fp32_session.run(None, {"images": sample})
-        quantized = int8_session.run(None, {"images": sample})
+        reference = fp32_session.run(None, {INPUT_NAME: sample})
+        quantized = int8_session.run(None, {INPUT_NAME: sample})
     peak = peak_memory(model, input_size, "layer", dtype_bytes=1).peak_bytes
     return {
         "path": str(out),

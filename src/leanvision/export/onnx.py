@@ -79,7 +79,7 @@ def to_onnx(
     if len(input_size) != 3 or min(input_size) < 1:
         raise InvalidArgumentError(f"input_size must be (C, H, W) positive, got {tuple(input_size)}")
     path = Path(path)
-    if path.parent and not path.parent.is_dir():
+    if not path.parent.is_dir():
         raise OutputError(f"cannot write {path}: {path.parent} is not a folder")
     module, names = exportable(model.eval())
     example = torch.rand(2, *input_size, generator=torch.Generator().manual_seed(0))
