@@ -9,22 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-
-def interleaved_ms(
-    calls: dict[str, Callable[[], object]], min_rounds: int, seconds: float
-) -> dict[str, list]:
-    """Milliseconds per call of each candidate, over rounds that run every candidate once in a rotating
-    order (so a noisy machine's slow spells hit all alike): at least `min_rounds` rounds and `seconds`."""
-    names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    start, rounds = time.perf_counter(), 0
-    while rounds < min_rounds or time.perf_counter() - start < seconds:
-        for name in names[rounds % len(names) :] + names[: rounds % len(names)]:
-            t0 = time.perf_counter()
-            calls[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
-    return times
+from leanvision.bench import interleaved_ms
 
 
 def paired_speedup(base_ms: list[float], candidate_ms: list[float]) -> float:

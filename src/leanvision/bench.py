@@ -63,6 +63,25 @@ def measure(
     return times
 
 
+def interleaved_ms(
+    calls: dict[str, Callable[[], object]], min_rounds: int, seconds: float, sync: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
+    """Milliseconds per call of each candidate, over rounds that run every candidate once in a rotating
+    order (so a noisy machine's slow spells hit all alike): at least `min_rounds` rounds and `seconds`."""
+    sync = sync or (lambda: None)
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start, rounds = time.perf_counter(), 0
+    while rounds < min_rounds or time.perf_counter() - start < seconds:
+        for name in names[rounds % len(names) :] + names[: rounds % len(names)]:
+            t0 = time.perf_counter()
+            calls[name]()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return times
+
+
 def percentiles(times_ms: list[float]) -> tuple[float, float, float]:
     """(p10, median, p90) of a list of times."""
     p10, median, p90 = np.percentile(times_ms, [10, 50, 90])

@@ -62,6 +62,20 @@ def millions(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
 
+def parse_input_size(text: str | None, default: tuple[int, int, int], channels: int) -> tuple[int, int, int]:
+    """--input-size N (square) or HxW -> (C, H, W); None keeps the model's default size."""
+    if text is None:
+        return (channels, *default[1:])
+    try:
+        sides = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        fail(f"--input-size must be N or HxW in pixels, such as 224 or 240x320, got {text!r}")
+    height, width = sides * 2 if len(sides) == 1 else sides
+    return (channels, height, width)
+
+
 def square_input(size: int) -> tuple[int, int, int]:
     """--input-size N -> the input shape (3, N, N)."""
     if size < 1:

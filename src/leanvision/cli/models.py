@@ -86,6 +86,16 @@ def profile(
     )
 
 
+BackendOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--backend",
+        help="eager, deploy, compile, ort, ort-int8 or best; repeat it to time several in one interleaved "
+        "loop (CPU).",
+    ),
+]
+
+
 def bench(
     name: str,
     batch_size: ForwardBatchOpt = 1,
@@ -94,6 +104,7 @@ def bench(
     channels_last: Annotated[bool, typer.Option("--channels-last", help="NHWC memory format.")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     deploy: Annotated[bool, typer.Option("--deploy", help="Fold BN and use the fastest CPU layout.")] = False,
+    backend: BackendOpt = None,
     min_seconds: Annotated[float, typer.Option(help="Minimum timed seconds.")] = 2.0,
     device: DeviceOpt = "cpu",
     pretrained: Annotated[
@@ -102,7 +113,16 @@ def bench(
     num_classes: NumClassesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure latency and throughput after warm-up: median, p10/p90 and images/s."""
+    """Measure latency and throughput after warm-up: median, p10/p90 and images/s.
+
+    With --backend (repeatable) the backends run side by side on the same input in one interleaved loop;
+    ONNX Runtime with intra-op spinning off, so it does not slow the candidate after it."""
+    if backend:
+        if channels_last or compile or deploy or device != "cpu":
+            fail("--backend replaces --channels-last, --compile and --deploy, and runs on the CPU")
+        _bench_backends(name, backend, batch_size, input_size, threads, min_seconds, pretrained, num_classes,
+                        as_json)  # fmt: skip
+        return
     from leanvision.bench import benchmark
 
     result = run(
@@ -123,6 +143,55 @@ def bench(
         f"(p10 {result.p10_ms:.2f}, p90 {result.p90_ms:.2f}), {result.images_per_s:.1f} images/s; "
         f"weights: {pretrained or 'random, BN statistics calibrated'}"
     )
+
+
+def _bench_backends(
+    name: str,
+    backends: list[str],
+    batch_size: int,
+    input_size: int,
+    threads: int | None,
+    min_seconds: float,
+    pretrained: str | None,
+    num_classes: int | None,
+    as_json: bool,
+) -> None:
+    from leanvision.export.backends import check_backends, time_backends
+
+    run(lambda: check_backends(backends))  # before the model is built
+    size = square_input(input_size)
+    model = _bench_model(name, pretrained, num_classes, size)
+    size = (getattr(model, "in_chans", size[0]), *size[1:])
+    rows = run(lambda: time_backends(model, backends, size, batch_size, threads, min_seconds=min_seconds))
+    if as_json:
+        print(json.dumps({"model": name, "results": rows}))
+        return
+    fastest = min(r["median_ms"] for r in rows)
+    table = Table("backend", "median ms", "p10", "p90", "images/s", "x fastest", "prepare s", "note")
+    for r in rows:
+        table.add_row(
+            r["backend"], f"{r['median_ms']:.2f}", f"{r['p10_ms']:.2f}", f"{r['p90_ms']:.2f}",
+            f"{r['images_per_s']:.1f}", f"{r['median_ms'] / fastest:.2f}", f"{r['prepare_s']:.1f}", r["detail"],
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"{name}, batch {batch_size} x {' x '.join(map(str, size))}, {rows[0]['threads']} threads, "
+        f"interleaved rounds; weights: {pretrained or 'random, BN statistics calibrated'}"
+    )
+
+
+def _bench_model(
+    name: str, pretrained: str | None, num_classes: int | None, size: tuple[int, int, int]
+) -> nn.Module:
+    """The model `bench` times: its weights, or random ones with BN statistics calibrated."""
+    from leanvision.bench import calibrate_batchnorm
+    from leanvision.models.registry import create_model
+
+    model = run(lambda: create_model(name, pretrained=pretrained, num_classes=num_classes))
+    if pretrained is None:
+        channels = getattr(model, "in_chans", size[0])
+        calibrate_batchnorm(model, (channels, *size[1:]))
+    return model.eval()
 
 
 def memory(

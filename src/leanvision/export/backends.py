@@ -1,0 +1,196 @@
+"""Inference backends of one model, timed side by side on the same input (`leanvision bench --backend`).
+
+- eager: the model as built, eval mode, under torch.inference_mode;
+- deploy: `leanvision.deploy.fuse_for_inference` (BN folded, channels_last weights, small 1x1 convs as GEMMs);
+- compile: torch.compile of the deploy model, inductor with freezing (weights folded into the graph as
+  constants and prepacked for oneDNN); compiled during preparation;
+- ort / ort-int8: the model exported by `to_onnx` (int8: QDQ, `quantize_int8`) and run by ONNX Runtime's
+  CPU provider, intra-op spinning off, as many threads as PyTorch;
+- best: leanvision's fastest PyTorch path for this model: deploy and compile are timed for a few
+  interleaved rounds after their warm-up and the faster one runs (a model that fails to compile runs
+  deploy); its row names the path picked.
+
+A detector is timed on its raw outputs (normalisation and heads, as it exports; `HeadOutputs`): decoding
+and NMS are the same Python code whichever backend computed them. Every backend gets the same NCHW
+float32 batch. Times are per call of the whole batch, over interleaved rounds (`bench.interleaved_ms`).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from leanvision.bench import interleaved_ms, percentiles
+from leanvision.errors import InvalidArgumentError
+from leanvision.export.onnx import INPUT_NAME, exportable, ort_session, to_onnx
+
+BACKENDS = ("eager", "deploy", "compile", "ort", "ort-int8", "best")
+PYTORCH_PATHS = ("deploy", "compile")  # the candidates of "best"
+WARMUP_CALLS = 3
+PICK_ROUNDS = 5  # interleaved rounds that decide "best"
+
+
+@dataclass
+class Prepared:
+    """One backend, ready to run the benchmark input: `call()` computes the outputs."""
+
+    backend: str
+    call: Callable[[], object]
+    prepare_s: float
+    detail: str = ""  # best: the path picked (and why); int8: the calibration
+
+
+def check_backends(backends: Sequence[str]) -> list[str]:
+    """The requested backends in order, once each; an unknown one raises, naming the known ones."""
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        got = ", ".join(map(repr, unknown)) if unknown else "none"
+        raise InvalidArgumentError(f"backend must be one of {', '.join(BACKENDS)}; got {got}")
+    return list(dict.fromkeys(backends))
+
+
+def _torch_call(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def call() -> object:
+        with torch.inference_mode():
+            return module(x)
+
+    return call
+
+
+def _compiled(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """torch.compile with inductor freezing of `module`, compiled now (on `x`)."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(module)
+    call = _torch_call(compiled, x)
+    with inductor_config.patch(freezing=True):
+        try:
+            call()
+        except Exception as err:  # inductor's errors have no common base class
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InvalidArgumentError(f"torch.compile failed: {first[:300]}") from err
+    return call
+
+
+def _ort_call(path: Path, x: torch.Tensor) -> Callable[[], object]:
+    session = ort_session(path, threads=torch.get_num_threads())
+    feed = {INPUT_NAME: x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+class _Preparer:
+    """Builds each backend once (best reuses deploy and compile) in a temporary folder for ONNX files."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, folder: Path, calibration: list[np.ndarray]):
+        self.module = exportable(copy.deepcopy(model).eval())[0]
+        self.model, self.x, self.folder, self.calibration = model, x, folder, calibration
+        self.ready: dict[str, Prepared] = {}
+
+    def get(self, backend: str) -> Prepared:
+        if backend not in self.ready:
+            start = time.perf_counter()
+            call, detail = getattr(self, "_" + backend.replace("-", "_"))()
+            for _ in range(WARMUP_CALLS):
+                call()
+            self.ready[backend] = Prepared(backend, call, time.perf_counter() - start, detail)
+        return self.ready[backend]
+
+    def _eager(self) -> tuple[Callable[[], object], str]:
+        return _torch_call(self.module, self.x), ""
+
+    def _deploy_module(self) -> nn.Module:
+        from leanvision.deploy import fuse_for_inference
+
+        return fuse_for_inference(self.module)
+
+    def _deploy(self) -> tuple[Callable[[], object], str]:
+        return _torch_call(self._deploy_module(), self.x), ""
+
+    def _compile(self) -> tuple[Callable[[], object], str]:
+        return _compiled(self._deploy_module(), self.x), "inductor, freezing"
+
+    def _ort(self) -> tuple[Callable[[], object], str]:
+        path = self.folder / "fp32.onnx"
+        if not path.exists():
+            to_onnx(self.model, path, tuple(self.x.shape[1:]))
+        return _ort_call(path, self.x), ""
+
+    def _ort_int8(self) -> tuple[Callable[[], object], str]:
+        from leanvision.export.int8 import quantize_int8
+
+        self._ort()
+        path = self.folder / "int8.onnx"
+        quantize_int8(self.folder / "fp32.onnx", path, self.calibration)
+        images = sum(len(b) for b in self.calibration)
+        return _ort_call(path, self.x), f"QDQ minmax per tensor, calibrated on {images} images"
+
+    def _best(self) -> tuple[Callable[[], object], str]:
+        candidates, failed = {}, ""
+        for path in PYTORCH_PATHS:
+            try:
+                candidates[path] = self.get(path).call
+            except InvalidArgumentError as err:
+                failed = f"; {path}: {err}"
+        times = interleaved_ms(candidates, PICK_ROUNDS, 0.0)
+        picked = min(candidates, key=lambda name: statistics.median(times[name]))
+        return candidates[picked], picked + failed
+
+
+def time_backends(
+    model: nn.Module,
+    backends: Sequence[str],
+    input_size: tuple[int, int, int],
+    batch_size: int = 1,
+    threads: int | None = None,
+    min_rounds: int = 10,
+    min_seconds: float = 2.0,
+    calibration: list[np.ndarray] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per backend {backend, median_ms, p10_ms, p90_ms, images_per_s, calls, prepare_s, detail}:
+    `model` on one random batch [batch_size, *input_size] per backend, all timed in one interleaved loop
+    of at least `min_rounds` rounds and `min_seconds` seconds, with `threads` threads (default:
+    PyTorch's). ort-int8 is calibrated on `calibration` batches (default: the timed batch itself, which
+    gives the same speed as real images; its accuracy needs real ones, see `export_model`)."""
+    backends = check_backends(backends)
+    if batch_size < 1 or len(input_size) != 3 or min(input_size) < 1:
+        raise InvalidArgumentError(
+            f"need batch_size >= 1 and input_size (C, H, W) positive, got {batch_size} and {input_size}"
+        )
+    if min_rounds < 1 or min_seconds < 0:
+        raise InvalidArgumentError(
+            f"need min_rounds >= 1 and min_seconds >= 0, got {min_rounds}, {min_seconds}"
+        )
+    x = torch.rand(batch_size, *input_size, generator=torch.Generator().manual_seed(0))
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            preparer = _Preparer(model, x, Path(folder), calibration or [x.numpy()])
+            prepared = [preparer.get(b) for b in backends]
+            times = interleaved_ms({p.backend: p.call for p in prepared}, min_rounds, min_seconds)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+    rows = []
+    for p in prepared:
+        p10, median, p90 = percentiles(times[p.backend])
+        rows.append(
+            dict(
+                backend=p.backend, median_ms=median, p10_ms=p10, p90_ms=p90,
+                images_per_s=batch_size * 1e3 / median, calls=len(times[p.backend]),
+                prepare_s=round(p.prepare_s, 2), detail=p.detail, batch_size=batch_size,
+                input_size=list(input_size), threads=used,
+            )
+        )  # fmt: skip
+    return rows
