@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from leanvision.bench import interleaved_ms
+
+__all__ = ["finish", "interleaved_ms", "paired_speedup"]
 
 
 def paired_speedup(base_ms: list[float], candidate_ms: list[float]) -> float:

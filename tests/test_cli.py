@@ -92,16 +92,6 @@ def test_import_is_cheap():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_interleaved_latency_needs_a_round():
-    import pytest
-    from torch import nn
-
-    from leanvision.experiments.compare import interleaved_latency_ms
-
-    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
-        interleaved_latency_ms({"id": nn.Identity()}, (1, 4, 4), rounds=0)
-
-
 def command(*path: str) -> click.Command:
     """The click command at `path` (e.g. "rrr", "run") of the app."""
     found = typer.main.get_command(app)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -64,13 +64,16 @@ def measure(
 
 
 def interleaved_ms(
-    calls: dict[str, Callable[[], object]], min_rounds: int, seconds: float, sync: Callable[[], None] | None = None
-) -> dict[str, list[float]]:
+    calls: dict[Hashable, Callable[[], object]],
+    min_rounds: int,
+    seconds: float,
+    sync: Callable[[], None] | None = None,
+) -> dict[Hashable, list[float]]:
     """Milliseconds per call of each candidate, over rounds that run every candidate once in a rotating
     order (so a noisy machine's slow spells hit all alike): at least `min_rounds` rounds and `seconds`."""
     sync = sync or (lambda: None)
     names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[Hashable, list[float]] = {name: [] for name in names}
     start, rounds = time.perf_counter(), 0
     while rounds < min_rounds or time.perf_counter() - start < seconds:
         for name in names[rounds % len(names) :] + names[: rounds % len(names)]:

@@ -117,6 +117,14 @@ def parse_blocks(text: str) -> tuple[int, ...]:
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on corrupt images instead of skipping them.")]
 ModelOpt = Annotated[str, typer.Option(help="Registered model name.")]
+BackendOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--backend",
+        help="eager, deploy, compile, ort, ort-int8 or best; repeat it to time several in one interleaved "
+        "loop (CPU).",
+    ),
+]
 InputSizeOpt = Annotated[int, typer.Option(help="Square input resolution.")]
 NumClassesOpt = Annotated[int | None, typer.Option(help="Classifier outputs (default: the model's own).")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads (default: PyTorch's).")]

@@ -10,6 +10,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from leanvision.cli.common import (
+    BackendOpt,
     JsonOpt,
     ReproEpochsOpt,
     ReproLrOpt,
@@ -28,38 +29,45 @@ _DEMO = DemoConfig()  # the demo's options default to its config's defaults
 def compare(
     names: Annotated[list[str] | None, typer.Argument(help="Models (default: ReXNet Table 5 set).")] = None,
     threads: ThreadsOpt = None,
-    min_seconds: Annotated[float, typer.Option(help="Minimum timed seconds per model.")] = 1.0,
+    min_seconds: Annotated[float, typer.Option(help="Minimum timed seconds, all models together.")] = 1.0,
+    backend: BackendOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare models side by side: params, MACs, batch-1 CPU latency, and the papers' numbers."""
-    rows = run(lambda: _measure(names, threads, min_seconds, show_progress=not as_json))
+    """Compare models side by side: params, MACs, batch-1 CPU latency, and the papers' numbers.
+
+    --backend (repeatable; default eager) adds a latency column per backend; every model on every backend
+    runs in one interleaved loop."""
+    backends = backend or ["eager"]
+    rows = run(lambda: _measure(names, threads, min_seconds, backends, show_progress=not as_json))
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table("model", "params", "MACs", "ms (b=1)", "top-1*", "params*", "FLOPs*")
+    table = Table("model", "params", "MACs", *(f"ms {b} (b=1)" for b in backends), "top-1*", "params*",
+                  "FLOPs*")  # fmt: skip
     for r in rows:
         table.add_row(
             r["model"],
             millions(r["params"]),
             f"{r['macs'] / 1e9:.3f}G",
-            f"{r['latency_ms']:.1f}",
+            *(f"{r['backends'][b]['median_ms']:.1f}" for b in backends),
             f"{r['paper_top1']}%" if r["paper_top1"] else "",
             f"{r['paper_params_m']}M" if r["paper_params_m"] else "",
             f"{r['paper_flops_b']}B" if r["paper_flops_b"] else "",
         )
     console.print(table)
     console.print(
-        "At 224x224. MACs: conv + linear multiply-accumulates (papers print them as FLOPs). "
-        "ms: median batch-1 CPU latency on this machine, eager PyTorch, models timed in interleaved rounds. "
+        "At each model's input size. MACs: conv + linear multiply-accumulates (papers print them as FLOPs). "
+        "ms: median batch-1 CPU latency on this machine, all models and backends timed in interleaved "
+        "rounds (eager: PyTorch as built; see `leanvision bench --help` for the others). "
         "*: ImageNet numbers published in the ReXNet paper (Tables 4, 5, A1, A2)."
     )
 
 
 def _measure(
-    names: list[str] | None, threads: int | None, min_seconds: float, show_progress: bool
+    names: list[str] | None, threads: int | None, min_seconds: float, backends: list[str], show_progress: bool
 ) -> list[dict[str, Any]]:
-    """The rows of `compare`; on a terminal a spinner names the model being measured (elsewhere it would
-    only leave a blank line)."""
+    """The rows of `compare`; on a terminal a spinner names the step (elsewhere it would only leave a
+    blank line)."""
     from leanvision.experiments.compare import TABLE5_MODELS
     from leanvision.experiments.compare import compare as run_compare
 
@@ -72,6 +80,7 @@ def _measure(
             names or TABLE5_MODELS,
             threads=threads,
             min_seconds=min_seconds,
+            backends=backends,
             on_model=lambda step: progress.update(task, description=step),
         )
 

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from leanvision.cli.common import (
+    BackendOpt,
     DeviceOpt,
     ForwardBatchOpt,
     InputSizeOpt,
@@ -86,16 +87,6 @@ def profile(
     )
 
 
-BackendOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--backend",
-        help="eager, deploy, compile, ort, ort-int8 or best; repeat it to time several in one interleaved "
-        "loop (CPU).",
-    ),
-]
-
-
 def bench(
     name: str,
     batch_size: ForwardBatchOpt = 1,
@@ -171,7 +162,8 @@ def _bench_backends(
     for r in rows:
         table.add_row(
             r["backend"], f"{r['median_ms']:.2f}", f"{r['p10_ms']:.2f}", f"{r['p90_ms']:.2f}",
-            f"{r['images_per_s']:.1f}", f"{r['median_ms'] / fastest:.2f}", f"{r['prepare_s']:.1f}", r["detail"],
+            f"{r['images_per_s']:.1f}", f"{r['median_ms'] / fastest:.2f}", f"{r['prepare_s']:.1f}",
+            r["detail"],
         )  # fmt: skip
     console.print(table)
     console.print(

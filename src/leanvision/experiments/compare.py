@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
-
-from torch import nn
-
-from leanvision.errors import InvalidArgumentError
 
 # ReXNet paper Table 5 widths, with the MobileNetV2 baselines the paper compares against.
 TABLE5_MODELS = (
@@ -22,58 +17,27 @@ TABLE5_MODELS = (
 )
 
 
-def interleaved_latency_ms(
-    models: dict[str, nn.Module],
-    input_size: tuple[int, int, int] | dict[str, tuple[int, int, int]],
-    batch_size: int = 1,
-    threads: int | None = None,
-    min_seconds: float = 1.0,
-    rounds: int = 3,
-    on_model: Callable[[str], None] | None = None,
-) -> dict[str, float]:
-    """Median CPU latency (ms) of each model, timed in `rounds` interleaved rounds of
-    `min_seconds / rounds` per model, so a slow spell of a noisy machine hits every model alike; the
-    result is the median of the round medians. `input_size` is one size or one per model."""
-    from leanvision.bench import benchmark
-
-    if rounds < 1:
-        raise InvalidArgumentError(f"rounds must be >= 1, got {rounds}")
-    sizes = input_size if isinstance(input_size, dict) else dict.fromkeys(models, input_size)
-    round_ms: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(rounds):
-        for name, model in models.items():
-            if on_model is not None:
-                on_model(f"timing {name} (round {r + 1}/{rounds})")
-            result = benchmark(
-                model,
-                batch_size=batch_size,
-                input_size=sizes[name],
-                threads=threads,
-                warmup=3,
-                min_iters=5,
-                min_seconds=min_seconds / rounds,
-            )
-            round_ms[name].append(result.median_ms)
-    return {name: statistics.median(times) for name, times in round_ms.items()}
-
-
 def compare(
     names: Sequence[str] = TABLE5_MODELS,
     batch_size: int = 1,
     threads: int | None = None,
     min_seconds: float = 1.0,
-    rounds: int = 3,
+    min_rounds: int = 10,
+    backends: Sequence[str] = ("eager",),
     on_model: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per model: params, MACs at its default input size, latency and the paper's numbers.
 
-    Models get random weights with calibrated BN statistics (see `calibrate_batchnorm`); latency is
-    `interleaved_latency_ms`.
+    Models get random weights with calibrated BN statistics (see `calibrate_batchnorm`). Every model on
+    every backend is timed in one interleaved loop (`export.backends.time_models`): `latency_ms` is the
+    first backend's median, `backends` maps each backend to its row.
     """
     from leanvision.analysis.cost import profile
     from leanvision.bench import calibrate_batchnorm
+    from leanvision.export.backends import check_backends, time_models
     from leanvision.models.registry import create_model, get_model_config
 
+    backends = check_backends(backends)
     configs = {name: get_model_config(name) for name in names}
     models, rows = {}, []
     for name, config in configs.items():
@@ -93,7 +57,10 @@ def compare(
             )
         )
     sizes = {name: config.input_size for name, config in configs.items()}
-    latency = interleaved_latency_ms(models, sizes, batch_size, threads, min_seconds, rounds, on_model)
+    timed = time_models(
+        models, backends, sizes, batch_size, threads, min_rounds, min_seconds, on_step=on_model
+    )
     for row in rows:
-        row["latency_ms"] = latency[row["model"]]
+        row["backends"] = {r["backend"]: r for r in timed[row["model"]]}
+        row["latency_ms"] = row["backends"][backends[0]]["median_ms"]
     return rows

@@ -72,7 +72,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> list[dic
     from leanvision.engine.data import build_dataset
     from leanvision.engine.train import TrainConfig, train
     from leanvision.engine.train_state import empty_output_dir
-    from leanvision.experiments.compare import interleaved_latency_ms
+    from leanvision.export.backends import time_models
     from leanvision.models.registry import get_model_config
 
     config.check()
@@ -113,9 +113,9 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> list[dic
         )
         log(f"{name}: {result.val['acc']:.2f}% test accuracy ({rows[-1]['train_s']:.0f} s)")
     log("timing batch-1 CPU latency ...")
-    latency = interleaved_latency_ms(trained, input_size, min_seconds=config.latency_seconds)
+    latency = time_models(trained, ["eager"], input_size, min_seconds=config.latency_seconds)
     for row in rows:
-        row["latency_ms"] = latency[row["model"]]
+        row["latency_ms"] = latency[row["model"]][0]["median_ms"]
     write_report(rows, config, data.spec, input_size, out)
     return rows
 

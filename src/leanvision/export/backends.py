@@ -88,7 +88,7 @@ def _ort_call(path: Path, x: torch.Tensor) -> Callable[[], object]:
     return lambda: session.run(None, feed)
 
 
-class _Preparer:
+class PreparedBackends:
     """Builds each backend once (best reuses deploy and compile) in a temporary folder for ONNX files."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, folder: Path, calibration: list[np.ndarray]):
@@ -146,6 +146,67 @@ class _Preparer:
         return candidates[picked], picked + failed
 
 
+def time_models(
+    models: dict[str, nn.Module],
+    backends: Sequence[str],
+    input_size: tuple[int, int, int] | dict[str, tuple[int, int, int]],
+    batch_size: int = 1,
+    threads: int | None = None,
+    min_rounds: int = 10,
+    min_seconds: float = 2.0,
+    calibration: list[np.ndarray] | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Rows {backend, median_ms, p10_ms, p90_ms, images_per_s, calls, prepare_s, detail, ...} per model and
+    backend: each model on one random 0-1 batch [batch_size, *input_size] (one size, or one per model), and
+    every (model, backend) pair timed in one interleaved loop of at least `min_rounds` rounds and
+    `min_seconds` seconds, so a slow spell of a noisy machine hits all alike; `threads` threads (default:
+    PyTorch's). ort-int8 is calibrated on `calibration` batches (default: the timed batch itself: the same
+    speed as real images; its accuracy needs real ones, see `export_model`). `on_step` hears each step."""
+    backends = check_backends(backends)
+    sizes = input_size if isinstance(input_size, dict) else dict.fromkeys(models, input_size)
+    bad = {name: size for name, size in sizes.items() if len(size) != 3 or min(size) < 1}
+    if batch_size < 1 or bad:
+        raise InvalidArgumentError(
+            f"need batch_size >= 1 and input sizes (C, H, W) positive, got {batch_size} and {bad or sizes}"
+        )
+    if min_rounds < 1 or min_seconds < 0:
+        raise InvalidArgumentError(
+            f"need min_rounds >= 1 and min_seconds >= 0, got {min_rounds}, {min_seconds}"
+        )
+    report = on_step or (lambda step: None)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            prepared: dict[tuple[str, str], Prepared] = {}
+            for name, model in models.items():
+                x = torch.rand(batch_size, *sizes[name], generator=torch.Generator().manual_seed(0))
+                (Path(folder) / name).mkdir()
+                ready = PreparedBackends(model, x, Path(folder) / name, calibration or [x.numpy()])
+                for backend in backends:
+                    report(f"preparing {name}: {backend}")
+                    prepared[name, backend] = ready.get(backend)
+            report(f"timing {len(prepared)} candidates in interleaved rounds")
+            times = interleaved_ms({key: p.call for key, p in prepared.items()}, min_rounds, min_seconds)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
+    for (name, backend), p in prepared.items():
+        p10, median, p90 = percentiles(times[name, backend])
+        rows[name].append(
+            dict(
+                backend=backend, median_ms=median, p10_ms=p10, p90_ms=p90,
+                images_per_s=batch_size * 1e3 / median, calls=len(times[name, backend]),
+                prepare_s=round(p.prepare_s, 2), detail=p.detail, batch_size=batch_size,
+                input_size=list(sizes[name]), threads=used,
+            )
+        )  # fmt: skip
+    return rows
+
+
 def time_backends(
     model: nn.Module,
     backends: Sequence[str],
@@ -156,41 +217,7 @@ def time_backends(
     min_seconds: float = 2.0,
     calibration: list[np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per backend {backend, median_ms, p10_ms, p90_ms, images_per_s, calls, prepare_s, detail}:
-    `model` on one random batch [batch_size, *input_size] per backend, all timed in one interleaved loop
-    of at least `min_rounds` rounds and `min_seconds` seconds, with `threads` threads (default:
-    PyTorch's). ort-int8 is calibrated on `calibration` batches (default: the timed batch itself, which
-    gives the same speed as real images; its accuracy needs real ones, see `export_model`)."""
-    backends = check_backends(backends)
-    if batch_size < 1 or len(input_size) != 3 or min(input_size) < 1:
-        raise InvalidArgumentError(
-            f"need batch_size >= 1 and input_size (C, H, W) positive, got {batch_size} and {input_size}"
-        )
-    if min_rounds < 1 or min_seconds < 0:
-        raise InvalidArgumentError(
-            f"need min_rounds >= 1 and min_seconds >= 0, got {min_rounds}, {min_seconds}"
-        )
-    x = torch.rand(batch_size, *input_size, generator=torch.Generator().manual_seed(0))
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            preparer = _Preparer(model, x, Path(folder), calibration or [x.numpy()])
-            prepared = [preparer.get(b) for b in backends]
-            times = interleaved_ms({p.backend: p.call for p in prepared}, min_rounds, min_seconds)
-        used = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
-    rows = []
-    for p in prepared:
-        p10, median, p90 = percentiles(times[p.backend])
-        rows.append(
-            dict(
-                backend=p.backend, median_ms=median, p10_ms=p10, p90_ms=p90,
-                images_per_s=batch_size * 1e3 / median, calls=len(times[p.backend]),
-                prepare_s=round(p.prepare_s, 2), detail=p.detail, batch_size=batch_size,
-                input_size=list(input_size), threads=used,
-            )
-        )  # fmt: skip
-    return rows
+    """`time_models` of one model: its row per backend."""
+    rows = time_models({"model": model}, backends, input_size, batch_size, threads, min_rounds, min_seconds,
+                       calibration)  # fmt: skip
+    return rows["model"]
