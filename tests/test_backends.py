@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from leanvision.cli import app
 from leanvision.errors import InvalidArgumentError
-from leanvision.export.backends import PreparedBackends, check_backends, time_backends
+from leanvision.export.backends import PYTORCH_PATHS, PreparedBackends, check_backends, time_backends
 
 runner = CliRunner()
 INPUT = (3, 16, 16)
@@ -66,7 +66,7 @@ def test_time_backends_rows_and_best():
         assert row["calls"] >= 4 and row["threads"] == 1 and row["batch_size"] == 2
         assert 0 < row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
         assert row["images_per_s"] == pytest.approx(2e3 / row["median_ms"])
-    assert rows[1]["detail"].split(";")[0] in ("deploy", "compile")
+    assert rows[1]["detail"].split(";")[0] in PYTORCH_PATHS
 
 
 def test_threads_are_restored():
@@ -90,7 +90,7 @@ def test_detector_backends_time_the_raw_outputs(tmp_path):
 
 @pytest.mark.parametrize(
     "backends, message",
-    [(["gpu"], "backend must be one of eager, deploy, compile, ort, ort-int8, best; got 'gpu'"),
+    [(["gpu"], "backend must be one of eager, deploy, compile, aot, ort, ort-int8, best; got 'gpu'"),
      ([], "got none")],
 )  # fmt: skip
 def test_unknown_backends_are_named(backends, message):
@@ -140,3 +140,17 @@ def test_cli_compare_has_a_column_per_backend():
     assert list(row["backends"]) == ["eager", "deploy"]
     assert row["latency_ms"] == row["backends"]["eager"]["median_ms"] > 0
     assert row["backends"]["deploy"]["calls"] >= 10
+
+
+def test_aot_compiled_model_equals_eager_and_checks_its_shape():
+    from leanvision.deploy import aot_compile, fuse_for_inference
+
+    net = small_net()
+    x = torch.rand(2, *INPUT, generator=torch.Generator().manual_seed(4))
+    compiled = aot_compile(fuse_for_inference(net), x)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(
+        InvalidArgumentError, match=r"takes inputs of shape \[2, 3, 16, 16\], got \[1, 3, 16, 16\]"
+    ):
+        compiled(x[:1])

@@ -35,3 +35,10 @@ class MissingFileError(LeanvisionError, FileNotFoundError):
 
 class OutputError(LeanvisionError, OSError):
     """An output that cannot be written (a full disk, no permission); what was written before stays."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when it has none), at most `limit` chars:
+    what a one-line error says of a failure deep inside a compiler."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]

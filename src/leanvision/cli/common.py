@@ -121,8 +121,8 @@ BackendOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--backend",
-        help="eager, deploy, compile, ort, ort-int8 or best; repeat it to time several in one interleaved "
-        "loop (CPU).",
+        help="eager, deploy, compile, aot, ort, ort-int8 or best; repeat it to time several in one "
+        "interleaved loop (CPU).",
     ),
 ]
 InputSizeOpt = Annotated[int, typer.Option(help="Square input resolution.")]

@@ -4,11 +4,13 @@
 - deploy: `leanvision.deploy.fuse_for_inference` (BN folded, channels_last weights, small 1x1 convs as GEMMs);
 - compile: torch.compile of the deploy model, inductor with freezing (weights folded into the graph as
   constants and prepacked for oneDNN); compiled during preparation;
+- aot: the deploy model compiled ahead of time by AOTInductor (`deploy.aot_compile`: the same inductor
+  code, with freezing, run without TorchDynamo's per-call guards) for the benchmark's input shape;
 - ort / ort-int8: the model exported by `to_onnx` (int8: QDQ, `quantize_int8`) and run by ONNX Runtime's
   CPU provider, intra-op spinning off, as many threads as PyTorch;
-- best: leanvision's fastest PyTorch path for this model: deploy and compile are timed for a few
-  interleaved rounds after their warm-up and the faster one runs (a model that fails to compile runs
-  deploy); its row names the path picked.
+- best: leanvision's fastest PyTorch path for this model: deploy, compile and aot are timed for a few
+  interleaved rounds after their warm-up and the fastest runs (one that fails to compile drops out);
+  its row names the path picked.
 
 A detector is timed on its raw outputs (normalisation and heads, as it exports; `HeadOutputs`): decoding
 and NMS are the same Python code whichever backend computed them. Every backend gets the same NCHW
@@ -31,11 +33,11 @@ import torch
 from torch import nn
 
 from leanvision.bench import interleaved_ms, percentiles
-from leanvision.errors import InvalidArgumentError
+from leanvision.errors import InvalidArgumentError, first_line
 from leanvision.export.onnx import INPUT_NAME, exportable, ort_session, to_onnx
 
-BACKENDS = ("eager", "deploy", "compile", "ort", "ort-int8", "best")
-PYTORCH_PATHS = ("deploy", "compile")  # the candidates of "best"
+BACKENDS = ("eager", "deploy", "compile", "aot", "ort", "ort-int8", "best")
+PYTORCH_PATHS = ("deploy", "compile", "aot")  # the candidates of "best"
 WARMUP_CALLS = 3
 PICK_ROUNDS = 5  # interleaved rounds that decide "best"
 
@@ -77,8 +79,7 @@ def _compiled(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
         try:
             call()
         except Exception as err:  # inductor's errors have no common base class
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InvalidArgumentError(f"torch.compile failed: {first[:300]}") from err
+            raise InvalidArgumentError(f"torch.compile failed: {first_line(err)}") from err
     return call
 
 
@@ -118,6 +119,11 @@ class PreparedBackends:
 
     def _compile(self) -> tuple[Callable[[], object], str]:
         return _compiled(self._deploy_module(), self.x), "inductor, freezing"
+
+    def _aot(self) -> tuple[Callable[[], object], str]:
+        from leanvision.deploy import aot_compile
+
+        return _torch_call(aot_compile(self._deploy_module(), self.x), self.x), "AOTInductor, freezing"
 
     def _ort(self) -> tuple[Callable[[], object], str]:
         path = self.folder / "fp32.onnx"
