@@ -157,6 +157,10 @@ def evaluate(
     calib: Annotated[
         str | None, typer.Option(help="ort-int8: calibration data spec (default: --data's training images).")
     ] = None,
+    calib_method: Annotated[str, typer.Option(help="ort-int8: minmax, entropy or percentile.")] = "minmax",
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel", help="ort-int8: per-channel weights.")
+    ] = False,
     img_size: RunImgSizeOpt = None,
     batch_size: ForwardBatchOpt = 256,
     device: DeviceOpt = "cpu",
@@ -168,6 +172,10 @@ def evaluate(
     _task(task)
     if backend not in ("eager", "ort", "ort-int8"):
         fail(f"--backend must be eager, ort or ort-int8, got {backend!r}")
+    if backend != "ort-int8" and (calib is not None or per_channel or calib_method != "minmax"):
+        fail("--calib, --calib-method and --per-channel go with --backend ort-int8")
+    if calib_method not in ("minmax", "entropy", "percentile"):  # export.CALIBRATION_METHODS, without torch
+        fail(f"--calib-method must be minmax, entropy or percentile, got {calib_method!r}")
     if task == "detection" and backend != "eager":
         fail("--task detection evaluates eager PyTorch only; export detectors with `leanvision export`")
     if task == "detection":
@@ -193,8 +201,17 @@ def evaluate(
 
             metrics = run(
                 lambda: evaluate_exported(
-                    model, checkpoint, data, backend, img_size, batch_size, calib, strict=strict
-                )
+                    model,
+                    checkpoint,
+                    data,
+                    backend,
+                    img_size,
+                    batch_size,
+                    calib,
+                    strict=strict,
+                    method=calib_method,
+                    per_channel=per_channel,
+                )  # fmt: skip
             )
     if as_json:
         print(json.dumps(metrics))

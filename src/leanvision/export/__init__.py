@@ -103,10 +103,13 @@ def evaluate_exported(
     calib: str | None = None,
     calib_images: int = 256,
     strict: bool = False,
+    method: str = "minmax",
+    per_channel: bool = False,
 ) -> dict[str, Any]:
     """`leanvision eval --backend ort|ort-int8`: the checkpoint exported (int8: calibrated on `calib`,
-    default the evaluated spec's training images) and evaluated with ONNX Runtime on the validation split,
-    loss and accuracy as the eager evaluation computes them."""
+    default the evaluated spec's training images, with `method` ranges, per tensor or `per_channel`) and
+    evaluated with ONNX Runtime on the validation split, loss and accuracy as the eager evaluation
+    computes them."""
     from leanvision.engine.train import evaluate, load_model_for_data
 
     if backend not in BACKENDS[1:]:
@@ -116,6 +119,6 @@ def evaluate_exported(
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
         int8 = backend == "ort-int8"
-        export_model(model, path, size, int8, calib or data_spec, calib_images, strict=strict)
+        export_model(model, path, size, int8, calib or data_spec, calib_images, per_channel, method, strict)
         metrics = evaluate(OrtModule(path), data.val, data.multilabel, batch_size, "cpu")
     return {**metrics, "backend": backend}

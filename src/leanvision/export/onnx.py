@@ -4,11 +4,11 @@
 opset 18) with a dynamic batch axis. RNNPool runs as explicit ops (its numba sweep and its size-dependent
 tiling are off under export), so quantisers see its matrix products. A detector (a model with
 `head_outputs`) exports its raw outputs, loc [B, P, 4], conf [B, P, 2] and priors [P, 4], with its image
-normalisation in the graph: decoding and NMS stay in Python (`ort_detector`). The file is checked with
-onnx.checker and run once with ONNX Runtime on a batch of another size than the export's; outputs that
-differ from PyTorch's by more than `rtol` of their largest magnitude fail the export, unless PyTorch's own
-float32 result is that far from float64 too (a deep network amplifies rounding) and ONNX Runtime's is
-within twice PyTorch's distance from float64.
+normalisation in the graph: decoding and NMS stay in Python (models.face.postprocess.detect). The file is
+checked with onnx.checker and run once with ONNX Runtime on a batch of another size than the export's;
+outputs that differ from PyTorch's by more than `rtol` of their largest magnitude fail the export, unless
+PyTorch's own float32 result is that far from float64 too (a deep network amplifies rounding) and ONNX
+Runtime's is within twice PyTorch's distance from float64.
 """
 
 from __future__ import annotations
