@@ -271,8 +271,11 @@ def test_detection_interface(name):
     torch.testing.assert_close(single[0][0], loc[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(single[1][0], conf[0], atol=1e-5, rtol=0)
     # NMS at IoU 0.3 over hundreds of random-weight boxes: a 1e-7 difference can flip a box whose IoU with a
-    # kept one is at the threshold, and the rest of the list after it; the leading detections agree
-    top = 10
+    # kept one is at the threshold, and the rest of the list after it; and priors whose receptive fields lie
+    # in the zero padding tie, so float noise orders them. The leading detections before a near-tie agree.
+    gaps = (detections[0]["scores"][:-1] - detections[0]["scores"][1:]).tolist()
+    top = next((i + 1 for i, gap in enumerate(gaps[:10]) if gap < 1e-5), 10)
+    assert top >= 2
     torch.testing.assert_close(batched["scores"][:top], detections[0]["scores"][:top])
     torch.testing.assert_close(batched["boxes"][:top], detections[0]["boxes"][:top])
 

@@ -26,21 +26,23 @@ def detect(
     (1, face), by decreasing score.
 
     As EdgeML: faces scoring above `score_thresh` (softmax), the `pre_nms_top_k` best of them, NMS at IoU
-    `nms_thresh`, at most `post_nms_top_k` kept. Boxes are not clipped to the image.
+    `nms_thresh`, at most `post_nms_top_k` kept. Boxes are not clipped to the image. The threshold comes
+    first, so only the candidates are ranked and decoded (EdgeML decodes every prior).
     """
-    batch, num_priors = conf.shape[:2]
     height, width = image_size
-    scores = conf.softmax(-1)[..., 1]
+    scores = torch.sigmoid(conf[..., 1] - conf[..., 0])  # the face's softmax probability of two logits
+    image, prior = (scores > score_thresh).nonzero(as_tuple=True)  # by image, then prior
+    scores = scores[image, prior]
+    counts = torch.bincount(image, minlength=len(loc)).tolist()
+    if max(counts, default=0) > pre_nms_top_k:  # an image keeps its pre_nms_top_k best candidates
+        parts = torch.arange(len(image), device=loc.device).split(counts)  # nonzero is by image
+        best = torch.cat([part[scores[part].topk(min(pre_nms_top_k, len(part))).indices] for part in parts])
+        image, prior, scores = image[best], prior[best], scores[best]
     scale = loc.new_tensor([width, height, width, height])
-    boxes = decode(loc, priors, variances) * scale
-    scores, order = scores.topk(min(pre_nms_top_k, num_priors), dim=1)  # sorted, best first
-    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
-    keep = scores > score_thresh
-    image = torch.arange(batch, device=loc.device)[:, None].expand_as(keep)[keep]
-    boxes, scores = boxes[keep], scores[keep]
+    boxes = decode(loc[image, prior], priors[prior], variances) * scale  # the candidates' boxes only
     kept = batched_nms(boxes, scores, image, nms_thresh)  # by decreasing score
     detections = []
-    for i in range(batch):
+    for i in range(len(loc)):
         mine = kept[image[kept] == i][:post_nms_top_k]
         labels = torch.ones(len(mine), dtype=torch.int64, device=loc.device)
         detections.append({"boxes": boxes[mine], "scores": scores[mine], "labels": labels})
