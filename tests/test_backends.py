@@ -59,14 +59,19 @@ def test_every_backend_computes_the_eager_outputs(tmp_path, backend):
 
 
 def test_time_backends_rows_and_best():
-    rows = time_backends(small_net(), ["eager", "best", "ort", "eager"], INPUT, batch_size=2, threads=1,
-                         min_rounds=4, min_seconds=0.0)  # fmt: skip
-    assert [r["backend"] for r in rows] == ["eager", "best", "ort"]  # in order, once each
+    rows = time_backends(small_net(), ["eager", "best", "deploy", "ort", "eager"], INPUT, batch_size=2,
+                         threads=1, min_rounds=4, min_seconds=0.0)  # fmt: skip
+    assert [r["backend"] for r in rows] == ["eager", "best", "deploy", "ort"]  # in order, once each
     for row in rows:
         assert row["calls"] >= 4 and row["threads"] == 1 and row["batch_size"] == 2
         assert 0 < row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
         assert row["images_per_s"] == pytest.approx(2e3 / row["median_ms"])
-    assert rows[1]["detail"].split(";")[0] in PYTORCH_PATHS
+    best, deploy = rows[1], rows[2]
+    assert best["detail"].split(";")[0] in PYTORCH_PATHS
+    if best["detail"].startswith("deploy"):  # the same callable, timed once
+        assert best["median_ms"] == deploy["median_ms"] and best["calls"] == deploy["calls"]
+    else:
+        assert best["median_ms"] != deploy["median_ms"]
 
 
 def test_threads_are_restored():

@@ -10,7 +10,8 @@
   CPU provider, intra-op spinning off, as many threads as PyTorch;
 - best: leanvision's fastest PyTorch path for this model: deploy, compile and aot are timed for a few
   interleaved rounds after their warm-up and the fastest runs (one that fails to compile drops out);
-  its row names the path picked.
+  its row names the path picked and, when that path is timed too, repeats its timings (one callable is
+  timed once).
 
 A detector is timed on its raw outputs (normalisation and heads, as it exports; `HeadOutputs`): decoding
 and NMS are the same Python code whichever backend computed them. Every backend gets the same NCHW
@@ -39,7 +40,7 @@ from leanvision.export.onnx import INPUT_NAME, exportable, ort_session, to_onnx
 BACKENDS = ("eager", "deploy", "compile", "aot", "ort", "ort-int8", "best")
 PYTORCH_PATHS = ("deploy", "compile", "aot")  # the candidates of "best"
 WARMUP_CALLS = 3
-PICK_ROUNDS = 5  # interleaved rounds that decide "best"
+PICK_ROUNDS = 10  # interleaved rounds that decide "best", after one more warm-up round
 
 
 @dataclass
@@ -146,7 +147,8 @@ class PreparedBackends:
             try:
                 candidates[path] = self.get(path).call
             except InvalidArgumentError as err:
-                failed = f"; {path}: {err}"
+                failed += f"; {path}: {err}"
+        interleaved_ms(candidates, 1, 0.0)  # every candidate warm, one after another, as in the timing
         times = interleaved_ms(candidates, PICK_ROUNDS, 0.0)
         picked = min(candidates, key=lambda name: statistics.median(times[name]))
         return candidates[picked], picked + failed
@@ -194,18 +196,24 @@ def time_models(
                 for backend in backends:
                     report(f"preparing {name}: {backend}")
                     prepared[name, backend] = ready.get(backend)
-            report(f"timing {len(prepared)} candidates in interleaved rounds")
-            times = interleaved_ms({key: p.call for key, p in prepared.items()}, min_rounds, min_seconds)
+            first = {}  # each distinct call once: best's is its pick's
+            for key, p in prepared.items():
+                first.setdefault(id(p.call), key)
+            report(f"timing {len(first)} candidates in interleaved rounds")
+            times = interleaved_ms(
+                {key: prepared[key].call for key in first.values()}, min_rounds, min_seconds
+            )
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
     for (name, backend), p in prepared.items():
-        p10, median, p90 = percentiles(times[name, backend])
+        timed = times[first[id(p.call)]]
+        p10, median, p90 = percentiles(timed)
         rows[name].append(
             dict(
                 backend=backend, median_ms=median, p10_ms=p10, p90_ms=p90,
-                images_per_s=batch_size * 1e3 / median, calls=len(times[name, backend]),
+                images_per_s=batch_size * 1e3 / median, calls=len(timed),
                 prepare_s=round(p.prepare_s, 2), detail=p.detail, batch_size=batch_size,
                 input_size=list(sizes[name]), threads=used,
             )
