@@ -31,8 +31,9 @@ def tiny_inputs():
     torch.set_num_threads(threads)
 
 
-# the detectors' interface is torchvision's detection one: tests/test_face_models.py
-CLASSIFIERS = sorted(set(leanvision.list_models()) - set(leanvision.list_models("rnnpool_face_*")))
+# the detectors' interface is torchvision's detection one: tests/test_face_models.py, test_detection_models.py
+DETECTORS = {n for pattern in ("rnnpool_face_*", "ssdlite_*") for n in leanvision.list_models(pattern)}
+CLASSIFIERS = sorted(set(leanvision.list_models()) - DETECTORS)
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)

@@ -32,7 +32,7 @@ INPUT_NAME = "images"
 
 
 class HeadOutputs(nn.Module):
-    """A detector as a plain graph: 0-1 images [B, C, H, W] -> (loc, conf, priors)."""
+    """A detector as a plain graph: 0-1 images [B, C, H, W] -> its raw outputs (`head_output_names`)."""
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
@@ -45,7 +45,7 @@ class HeadOutputs(nn.Module):
 def exportable(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """The module that is exported for `model` and the names of its outputs."""
     if hasattr(model, "head_outputs"):
-        return HeadOutputs(model).eval(), ["loc", "conf", "priors"]
+        return HeadOutputs(model).eval(), list(model.head_output_names)
     return model, ["logits"]
 
 

@@ -153,6 +153,8 @@ class RNNPoolFace(nn.Module):
     FastGRNNCell). Images are normalised with `image_mean` / `image_std` (default: EdgeML's).
     """
 
+    head_output_names = ("loc", "conf", "priors")
+
     def __init__(
         self,
         sources: Sequence[Source],
