@@ -32,7 +32,7 @@ def tiny_inputs():
 
 
 # the detectors' interface is torchvision's detection one: tests/test_face_models.py, test_detection_models.py
-DETECTORS = {n for pattern in ("rnnpool_face_*", "ssdlite_*") for n in leanvision.list_models(pattern)}
+DETECTORS = {n for p in ("rnnpool_face_*", "ssdlite_*", "*rcnn_fpn_*") for n in leanvision.list_models(p)}
 CLASSIFIERS = sorted(set(leanvision.list_models()) - DETECTORS)
 
 
