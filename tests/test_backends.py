@@ -159,3 +159,15 @@ def test_aot_compiled_model_equals_eager_and_checks_its_shape():
         InvalidArgumentError, match=r"takes inputs of shape \[2, 3, 16, 16\], got \[1, 3, 16, 16\]"
     ):
         compiled(x[:1])
+
+
+def test_a_missing_onnxruntime_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from leanvision.export import ort_session
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with pytest.raises(
+        InvalidArgumentError, match=r"pip install onnxruntime \(or leanvision's 'deploy' extra\)"
+    ):
+        ort_session("model.onnx")

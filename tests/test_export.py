@@ -165,6 +165,10 @@ def test_cli_export_and_eval_with_ort(tmp_path, trained_run):
           "--out", "X"], "1-channel images, the model takes 3"),
         (["eval", "--model", "rexnet_100", "--checkpoint", "c.pt", "--data", "synthetic:lines",
           "--backend", "tvm"], "--backend must be eager, ort or ort-int8"),
+        (["eval", "--model", "rexnet_100", "--checkpoint", "c.pt", "--data", "synthetic:lines",
+          "--backend", "ort", "--per-channel"], "--calib-method and --per-channel go with --backend"),
+        (["eval", "--model", "rexnet_100", "--checkpoint", "c.pt", "--data", "synthetic:lines",
+          "--backend", "ort-int8", "--calib-method", "kl"], "--calib-method must be minmax, entropy or"),
     ],
 )  # fmt: skip
 def test_export_bad_input(tmp_path, args, message):
