@@ -9,6 +9,8 @@ Percentile ranges, per tensor or (`per_channel`) per output channel of the weigh
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -61,11 +63,12 @@ def quantize_int8(
             prepared = Path(folder) / "prepared.onnx"
             # ORT's symbolic shape inference fails on the dynamic batch's Splits; onnx's own suffices
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-            quantize_static(
-                str(prepared), str(out), _Batches(calibration), quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-                calibrate_method=methods[method],
-            )  # fmt: skip
+            with contextlib.redirect_stdout(io.StringIO()):  # the entropy calibrator prints its bins
+                quantize_static(
+                    str(prepared), str(out), _Batches(calibration), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
+                    calibrate_method=methods[method],
+                )  # fmt: skip
     finally:
         root.setLevel(level)
     return Path(out)
