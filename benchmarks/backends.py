@@ -112,10 +112,9 @@ def explain(model: torch.nn.Module, size: tuple[int, int, int], batch: int, pick
     with tempfile.TemporaryDirectory() as folder:
         ready = PreparedBackends(model, x, Path(folder), [x.numpy()])
         profiles = {f"ours ({picked}, profiled as {profiled})": torch_profile(ready.get(profiled).call)}
-        ready.get("ort-int8" if int8 else "ort")  # writes fp32.onnx (and int8.onnx)
-        profiles["ort"] = ort_profile(Path(folder) / "fp32.onnx", x, threads)
+        profiles["ort"] = ort_profile(ready.onnx_file(), x, threads)
         if int8:
-            profiles["ort-int8"] = ort_profile(Path(folder) / "int8.onnx", x, threads)
+            profiles["ort-int8"] = ort_profile(ready.onnx_file(int8=True), x, threads)
         return profiles
 
 

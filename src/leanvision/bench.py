@@ -64,14 +64,10 @@ def measure(
 
 
 def interleaved_ms(
-    calls: dict[Hashable, Callable[[], object]],
-    min_rounds: int,
-    seconds: float,
-    sync: Callable[[], None] | None = None,
+    calls: dict[Hashable, Callable[[], object]], min_rounds: int, seconds: float
 ) -> dict[Hashable, list[float]]:
     """Milliseconds per call of each candidate, over rounds that run every candidate once in a rotating
     order (so a noisy machine's slow spells hit all alike): at least `min_rounds` rounds and `seconds`."""
-    sync = sync or (lambda: None)
     names = list(calls)
     times: dict[Hashable, list[float]] = {name: [] for name in names}
     start, rounds = time.perf_counter(), 0
@@ -79,7 +75,6 @@ def interleaved_ms(
         for name in names[rounds % len(names) :] + names[: rounds % len(names)]:
             t0 = time.perf_counter()
             calls[name]()
-            sync()
             times[name].append((time.perf_counter() - t0) * 1e3)
         rounds += 1
     return times

@@ -174,8 +174,12 @@ def evaluate(
         fail(f"--backend must be eager, ort or ort-int8, got {backend!r}")
     if backend != "ort-int8" and (calib is not None or per_channel or calib_method != "minmax"):
         fail("--calib, --calib-method and --per-channel go with --backend ort-int8")
-    if calib_method not in ("minmax", "entropy", "percentile"):  # export.CALIBRATION_METHODS, without torch
-        fail(f"--calib-method must be minmax, entropy or percentile, got {calib_method!r}")
+    if backend == "ort-int8":
+        from leanvision.export import CALIBRATION_METHODS
+
+        if calib_method not in CALIBRATION_METHODS:
+            known = f"{', '.join(CALIBRATION_METHODS[:-1])} or {CALIBRATION_METHODS[-1]}"
+            fail(f"--calib-method must be {known}, got {calib_method!r}")
     if task == "detection" and backend != "eager":
         fail("--task detection evaluates eager PyTorch only; export detectors with `leanvision export`")
     if task == "detection":

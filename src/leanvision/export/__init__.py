@@ -18,8 +18,8 @@ from leanvision.export.int8 import CALIBRATION_METHODS, calibration_batches, qua
 from leanvision.export.onnx import INPUT_NAME, ExportReport, OrtModule, ort_session, to_onnx
 
 __all__ = [
-    "BACKENDS",
     "CALIBRATION_METHODS",
+    "EVAL_BACKENDS",
     "ExportReport",
     "OrtModule",
     "calibration_batches",
@@ -90,7 +90,7 @@ def export_model(
     }
 
 
-BACKENDS = ("eager", "ort", "ort-int8")
+EVAL_BACKENDS = ("eager", "ort", "ort-int8")  # `eval --backend`; timing: export.backends
 
 
 def evaluate_exported(
@@ -112,8 +112,8 @@ def evaluate_exported(
     computes them."""
     from leanvision.engine.train import evaluate, load_model_for_data
 
-    if backend not in BACKENDS[1:]:
-        raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in EVAL_BACKENDS[1:]:
+        raise InvalidArgumentError(f"backend must be one of {EVAL_BACKENDS}, got {backend!r}")
     model, data = load_model_for_data(model_name, checkpoint, data_spec, img_size, strict)
     size = (data.channels, data.image_size, data.image_size)
     with tempfile.TemporaryDirectory() as folder:

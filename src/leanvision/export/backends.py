@@ -21,6 +21,7 @@ float32 batch. Times are per call of the whole batch, over interleaved rounds (`
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import tempfile
 import time
@@ -91,7 +92,8 @@ def _ort_call(path: Path, x: torch.Tensor) -> Callable[[], object]:
 
 
 class PreparedBackends:
-    """Builds each backend once (best reuses deploy and compile) in a temporary folder for ONNX files."""
+    """Builds each backend once for one model and input: deploy, compile and aot share one deploy copy,
+    ort and ort-int8 one export (files in `folder`), best reuses the paths it picks from."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, folder: Path, calibration: list[np.ndarray]):
         self.module = exportable(copy.deepcopy(model).eval())[0]
@@ -99,6 +101,7 @@ class PreparedBackends:
         self.ready: dict[str, Prepared] = {}
 
     def get(self, backend: str) -> Prepared:
+        """The prepared `backend`, built and warmed up on first use."""
         if backend not in self.ready:
             start = time.perf_counter()
             call, detail = getattr(self, "_" + backend.replace("-", "_"))()
@@ -107,39 +110,45 @@ class PreparedBackends:
             self.ready[backend] = Prepared(backend, call, time.perf_counter() - start, detail)
         return self.ready[backend]
 
-    def _eager(self) -> tuple[Callable[[], object], str]:
-        return _torch_call(self.module, self.x), ""
-
-    def _deploy_module(self) -> nn.Module:
+    @functools.cached_property
+    def deploy_module(self) -> nn.Module:
         from leanvision.deploy import fuse_for_inference
 
         return fuse_for_inference(self.module)
 
+    def onnx_file(self, int8: bool = False) -> Path:
+        """The model's ONNX file (int8: its QDQ model, calibrated on `calibration`), written on first use."""
+        fp32, quantized = self.folder / "fp32.onnx", self.folder / "int8.onnx"
+        if not fp32.exists():
+            to_onnx(self.model, fp32, tuple(self.x.shape[1:]))
+        if int8 and not quantized.exists():
+            from leanvision.export.int8 import quantize_int8
+
+            quantize_int8(fp32, quantized, self.calibration)
+        return quantized if int8 else fp32
+
+    def _eager(self) -> tuple[Callable[[], object], str]:
+        return _torch_call(self.module, self.x), ""
+
     def _deploy(self) -> tuple[Callable[[], object], str]:
-        return _torch_call(self._deploy_module(), self.x), ""
+        return _torch_call(self.deploy_module, self.x), ""
 
     def _compile(self) -> tuple[Callable[[], object], str]:
-        return _compiled(self._deploy_module(), self.x), "inductor, freezing"
+        return _compiled(self.deploy_module, self.x), "inductor, freezing"
 
     def _aot(self) -> tuple[Callable[[], object], str]:
         from leanvision.deploy import aot_compile
 
-        return _torch_call(aot_compile(self._deploy_module(), self.x), self.x), "AOTInductor, freezing"
+        return _torch_call(aot_compile(self.deploy_module, self.x), self.x), "AOTInductor, freezing"
 
     def _ort(self) -> tuple[Callable[[], object], str]:
-        path = self.folder / "fp32.onnx"
-        if not path.exists():
-            to_onnx(self.model, path, tuple(self.x.shape[1:]))
-        return _ort_call(path, self.x), ""
+        return _ort_call(self.onnx_file(), self.x), ""
 
     def _ort_int8(self) -> tuple[Callable[[], object], str]:
-        from leanvision.export.int8 import quantize_int8
-
-        self._ort()
-        path = self.folder / "int8.onnx"
-        quantize_int8(self.folder / "fp32.onnx", path, self.calibration)
         images = sum(len(b) for b in self.calibration)
-        return _ort_call(path, self.x), f"QDQ minmax per tensor, calibrated on {images} images"
+        return _ort_call(
+            self.onnx_file(int8=True), self.x
+        ), f"QDQ minmax per tensor, calibrated on {images} images"
 
     def _best(self) -> tuple[Callable[[], object], str]:
         candidates, failed = {}, ""

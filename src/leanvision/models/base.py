@@ -48,6 +48,19 @@ def feature_level(block: int, num_chs: int, reduction: int) -> dict:
     return dict(module="stem" if block < 0 else f"features.{block}", num_chs=num_chs, reduction=reduction)
 
 
+def feature_block(level: dict) -> int:
+    """The index in `features` of the block whose output a `feature_info` level is (-1: the stem)."""
+    return -1 if level["module"] == "stem" else int(level["module"].split(".")[1])
+
+
+def check_detection_classes(num_classes: int) -> None:
+    """A detector's class count includes the background, so it is at least 2."""
+    if num_classes < 2:
+        raise InvalidArgumentError(
+            f"num_classes counts the background too, so it must be >= 2, got {num_classes}"
+        )
+
+
 def model_name(model: nn.Module) -> str:
     """The name `create_model` built `model` under, else its class name."""
     return getattr(getattr(model, "default_cfg", None), "name", type(model).__name__)

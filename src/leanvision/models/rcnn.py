@@ -22,7 +22,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from leanvision.errors import InvalidArgumentError
-from leanvision.models.base import model_name
+from leanvision.models.base import check_detection_classes, feature_block, model_name
 from leanvision.models.registry import create_model, register_model
 
 FPN_STRIDES = (4, 8, 16, 32)  # the FPN reads the last block of the stages at these strides
@@ -54,24 +54,17 @@ def fpn_backbone(backbone: str, frozen_bn: bool = True) -> BackboneWithFPN:
         )
     stem = [("stem", classifier.stem)] if "stem" in classifier._modules else []
     body = nn.Sequential(OrderedDict(stem + [(f"block{i}", b) for i, b in enumerate(classifier.features)]))
-    taps = {f"block{levels[s]['module'].split('.')[1]}": str(i) for i, s in enumerate(FPN_STRIDES)}
+    taps = {f"block{feature_block(levels[s])}": str(i) for i, s in enumerate(FPN_STRIDES)}
     if frozen_bn:
         freeze_batchnorm_(body)
     widths = [levels[s]["num_chs"] for s in FPN_STRIDES]  # the body stops at the last tap
     return BackboneWithFPN(body, taps, widths, FPN_CHANNELS, extra_blocks=LastLevelMaxPool())
 
 
-def _check_classes(num_classes: int) -> None:
-    if num_classes < 2:
-        raise InvalidArgumentError(
-            f"num_classes counts the background too, so it must be >= 2, got {num_classes}"
-        )
-
-
 def fasterrcnn_fpn(backbone: str, num_classes: int = 91, frozen_bn: bool = True, **kwargs) -> FasterRCNN:
     """Faster R-CNN + FPN on the registered classifier `backbone` (module docstring); `kwargs` go to
     torchvision's FasterRCNN."""
-    _check_classes(num_classes)
+    check_detection_classes(num_classes)
     features = fpn_backbone(backbone, frozen_bn)
     return FasterRCNN(features, num_classes, **kwargs)
 
@@ -79,7 +72,7 @@ def fasterrcnn_fpn(backbone: str, num_classes: int = 91, frozen_bn: bool = True,
 def maskrcnn_fpn(backbone: str, num_classes: int = 91, frozen_bn: bool = True, **kwargs) -> MaskRCNN:
     """Mask R-CNN + FPN on the registered classifier `backbone` (module docstring); `kwargs` go to
     torchvision's MaskRCNN."""
-    _check_classes(num_classes)
+    check_detection_classes(num_classes)
     features = fpn_backbone(backbone, frozen_bn)
     return MaskRCNN(features, num_classes, **kwargs)
 

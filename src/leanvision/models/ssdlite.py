@@ -26,7 +26,7 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ImageNormalize, LinearBottleneck
-from leanvision.models.base import model_name
+from leanvision.models.base import check_detection_classes, feature_block, model_name
 from leanvision.models.registry import create_model, register_model
 
 EXTRA_WIDTHS = (512, 256, 256, 128)
@@ -98,7 +98,7 @@ class SSDLiteBackbone(nn.Module):
                 f"(feature levels: {[level['reduction'] for level in levels]})"
             )
         blocks = list(classifier.features)
-        c4 = int(at_16[-1]["module"].split(".")[1]) + 1  # the first block of the stride-32 stage
+        c4 = feature_block(at_16[-1]) + 1  # the first block of the stride-32 stage
         expansion, rest = split_at_expansion(blocks[c4])
         stem = [classifier.stem] if "stem" in classifier._modules else []
         self.body = nn.ModuleList(
@@ -146,10 +146,7 @@ class SSDLite(SSD):
 def ssdlite(backbone: str, num_classes: int = 91, **kwargs) -> SSDLite:
     """SSDLite at 320x320 on the registered classifier `backbone` (see the module docstring); `kwargs`
     go to torchvision's SSD (thresholds, top-k, image mean / std)."""
-    if num_classes < 2:
-        raise InvalidArgumentError(
-            f"num_classes counts the background too, so it must be >= 2, got {num_classes}"
-        )
+    check_detection_classes(num_classes)
     features = SSDLiteBackbone(create_model(backbone))
     anchors = SSDLiteBoxes(len(features.out_channels))
     head = SSDLiteHead(features.out_channels, anchors.num_anchors_per_location(), num_classes, NORM)
