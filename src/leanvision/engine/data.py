@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import csv
 import gzip
+import math
 import pickle
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,16 +175,19 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{path} is not a readable idx file: {err}") from err
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
         raise DataError(f"{path} is not an idx file of unsigned bytes (bad magic number {data[:4].hex()})")
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
-    if len(data) - offset != int(np.prod(dims)):
+    if len(data) < offset:
+        raise DataError(f"{path} is truncated: {len(data)} bytes, its header alone takes {offset}")
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    if len(data) - offset != math.prod(dims):
         raise DataError(
-            f"{path} is truncated or corrupt: header says {dims}, found {len(data) - offset} bytes"
+            f"{path} is truncated or corrupt: header says {dims} ({math.prod(dims)} bytes), found "
+            f"{len(data) - offset} bytes"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
@@ -202,10 +207,16 @@ def fashion_mnist_splits(spec: str, root: str, img_size: int | None) -> DataSpli
     splits = []
     for prefix, augment in (("train", True), ("t10k", False)):
         images = read_idx(_find(base, f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(_find(base, f"{prefix}-labels-idx1-ubyte"))
-        if images.ndim != 3 or labels.shape != images.shape[:1] or labels.max(initial=0) >= 10:
+        labels_file = _find(base, f"{prefix}-labels-idx1-ubyte")
+        labels = read_idx(labels_file)
+        if images.ndim != 3 or labels.shape != images.shape[:1]:
             raise DataError(
-                f"fashion-mnist {prefix}: images {images.shape} and labels {labels.shape} do not match"
+                f"fashion-mnist {prefix}: images {images.shape} and labels {labels.shape} do not match "
+                "(expected images [N, H, W] and N labels)"
+            )
+        if labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
+            raise DataError(
+                f"{labels_file} holds label {labels.max()}; Fashion-MNIST's are 0..9 (10 classes)"
             )
         tensor = _resize(torch.from_numpy(images.copy())[:, None], img_size or images.shape[-1])
         targets = torch.from_numpy(labels.astype(np.int64))
@@ -389,23 +400,26 @@ def folder_splits(
 
 def _read_metaalbum_labels(labels: Path) -> list[tuple[str, str]]:
     """(file name, category) of every row of a Meta-Album labels.csv; a malformed file names its fault."""
-    with labels.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"FILE_NAME", "CATEGORY"} - set(reader.fieldnames or ())
-        if missing:
-            raise DataError(
-                f"{labels}: missing column(s) {sorted(missing)}; expected FILE_NAME and CATEGORY, "
-                f"got {reader.fieldnames}"
-            )
-        rows = []
-        for row in reader:
-            file, category = row["FILE_NAME"], row["CATEGORY"]
-            if not file or not category:  # None when the row is short, "" when a cell is empty
+    rows = []
+    try:
+        with labels.open(newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"FILE_NAME", "CATEGORY"} - set(reader.fieldnames or ())
+            if missing:
                 raise DataError(
-                    f"{labels}, line {reader.line_num}: empty FILE_NAME or CATEGORY in {row}; every row "
-                    "needs both"
+                    f"{labels}: missing column(s) {sorted(missing)}; expected FILE_NAME and CATEGORY, "
+                    f"got {reader.fieldnames}"
                 )
-            rows.append((file, category))
+            for row in reader:
+                file, category = row["FILE_NAME"], row["CATEGORY"]
+                if not file or not category:  # None when the row is short, "" when a cell is empty
+                    raise DataError(
+                        f"{labels}, line {reader.line_num}: empty FILE_NAME or CATEGORY in {row}; every row "
+                        "needs both"
+                    )
+                rows.append((file, category))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{labels} is not a UTF-8 CSV file of FILE_NAME and CATEGORY columns: {err}") from err
     if not rows:
         raise DataError(f"{labels} has a header but no rows (expected one row per image)")
     return rows

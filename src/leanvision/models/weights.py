@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanvision.errors import CheckpointError, MissingFileError
+from leanvision.errors import CheckpointError, MissingFileError, first_line
 
 WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_state_dict", "net")
 
@@ -36,19 +37,28 @@ def load_torch_file(path: str | Path) -> Any:
     torch's own message is not passed on, since it suggests weights_only=False (unpickling arbitrary code),
     which leanvision never does."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it then refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+)", str(err))
         if found:
             raise CheckpointError(
-                f"{path} holds objects other than tensors and plain containers ({found.group(1)}); "
-                "leanvision loads weights only, never pickled objects. Re-save it as a state_dict"
+                f"{path} is not a weights-only checkpoint: it holds objects other than tensors and plain "
+                f"containers ({found.group(1)}); leanvision never unpickles objects. Re-save it as a "
+                "state_dict"
             ) from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or not one)") from None
-    except Exception as err:  # a file torch cannot parse is bad input, whatever its parser raises
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err.__context__) if err.__context__ is not None else "refused"
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or not one): {first}"
+            f"{path} is not a weights-only checkpoint (a state_dict saved by torch.save): torch's "
+            f"weights-only loader stops at {reason!r}, so the file is damaged, not a checkpoint, or pickles "
+            "objects"
+        ) from None
+    except Exception as err:  # a file torch cannot parse is bad input, whatever its parser raises
+        detail = f": {first_line(err).split('. ')[0]}" if isinstance(err, RuntimeError) else ""
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or not one; expected a state_dict saved "
+            f"by torch.save, or safetensors in a .safetensors file){detail}"
         ) from None
 
 
@@ -132,13 +142,13 @@ def convert_positional(state: Mapping[str, torch.Tensor], model: nn.Module) -> d
     dst = [(k, v) for k, v in target.items() if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
         raise CheckpointError(
-            f"checkpoint has {len(src)} tensors, {type(model).__name__} expects {len(dst)} "
+            f"it has {len(src)} tensors, {type(model).__name__} expects {len(dst)} "
             "(a checkpoint of another model family or depth?)"
         )
     converted = {}
     for (src_key, value), (dst_key, expected) in zip(src, dst):
         if src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
-            raise CheckpointError(f"checkpoint tensor {src_key!r} does not line up with {dst_key!r}")
+            raise CheckpointError(f"tensor {src_key!r} does not line up with {dst_key!r}")
         if value.shape != expected.shape and value.squeeze().shape == expected.squeeze().shape:
             value = value.reshape(expected.shape)  # 1x1-conv classifier <-> Linear
         _check_shape(src_key, value, expected, dst_key)
@@ -150,14 +160,23 @@ def _check_shape(key: str, value: torch.Tensor, expected: torch.Tensor, model_ke
     if value.shape != expected.shape:
         where = f" (model tensor {model_key!r})" if model_key and model_key != key else ""
         raise CheckpointError(
-            f"checkpoint tensor {key!r}{where} has shape {list(value.shape)}, the model expects "
+            f"tensor {key!r}{where} has shape {list(value.shape)}, the model expects "
             f"{list(expected.shape)}: the checkpoint was made for another width, class count or model"
         )
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
-    """Load a local checkpoint (ours, timm, torchvision, clovaai or EdgeML layout) into `model` in place."""
+    """Load a local checkpoint (ours, timm, torchvision, clovaai or EdgeML layout) into `model` in place;
+    a checkpoint that does not fit raises a CheckpointError naming the file and the first misfit."""
     state = read_state_dict(path)
+    try:
+        _load_state(model, state, strict)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+    return model
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
     if is_clovaai_layout(state) and not set(state) <= set(model.state_dict()):
         state = convert_positional(state, model)
     elif is_edgeml_vww_layout(state):
@@ -167,7 +186,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
     unexpected = [k for k in state if k not in target]
     if strict and (missing or unexpected):
         raise CheckpointError(
-            f"checkpoint {path} does not fit {type(model).__name__}: "
+            f"it does not fit {type(model).__name__}: "
             f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
         )
@@ -175,7 +194,6 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
         if key in target:
             _check_shape(key, value, target[key])
     model.load_state_dict(state, strict=False)
-    return model
 
 
 def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
