@@ -47,7 +47,7 @@ from optuna.trial import TrialState
 
 from leanvision.engine.data import DataSplits, build_dataset
 from leanvision.engine.train import NonFiniteLossError, TrainConfig, train
-from leanvision.errors import InvalidArgumentError
+from leanvision.errors import CheckpointError, InvalidArgumentError, first_line
 from leanvision.experiments.channel_search.space import (
     Candidate,
     ChannelSearchNet,
@@ -131,13 +131,19 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}} if sqlite else {}
     with warnings.catch_warnings():  # the heartbeat API is marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
-        )
+        try:
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+            )
+        except sqlalchemy.exc.DatabaseError as err:  # a damaged study.db, an unreachable server
+            raise CheckpointError(
+                f"cannot open the study storage {_display_url(url)}: {first_line(err.orig or err)}; "
+                "repair or remove it, or pass another --out or --storage"
+            ) from None
     if sqlite:
         sqlalchemy.event.listen(storage.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
     return storage

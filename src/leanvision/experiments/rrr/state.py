@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from leanvision.errors import InvalidArgumentError
+from leanvision.errors import CheckpointError, InvalidArgumentError, first_line
 
 
 def write_json_atomic(data: Any, path: Path) -> None:
@@ -23,7 +23,18 @@ def load_state(path: Path, settings: dict[str, Any], fresh: dict[str, Any]) -> d
     settings raises a ValueError naming them."""
     if not path.is_file():
         return {"settings": settings, **fresh}
-    state = json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{path} is not a JSON state file ({first_line(err)}); remove it to start over, or pass "
+            "another --out"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} holds a JSON {type(state).__name__}, not this experiment's state object; remove it to "
+            "start over, or pass another --out"
+        )
     saved = state.get("settings", {})
     if saved != settings:
         changed = sorted(k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k))
