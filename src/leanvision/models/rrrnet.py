@@ -263,6 +263,14 @@ class RRRNet(ClassifierBase):
         """Copy a full ResNet's tensors by name: the stem as is, the top as is or sliced (see the module)."""
         self._check_backbone_state(state, source)
         own = self.state_dict()
+        needed = [k for k in own if not k.startswith("branches.")]
+        needed += [k for k in self.branches[0].state_dict() if not k.startswith("fc.")]
+        missing = [k for k in needed if k not in state and not k.endswith("num_batches_tracked")]
+        if missing:
+            raise CheckpointError(
+                f"{source} lacks {len(missing)} tensor(s) of the {self.backbone} blocks the model keeps "
+                f"(first: {missing[:3]}); expected a full {self.backbone} state_dict"
+            )
         loaded = {k: state[k] for k in own if not k.startswith("branches.") and k in state}
         for key, value in loaded.items():
             if value.shape != own[key].shape:
