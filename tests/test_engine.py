@@ -14,49 +14,13 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from conftest import LINES, Tiny, tiny, tiny_config, without_time
 from leanvision.cli import app
 from leanvision.engine.data import build_dataset
 from leanvision.engine.train import Meter, NonFiniteLossError, TrainConfig, lr_factor, train
 from leanvision.engine.train_state import load_training_checkpoint
 
-LINES = "synthetic:lines,train=48,val=24"
 runner = CliRunner()
-
-
-class Tiny(nn.Module):
-    """Conv + dropout + linear on 1 x 16 x 16 images; `fail_at` makes call N raise or return NaN."""
-
-    def __init__(
-        self, num_classes: int = 9, fail_at: int | None = None, fail_with: str = "interrupt"
-    ) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, stride=2)
-        self.fc = nn.Linear(4 * 7 * 7, num_classes)
-        self.drop = nn.Dropout(0.3)
-        self.calls, self.fail_at, self.fail_with = 0, fail_at, fail_with
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.calls += 1
-        if self.calls == self.fail_at:
-            if self.fail_with == "interrupt":
-                raise KeyboardInterrupt
-            return torch.full((x.shape[0], self.fc.out_features), float("nan"))
-        return self.fc(self.drop(torch.relu(self.conv(x))).flatten(1))
-
-
-def tiny(**kwargs) -> Tiny:
-    torch.manual_seed(0)
-    return Tiny(**kwargs)
-
-
-def config(out, **overrides) -> TrainConfig:
-    settings = dict(epochs=3, batch_size=16, lr=0.1, img_size=16, progress=False, out=str(out))
-    return TrainConfig("tiny", LINES, **{**settings, **overrides})
-
-
-def without_time(history):
-    return [{k: v for k, v in row.items() if k != "time_s"} for row in history]
 
 
 def test_lr_schedules():
@@ -67,15 +31,15 @@ def test_lr_schedules():
 
 
 def test_run_is_deterministic_and_resume_is_exact(tmp_path):
-    full = train(config(tmp_path / "full"), model=tiny())
-    again = train(config(tmp_path / "again"), model=tiny())
+    full = train(tiny_config(tmp_path / "full"), model=tiny())
+    again = train(tiny_config(tmp_path / "again"), model=tiny())
     assert without_time(full.history) == without_time(again.history)
     for a, b in zip(full.model.state_dict().values(), again.model.state_dict().values()):
         assert torch.equal(a, b)
 
-    stopped = train(config(tmp_path / "part"), model=tiny(), on_epoch_end=lambda row: row["epoch"] == 1)
+    stopped = train(tiny_config(tmp_path / "part"), model=tiny(), on_epoch_end=lambda row: row["epoch"] == 1)
     assert stopped.status == "stopped" and len(stopped.history) == 1
-    resumed = train(config(tmp_path / "part", resume=True), model=tiny())
+    resumed = train(tiny_config(tmp_path / "part", resume=True), model=tiny())
     assert resumed.status == "completed"
     assert without_time(resumed.history) == without_time(full.history)
     assert resumed.val == full.val
@@ -95,8 +59,8 @@ def test_channels_last_trains_the_same_run(tmp_path):
     models = [tiny(), tiny()]
     for model in models:  # dropout draws its mask in memory order, so it would differ between the runs
         model.drop.p = 0.0
-    contiguous = train(config(tmp_path / "a"), model=models[0])
-    nhwc = train(config(tmp_path / "b", channels_last=True), model=models[1])
+    contiguous = train(tiny_config(tmp_path / "a"), model=models[0])
+    nhwc = train(tiny_config(tmp_path / "b", channels_last=True), model=models[1])
     assert nhwc.model.conv.weight.is_contiguous(memory_format=torch.channels_last)
     for a, b in zip(without_time(contiguous.history), without_time(nhwc.history)):
         assert a.keys() == b.keys()
@@ -122,27 +86,29 @@ def record_training_dtypes(model: Tiny) -> set[torch.dtype]:
 def test_cuda_mixed_precision_trains_and_resumes(tmp_path):
     model = tiny()
     amp_dtypes = record_training_dtypes(model)
-    stopped = train(config(tmp_path, device="cuda"), model=model, on_epoch_end=lambda row: row["epoch"] == 2)
+    stopped = train(
+        tiny_config(tmp_path, device="cuda"), model=model, on_epoch_end=lambda row: row["epoch"] == 2
+    )
     assert amp_dtypes == {torch.float16} and next(stopped.model.parameters()).is_cuda
     assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in stopped.history)
     assert load_training_checkpoint(tmp_path / "last.pt")["scaler"]["scale"] > 0  # the GradScaler was on
-    resumed = train(config(tmp_path, device="cuda", resume=True), model=tiny())
+    resumed = train(tiny_config(tmp_path, device="cuda", resume=True), model=tiny())
     assert resumed.status == "completed" and [r["epoch"] for r in resumed.history] == [1, 2, 3]
     fp32 = tiny()
     fp32_dtypes = record_training_dtypes(fp32)
-    train(config(tmp_path / "fp32", device="cuda", amp=False), model=fp32)
+    train(tiny_config(tmp_path / "fp32", device="cuda", amp=False), model=fp32)
     assert fp32_dtypes == {torch.float32}
 
 
 def test_ctrl_c_keeps_last_epoch_and_resume_continues(tmp_path, capsys):
-    full = train(config(tmp_path / "full"), model=tiny())
+    full = train(tiny_config(tmp_path / "full"), model=tiny())
     # 3 steps per epoch: the 5th training forward is in epoch 2
-    interrupted = train(config(tmp_path / "run"), model=tiny(fail_at=5))
+    interrupted = train(tiny_config(tmp_path / "run"), model=tiny(fail_at=5))
     assert interrupted.status == "interrupted" and len(interrupted.history) == 1
     assert "holds epoch 1; continue with --resume" in capsys.readouterr().out
     assert load_training_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "interrupted"
-    resumed = train(config(tmp_path / "run", resume=True), model=tiny())
+    resumed = train(tiny_config(tmp_path / "run", resume=True), model=tiny())
     assert without_time(resumed.history) == without_time(full.history)
 
 
@@ -150,32 +116,32 @@ def test_non_finite_loss_in_the_first_epoch_cites_no_checkpoint(tmp_path):
     with pytest.raises(
         NonFiniteLossError, match=r"loss is nan at epoch 1, step 2: .*no checkpoint was written"
     ):
-        train(config(tmp_path), model=tiny(fail_at=2, fail_with="nan"))
+        train(tiny_config(tmp_path), model=tiny(fail_at=2, fail_with="nan"))
     assert not (tmp_path / "last.pt").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, step 2.*last good epoch \(1\)"):
-        train(config(tmp_path), model=tiny(fail_at=5, fail_with="nan"))
+        train(tiny_config(tmp_path), model=tiny(fail_at=5, fail_with="nan"))
     state = load_training_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 def test_resume_and_model_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
-        train(config(tmp_path, resume=True), model=tiny())
-    train(config(tmp_path, epochs=1), model=tiny())
+        train(tiny_config(tmp_path, resume=True), model=tiny())
+    train(tiny_config(tmp_path, epochs=1), model=tiny())
     with pytest.raises(ValueError, match="already holds a run"):
-        train(config(tmp_path, epochs=1), model=tiny())
+        train(tiny_config(tmp_path, epochs=1), model=tiny())
     other = TrainConfig("other", LINES, epochs=2, img_size=16, out=str(tmp_path), resume=True, progress=False)
     with pytest.raises(ValueError, match="checkpoint of model 'tiny', not 'other'"):
         train(other, model=tiny())
     with pytest.raises(ValueError, match="gives \\[5\\] outputs per image but .* has 9 classes"):
-        train(config(tmp_path / "b"), model=tiny(num_classes=5))
+        train(tiny_config(tmp_path / "b"), model=tiny(num_classes=5))
     with pytest.raises(ValueError, match="mobilenetv2_035.*cannot take the \\[1, 16, 16\\] images.*img-size"):
         train(TrainConfig("mobilenetv2_035", LINES, img_size=16, out=str(tmp_path / "c"), progress=False))
     with pytest.raises(ValueError, match="opt must be one of"):
-        train(config(tmp_path / "d", opt="lion"), model=tiny())
+        train(tiny_config(tmp_path / "d", opt="lion"), model=tiny())
 
 
 def test_meter_multilabel_accuracies():
@@ -393,31 +359,10 @@ def test_full_disk_bad_device_and_file_out(tmp_path, monkeypatch):
     assert not (tmp_path / "new").exists()
 
 
-def test_sigterm_stops_like_ctrl_c(tmp_path):
-    """Issue 20, item 10: `kill` (SIGTERM) stops a run as Ctrl-C does: a message naming the checkpoint,
-    summary.json with status interrupted, exit code 130; --resume continues it."""
-    import signal
-    import time
-
-    out = tmp_path / "run"
-    command = [sys.executable, "-m", "leanvision.cli", "train", "--model", "mobilenetv2_035", "--data", LINES]
-    command += ["--img-size", "32", "--epochs", "500", "--device", "cpu", "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "metrics.csv").exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
-    assert "continue with --resume" in stdout and "Traceback" not in stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and summary["epochs_completed"] >= 1
-
-
 def test_raising_epochs_on_resume_continues_the_schedule(tmp_path):
     """Issue 20 (rough edge): after a finished cosine run, --epochs raised on resume starts the new epoch
     at the new schedule's rate, not at the old schedule's final 0."""
-    first = train(config(tmp_path, epochs=1), model=tiny())
+    first = train(tiny_config(tmp_path, epochs=1), model=tiny())
     assert first.history[0]["lr"] == pytest.approx(0.1)
-    more = train(config(tmp_path, epochs=2, resume=True), model=tiny())
+    more = train(tiny_config(tmp_path, epochs=2, resume=True), model=tiny())
     assert more.history[1]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.5)))

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import multiprocessing
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import SEARCH_DATA, study_trials, tiny_settings
 from leanvision import profile
 from leanvision.cli import app
 from leanvision.engine.train import NonFiniteLossError
@@ -32,17 +30,6 @@ from leanvision.experiments.channel_search.space import (
     widest_flat,
 )
 from leanvision.experiments.channel_search.study import SearchSettings, group_slices, open_storage, run_search
-
-DATA = "synthetic:lines,train=32,val=16"
-TINY = dict(blocks=3, max_params=20_000, max_macs=2_000_000, data=DATA, img_size=16, epochs=1, repeats=1)
-
-
-def tiny_settings(out: Path, **overrides) -> SearchSettings:
-    return SearchSettings(**{**TINY, "models": 4, "batch_size": 16, "out": str(out), **overrides})
-
-
-def study_trials(settings: SearchSettings) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=settings.study_name, storage=settings.storage_url).get_trials()
 
 
 @pytest.mark.parametrize(
@@ -214,8 +201,8 @@ def test_search_with_two_workers_on_sqlite_finishes_and_resumes(tmp_path):
     assert len(checkpoints) == settings.models
 
     command = [
-        "search", "channels", "--data", DATA, "--img-size", "16", "--blocks", "3", "--max-params", "20k",
-        "--max-macs", "2M", "--models", "4", "--epochs", "1", "--repeats", "1", "--batch-size", "16",
+        "search", "channels", "--data", SEARCH_DATA, "--img-size", "16", "--blocks", "3", "--max-params",
+        "20k", "--max-macs", "2M", "--models", "4", "--epochs", "1", "--repeats", "1", "--batch-size", "16",
         "--workers", "2", "--out", settings.out,
     ]  # fmt: skip
     result = CliRunner().invoke(app, command)  # the same search again: nothing to train
@@ -352,7 +339,8 @@ def test_workers_end_when_the_main_process_is_gone():
 
 
 def test_cli_reports_bad_limits_in_one_line(tmp_path):
-    base = ["search", "channels", "--data", DATA, "--img-size", "16", "--blocks", "3", "--out", str(tmp_path)]
+    base = ["search", "channels", "--data", SEARCH_DATA, "--img-size", "16", "--blocks", "3"]
+    base += ["--out", str(tmp_path)]
     result = CliRunner().invoke(app, [*base, "--max-params", "2k", "--max-macs", "2M"])
     assert result.exit_code == 2 and "the smallest (every block 8 channels) has" in " ".join(
         result.output.split()
@@ -360,47 +348,6 @@ def test_cli_reports_bad_limits_in_one_line(tmp_path):
     result = CliRunner().invoke(app, [*base, "--max-params", "lots"])
     assert result.exit_code == 2 and "--max-params must be a count such as 200000" in result.output
     assert not (tmp_path / "study.db").exists()
-
-
-def _postgres_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    path = Path(found[-1]) if found else (Path(shutil.which("initdb")) if shutil.which("initdb") else None)
-    return path.parent if path is not None and (path.parent / "pg_ctl").exists() else None
-
-
-@pytest.fixture
-def postgres_url():
-    """A throwaway PostgreSQL cluster on a free loopback port (initdb runs as `nobody` when we are root)."""
-    pytest.importorskip("psycopg", reason="needs the postgres extra (psycopg[binary])")
-    bin_dir = _postgres_bin()
-    if bin_dir is None:
-        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) in /usr/lib/postgresql/*/bin or on PATH")
-    as_user: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="leanvision-pg-"))
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
-        shutil.chown(root, "nobody")
-        as_user = ["runuser", "-u", "nobody", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = root / "data"
-    subprocess.run(
-        [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "search", "--auth=trust", "--no-sync"],
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    pg_ctl = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-w"]
-    subprocess.run(
-        [*pg_ctl, "-l", str(root / "log"), "-o", options, "start"], check=True, capture_output=True
-    )
-    try:
-        yield f"postgresql+psycopg://search@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_search_with_two_workers_on_postgresql(tmp_path, postgres_url):

@@ -1,11 +1,14 @@
 """Train and evaluate classifiers: one process, or data-parallel under `torchrun` (DDP).
 
-A run writes to its output folder: `last.pt` after every epoch (atomically; see engine/checkpoint.py),
+A run writes to its output folder: `last.pt` after every epoch (see engine/train_state.py),
 `metrics.csv` (one row per epoch), `summary.json` and `curves.png` at the end. `resume=True` continues
 from `last.pt` exactly: the epoch after a resume has the same metrics as in an uninterrupted run.
 That holds because each epoch's order of samples depends only on (seed, epoch) and every random
-generator is saved with the weights. Ctrl-C keeps `last.pt` (the last completed epoch) and writes the
-summary; a non-finite loss stops the run with `NonFiniteLossError`, `last.pt` untouched.
+generator is saved with the weights. Every file is written atomically, so a process killed at any moment
+(`kill -9`) leaves whole files: `last.pt` of the last completed epoch and `metrics.csv` of that epoch or the
+one before (a resume rewrites it from the checkpoint). Ctrl-C keeps `last.pt` and writes the summary
+(status "interrupted"); SIGTERM does the same (status "terminated") and then ends the process as SIGTERM
+does; a non-finite loss stops the run with `NonFiniteLossError`, `last.pt` untouched.
 
 Multi-label datasets train with a per-label sigmoid (BCE) loss and report exact-match accuracy (`acc`:
 every label right) and per-label accuracy (`label_acc`).
@@ -14,6 +17,7 @@ every label right) and per-label accuracy (`label_acc`).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -43,14 +47,16 @@ from leanvision.engine.train_state import (
     save_atomic,
     set_rng_state,
     temporary_path,
+    write_text_atomic,
 )
-from leanvision.errors import CheckpointError, InvalidArgumentError
+from leanvision.errors import CheckpointError, InvalidArgumentError, OutputError
 from leanvision.models.weights import load_checkpoint
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "none")
 # Settings a resumed run takes from its checkpoint (the rest may change between sessions).
 RUN_SETTINGS = ("epochs", "out", "resume", "workers", "device", "progress")
+RUN_FILES = ("last.pt", "metrics.csv", "summary.json")  # written atomically (train_state.write_atomic)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -122,6 +128,17 @@ class TrainConfig:
                 ) from None
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise InvalidArgumentError(f"out {self.out} is a file; the run needs a folder")
+        check_writable_folder(Path(self.out))
+
+
+def check_writable_folder(out: Path) -> None:
+    """Raise an OutputError if the folder `out` cannot be created or written (its nearest existing
+    ancestor is a file, or is not writable: no permission, a read-only file system)."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"cannot create the output folder {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to the output folder {out}: {existing} is not writable")
 
 
 @dataclass
@@ -347,11 +364,12 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
-    columns = list(history[0])
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(history)
+    """One row per epoch of `history`, written atomically (the whole file each time)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(text.getvalue(), path)
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, metric: str = "acc") -> None:
@@ -375,7 +393,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, metric: str = "acc") 
 class TrainResult:
     """What `train` returns: how the run ended, its per-epoch metrics and the final evaluation."""
 
-    status: str  # "completed", "stopped" (by on_epoch_end), "interrupted" (Ctrl-C)
+    status: str  # "completed", "stopped" (by on_epoch_end), "interrupted" (Ctrl-C), "terminated" (SIGTERM)
     history: list[dict[str, Any]]
     val: dict[str, Any]
     out: Path
@@ -383,9 +401,9 @@ class TrainResult:
     main_process: bool = True  # False on the other ranks of a data-parallel run
 
     def raise_if_interrupted(self) -> None:
-        """Re-raise the Ctrl-C that ended this run: a caller running several must stop too (its `out`
-        keeps the last finished epoch, which the same call with resume continues)."""
-        if self.status == "interrupted":
+        """Re-raise the Ctrl-C (or SIGTERM) that ended this run: a caller running several must stop too
+        (its `out` keeps the last finished epoch, which the same call with resume continues)."""
+        if self.status in ("interrupted", "terminated"):
             raise KeyboardInterrupt
 
 
@@ -403,22 +421,36 @@ def _resume_config(config: TrainConfig, state: dict[str, Any], path: Path) -> Tr
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: the run stops as on Ctrl-C."""
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (`kill`, a scheduler's stop) handled as Ctrl-C is: the run stops, says where its last
-    epoch is and writes its summary. Only in the main thread, where Python can install handlers."""
+    """SIGTERM (`kill`, a scheduler's stop before preemption) handled as Ctrl-C is: the run stops, says
+    where its last epoch is and writes its summary (status "terminated"). Then the signal goes on to the
+    handler that was there before, so that by default the process ends as SIGTERM ends it (exit status
+    143), which tells a scheduler what happened. Only in the main thread, where Python can install
+    handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received = False
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+    def terminate(signum: int, frame: Any) -> None:
+        nonlocal received
+        received = True
+        raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if received:
+            sys.stdout.flush()  # the default action ends the process without flushing Python's buffers
+            sys.stderr.flush()
+            signal.raise_signal(signal.SIGTERM)
 
 
 def train(
@@ -447,17 +479,18 @@ def train(
         raise InvalidArgumentError(
             f"{out} already holds a run ({checkpoint_path}); pass --resume or another --out"
         )
-    temporary_path(checkpoint_path).unlink(missing_ok=True)  # a write a crash cut short
+    for name in RUN_FILES:
+        temporary_path(out / name).unlink(missing_ok=True)  # a write a crash cut short
     ctx = setup_distributed(config.device)
-    try:
-        with sigterm_as_interrupt():
+    with sigterm_as_interrupt():
+        try:
             result = _train(config, model, data, on_epoch_end, state, ctx, task)
-        if ctx.world > 1:  # leave together: a rank tearing gloo down while rank 0 still writes can abort
-            dist.barrier()
-        return result
-    finally:  # a process that exits with gloo's threads alive can abort ("terminate called ...")
-        if ctx.world > 1:
-            dist.destroy_process_group()
+            if ctx.world > 1:  # leave together: a rank tearing gloo down while rank 0 still writes can abort
+                dist.barrier()
+            return result
+        finally:  # a process that exits with gloo's threads alive can abort ("terminate called ...")
+            if ctx.world > 1:
+                dist.destroy_process_group()
 
 
 def _train(
@@ -524,7 +557,6 @@ def _train(
             row.update({f"train_{k}": v for k, v in train_metrics.items() if k in task.train_columns})
             row.update({f"val_{k}": v for k, v in val.items() if k in task.val_columns})
             row["time_s"] = round(time.perf_counter() - tic, 3)
-            history.append(row)
             if ctx.main:
                 save_atomic(
                     {
@@ -533,27 +565,30 @@ def _train(
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
                         "epoch": epoch + 1,
-                        "history": history,
+                        "history": [*history, row],
                         "config": asdict(config),
                         "rng": rng_state(),
                         "world_size": ctx.world,
                     },
                     checkpoint_path,
                 )
+            history.append(row)  # after the save: an interrupted save leaves history as last.pt has it
+            if ctx.main:
                 write_metrics_csv(history, out / "metrics.csv")
                 if config.progress:
                     _print_row(row, config.epochs, task)
             if on_epoch_end is not None and on_epoch_end(row):
                 status = "stopped"
                 break
-    except KeyboardInterrupt:
-        status = "interrupted"
+    except KeyboardInterrupt as stop:
+        status = "terminated" if isinstance(stop, Terminated) else "interrupted"
         if ctx.main:
             done = history[-1]["epoch"] if history else start_epoch
-            print(f"interrupted: {checkpoint_path} holds epoch {done}; continue with --resume")
+            print(f"{status}: {checkpoint_path} holds epoch {done}; continue with --resume")
     if val is None:  # nothing ran in this session
         val = task.evaluate(model, data, config, ctx.device)
-    if ctx.main and history:
+    if ctx.main and history:  # metrics.csv again: a run killed between last.pt and it has lost a row
+        write_metrics_csv(history, out / "metrics.csv")
         _write_summary(out, config, status, history, val, model, ctx, time.perf_counter() - started, task)
         plot_curves(history, out / "curves.png", task.metric)
     return TrainResult(status, history, val, out, model, ctx.main)
@@ -633,7 +668,7 @@ def _write_summary(out, config, status, history, val, model, ctx, seconds, task)
         "seconds": round(seconds, 2),
         "config": asdict(config),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(json.dumps(summary, indent=2) + "\n", out / "summary.json")
 
 
 def load_model_for_data(

@@ -10,8 +10,9 @@ from __future__ import annotations
 import errno
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -30,29 +31,41 @@ def empty_output_dir(out: str | Path) -> Path:
 
 
 def temporary_path(path: str | Path) -> Path:
-    """Where `save_atomic` writes `path` before renaming it (a crash can leave it behind)."""
+    """Where `write_atomic` writes `path` before renaming it (a crash can leave it behind)."""
     return Path(path).with_name(f".{Path(path).name}.tmp")
 
 
-def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`. A
-    failed write (a full disk) removes the temporary file and raises an OutputError; `path` keeps its
-    previous content."""
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call `write(file)` on a temporary file in the same folder, flush it to disk, then rename it over
+    `path`: a process killed at any moment leaves `path` whole, old or new. A failed write (a full disk)
+    removes the temporary file and raises an OutputError; `path` keeps its previous content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+    except BaseException as err:  # Ctrl-C too: no temporary file is left behind
         tmp.unlink(missing_ok=True)
+        if not isinstance(err, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
+            raise
         full = getattr(err, "errno", None) == errno.ENOSPC or "space" in str(err)
         kept = "it keeps its previous content" if path.exists() else "nothing was written"
         raise OutputError(f"cannot write {path} ({'the disk is full' if full else err}); {kept}") from err
     return path
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
+    """torch.save `state` to `path` with `write_atomic`."""
+    return write_atomic(path, lambda f: torch.save(state, f))
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write `text` (UTF-8) to `path` with `write_atomic`."""
+    return write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def rng_state() -> dict[str, Any]:
