@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import image_folder
 from leanvision.engine import synthetic
 from leanvision.engine.data import IMAGENET10_SYNSETS, build_dataset, read_idx
 
@@ -69,21 +70,6 @@ def test_synthetic_spec_options_and_errors():
         build_dataset("cifar10")
 
 
-def _write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture
-def fashion_dir(tmp_path):
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 6), ("t10k", 4)):
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    return tmp_path
-
-
 def test_fashion_mnist_reads_idx_files(fashion_dir):
     data = build_dataset(f"fashion-mnist:{fashion_dir}")
     assert (len(data.train), len(data.val), data.num_classes, data.image_size) == (6, 4, 10, 28)
@@ -140,17 +126,8 @@ def test_cifar_refuses_arbitrary_pickles(tmp_path):
         build_dataset(f"cifar10:{tmp_path}")
 
 
-def _image_folder(root, classes, per_class=2):
-    for split in ("train", "val"):
-        for index, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                Image.new("RGB", (20, 24), (index * 40, i * 50, 90)).save(folder / f"{i}.png")
-
-
 def test_folder_dataset_skips_or_fails_on_corrupt_images(tmp_path):
-    _image_folder(tmp_path, ["cat", "dog"])
+    image_folder(tmp_path, ["cat", "dog"])
     (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not a png")
     with pytest.warns(UserWarning, match="skipped 1 corrupt or missing image.*broken.png"):
         data = build_dataset(f"folder:{tmp_path}", img_size=16)
@@ -165,7 +142,7 @@ def test_folder_dataset_skips_or_fails_on_corrupt_images(tmp_path):
 
 def test_folder_dataset_finds_truncated_images_before_training(tmp_path):
     """Issue 20, item 3: a truncated JPEG passes Image.verify; the scan decodes it and finds it."""
-    _image_folder(tmp_path, ["cat", "dog"])
+    image_folder(tmp_path, ["cat", "dog"])
     whole = tmp_path / "whole.jpg"
     Image.effect_noise((64, 64), 60).convert("RGB").save(whole)
     (tmp_path / "train" / "cat" / "cut.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
@@ -178,7 +155,7 @@ def test_folder_dataset_finds_truncated_images_before_training(tmp_path):
 
 def test_folder_dataset_refuses_different_classes(tmp_path):
     """Issue 20, item 4: train/{a,b} and val/{a,c} would report val accuracy on class a alone."""
-    _image_folder(tmp_path, ["a", "b"])
+    image_folder(tmp_path, ["a", "b"])
     (tmp_path / "val" / "b").rename(tmp_path / "val" / "c")
     with pytest.raises(
         ValueError, match=r"same class folders; only in train/: \['b'\], only in val/: \['c'\]"
@@ -188,10 +165,10 @@ def test_folder_dataset_refuses_different_classes(tmp_path):
 
 def test_imagenet10_picks_table6_synsets(tmp_path):
     synsets = [s for s, _ in IMAGENET10_SYNSETS]
-    _image_folder(tmp_path, [s for s in synsets if s != "n02430045"] + ["n99999999"], per_class=1)
+    image_folder(tmp_path, [s for s in synsets if s != "n02430045"] + ["n99999999"], per_class=1)
     with pytest.raises(FileNotFoundError, match="lacks .*train/n02430045.*ImageNet-22K"):
         build_dataset(f"imagenet10:{tmp_path}")
-    _image_folder(tmp_path / "full", synsets + ["n99999999"], per_class=1)
+    image_folder(tmp_path / "full", synsets + ["n99999999"], per_class=1)
     data = build_dataset(f"imagenet10:{tmp_path / 'full'}", img_size=16)
     assert data.num_classes == 10 and len(data.train) == 10 and data.classes[4] == "deer"
     assert [data.val[i][1].item() for i in range(10)] == list(range(10))

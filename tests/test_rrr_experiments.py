@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from PIL import Image
 from typer.testing import CliRunner
 
 import leanvision
+from conftest import make_meta_album
 from leanvision.cli import app
 from leanvision.engine.data import build_dataset, metaalbum_datasets
 from leanvision.experiments.rrr import SelectConfig, block_sequence, select_blocks
@@ -21,23 +21,10 @@ from leanvision.models.rrrnet import RRRNet
 from leanvision.models.weights import read_state_dict
 
 
-def make_dataset(root: Path, shade: int, classes: int = 2, per_class: int = 8) -> None:
-    """A Meta-Album dataset folder whose classes differ in colour (`shade` varies it between datasets)."""
-    (root / "images").mkdir(parents=True)
-    lines = ["FILE_NAME,CATEGORY,SUPER_CATEGORY"]
-    for c in range(classes):
-        for i in range(per_class):
-            name = f"c{c}_{i:02d}.png"
-            Image.new("RGB", (24, 24), (200 * c, (shade + 30 * i) % 256, 90)).save(root / "images" / name)
-            lines.append(f"{name},class{c},all")
-    (root / "labels.csv").write_text("\n".join(lines) + "\n")
-    (root / "info.json").write_text("{}")
-
-
 @pytest.fixture
 def meta_set(tmp_path) -> Path:
     for shade, code in ((0, "AAA_Micro"), (120, "BBB_Micro")):
-        make_dataset(tmp_path / "SET" / code, shade)
+        make_meta_album(tmp_path / "SET" / code, shade)
     return tmp_path / "SET"
 
 
@@ -86,7 +73,7 @@ def test_metaalbum_set_listing_and_held_out_split(meta_set, tmp_path):
 
 
 def test_malformed_labels_csv_names_the_fault(tmp_path):
-    make_dataset(tmp_path / "DS", shade=0)
+    make_meta_album(tmp_path / "DS", shade=0)
     labels = tmp_path / "DS" / "labels.csv"
     rows = labels.read_text().splitlines()
     labels.write_text("\n".join([*rows[:2], "c1_00.png", *rows[3:]]) + "\n")  # a short row
