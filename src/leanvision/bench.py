@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
@@ -124,15 +125,23 @@ def _check(
         raise InvalidArgumentError(
             f"input_size must be (channels, height, width) of positive sizes, got {input_size}"
         )
-    if warmup < 0 or min_iters < 1 or min_seconds < 0:
+    if warmup < 0 or min_iters < 1 or not 0 <= min_seconds < math.inf:
         raise InvalidArgumentError(
-            f"need warmup >= 0, min_iters >= 1 and min_seconds >= 0, got {warmup}, {min_iters}, {min_seconds}"
+            f"need warmup >= 0, min_iters >= 1 and finite min_seconds >= 0, got {warmup}, {min_iters}, "
+            f"{min_seconds}"
         )
-    if device.split(":")[0] not in ("cpu", "cuda"):
+    return check_device(device)
+
+
+def check_device(device: str) -> torch.device:
+    """The torch.device of 'cpu', 'cuda' or 'cuda:N'; anything else, or CUDA without a GPU, raises an
+    InvalidArgumentError."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
         raise InvalidArgumentError(
             f"device must be 'cpu' or 'cuda' (optionally 'cuda:<index>'), got {device!r}"
         )
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if kind == "cuda" and not torch.cuda.is_available():
         raise InvalidArgumentError(f"device {device!r} was asked for but torch.cuda.is_available() is False")
     return torch.device(device)
 

@@ -71,6 +71,8 @@ def penultimate_features(
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """[N, D] inputs of the classifier of `model` (eval mode) for the first `max_images` of `dataset`."""
+    if batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
     if max_images is not None:
         if max_images < 1:
             raise InvalidArgumentError(f"max_images must be at least 1, got {max_images}")

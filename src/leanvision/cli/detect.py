@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,8 @@ def detect(
     image's pixels. All images are read first: a missing or unreadable one stops the command before
     anything is detected or written. Haar's scores are cascade level weights, not probabilities.
     """
+    if threshold is not None and math.isnan(threshold):
+        fail("--threshold must be a score (a number, -inf keeps every detection), got nan")
     detector = _detector(model, checkpoint, random_weights, multiscale, flip, device)
     targets = _outputs(images, Path(out))
     from leanvision.detection.data import read_image
@@ -96,13 +99,11 @@ def _detector(
         fail(f"{name} needs --checkpoint FILE (pass --random-weights to run untrained weights)")
     if checkpoint is not None and random_weights:
         fail("pass either --checkpoint or --random-weights, not both")
-    import torch
-
+    from leanvision.bench import check_device
     from leanvision.detection.inference import detect_images
     from leanvision.models.registry import create_model
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"device {device!r} was asked for but torch.cuda.is_available() is False")
+    run(lambda: check_device(device))
     net = run(lambda: create_model(name, pretrained=checkpoint)).to(device).eval()
     return lambda images: detect_images(net, images, multiscale=multiscale, flip=flip)
 

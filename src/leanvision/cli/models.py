@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -227,6 +228,8 @@ def memory(
         fail(f"--convention must be one of {', '.join(CONVENTIONS)} or all, got {convention!r}")
     if dtype not in DTYPE_BYTES:
         fail(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if budget_kib is not None and not 0 < budget_kib < math.inf:
+        fail(f"--budget-kib must be a positive number of KiB, got {budget_kib}")
     if split_blocks is not None and (not streamed or split_blocks < 1):
         fail(f"--split-blocks needs --streamed and K >= 1, got {split_blocks} with --streamed={streamed}")
     measured = measured or streamed

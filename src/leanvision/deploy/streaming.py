@@ -155,6 +155,10 @@ def stream(
     split_blocks of the last patch-based block's). Groups also take the headroom below the largest input
     + output of any layer after the RNNPool, which every executor holds at once: larger groups there cost
     no peak RAM and run faster."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(
+            f"stream takes a built model (leanvision.create_model(name).eval()), got {model!r}"
+        )
     if split_blocks is not None:
         from leanvision.deploy.patch_based import PatchBasedModel
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from leanvision.analysis.feature_rank import FeatureSpectrum, penultimate_features, spectrum_of, summarize
+from leanvision.bench import check_device
 from leanvision.engine.train import load_model_for_data
 from leanvision.errors import InvalidArgumentError
 
@@ -29,6 +30,7 @@ def feature_spectrum(
     """
     if split not in SPLITS:
         raise InvalidArgumentError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    check_device(device)
     model, data = load_model_for_data(model_name, checkpoint, data_spec, img_size, strict)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the train split's augmentation draws from the global generator

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import statistics
 import tempfile
 import time
@@ -187,9 +188,10 @@ def time_models(
         raise InvalidArgumentError(
             f"need batch_size >= 1 and input sizes (C, H, W) positive, got {batch_size} and {bad or sizes}"
         )
-    if min_rounds < 1 or min_seconds < 0:
+    if min_rounds < 1 or not 0 <= min_seconds < math.inf or (threads is not None and threads < 1):
         raise InvalidArgumentError(
-            f"need min_rounds >= 1 and min_seconds >= 0, got {min_rounds}, {min_seconds}"
+            f"need min_rounds >= 1, finite min_seconds >= 0 and threads >= 1 (or None: PyTorch's default), "
+            f"got {min_rounds}, {min_seconds}, {threads}"
         )
     report = on_step or (lambda step: None)
     previous = torch.get_num_threads()

@@ -90,12 +90,19 @@ def get_model_config(name: str) -> ModelConfig:
 
 def _check_arguments(name: str, pretrained: object, kwargs: dict[str, Any]) -> None:
     """Refuse, by name, the arguments that would otherwise fail deep inside a builder or build an empty
-    model: a pretrained that is not a path (weights are never downloaded), in_chans < 1, a width_mult that
-    is not a finite positive number."""
+    model: a pretrained that is not a path (weights are never downloaded), a num_classes that is not an
+    int >= 0, in_chans < 1, a width_mult that is not a finite positive number."""
     if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
         raise InvalidArgumentError(
             f"pretrained must be the path of a local checkpoint file (weights are not downloaded), "
             f"got {pretrained!r}"
+        )
+    num_classes = kwargs.get("num_classes")
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0
+    ):
+        raise InvalidArgumentError(
+            f"{name}: num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}"
         )
     in_chans = kwargs.get("in_chans")
     if in_chans is not None and (isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1):
@@ -122,10 +129,10 @@ def create_model(
     timm's.
     """
     config = get_model_config(name)
-    _check_arguments(name, pretrained, kwargs)
-    kwargs = {**config.kwargs, **kwargs}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    _check_arguments(name, pretrained, kwargs)
+    kwargs = {**config.kwargs, **kwargs}
     model = config.builder(**kwargs)
     model.default_cfg = config
     if pretrained is not None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanvision.errors import CheckpointError, MissingFileError, first_line
+from leanvision.errors import CheckpointError, MissingFileError, OutputError, first_line
 
 WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_state_dict", "net")
 
@@ -199,12 +199,15 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], strict: bool) 
 def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
     """Write the model's state_dict (our layout; timm loads it as is); `.safetensors` picks that format."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file(state, str(path))
-    else:
-        torch.save(state, path)
+            save_file(state, str(path))
+        else:
+            torch.save(state, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        raise OutputError(f"cannot write the checkpoint {path}: {first_line(err)}") from None
     return path
