@@ -32,6 +32,7 @@ from conftest import LINES, study_trials, tiny, tiny_config, tiny_settings, with
 from leanvision.cli import app
 from leanvision.engine.train import train
 from leanvision.engine.train_state import load_training_checkpoint, temporary_path
+from leanvision.errors import OutputError
 from leanvision.experiments.channel_search.study import WorkerError, open_storage, run_search
 
 EPOCHS = 3
@@ -190,22 +191,24 @@ def test_kill_9_in_each_step_of_the_checkpoint_write_loses_nothing(tmp_path, ref
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_loses_nothing(tmp_path):
-    """At least 24 kill -9 at random moments of 8-epoch runs (every other one at the next checkpoint write
-    after the moment), each run resumed after each kill: every kill leaves whole files, every finished run
-    equals the uninterrupted one."""
+    """24 kill -9 at random moments of 8-epoch runs (every other one at the next checkpoint write after the
+    moment), the run resumed after each kill: every kill leaves whole files, every finished run equals the
+    uninterrupted one."""
     epochs, rng = 8, random.Random(19)
-    reference = tmp_path / "reference"
-    tic = time.monotonic()
-    whole = start(reference, epochs)
-    whole.join(300)
-    lifetime = time.monotonic() - tic  # of a forked run from start to end
-    assert whole.exitcode == 0
+    reference, again = tmp_path / "reference", tmp_path / "again"
+    for out in (reference, again):  # the first one also starts the fork server
+        tic = time.monotonic()
+        whole = start(out, epochs)
+        whole.join(300)
+        assert whole.exitcode == 0
+    lifetime = time.monotonic() - tic  # of a forked run, start to end
+    check_equals_reference(again, reference)
     kills, in_write, finished = 0, 0, 0
     out = tmp_path / "run"
     while kills < 24:
         started = time.time()
         process = start(out, epochs)
-        time.sleep(rng.uniform(0, lifetime))
+        time.sleep(rng.uniform(0, 2 * lifetime / epochs))  # within about two epochs
         if kills % 2:  # wait for the next checkpoint write
             while process.is_alive() and not temporary_path(out / "last.pt").exists():
                 time.sleep(0.0005)
@@ -289,7 +292,7 @@ def test_a_search_worker_killed_mid_trial_loses_and_repeats_no_trial(tmp_path, r
     re-run fails the dead trial, trains its model again from its last.pt, and ends with one COMPLETE trial
     per model, those finished before untouched."""
     url = request.getfixturevalue("postgres_url") if storage == "postgresql" else None
-    settings = tiny_settings(tmp_path / "search", workers=2, epochs=3, storage=url)
+    settings = tiny_settings(tmp_path / "search", workers=2, models=3, epochs=3, storage=url)
     found: dict = {}
     killer = threading.Thread(
         target=kill_a_worker_mid_trial, args=(settings.storage_url, Path(settings.out), found)
@@ -349,3 +352,16 @@ def test_a_full_disk_keeps_the_last_checkpoint_whole(tmp_path):
     assert load_training_checkpoint(out / "last.pt")["epoch"] == 1
     finish(out, epochs=2)
     assert [int(r["epoch"]) for r in metrics_rows(out)] == [1, 2]
+
+
+def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(tmp_path, monkeypatch):
+    """Free space below one checkpoint (Tiny's 1,813 weights and SGD's momentum: 14,504 bytes): one error
+    before the first epoch, nothing written."""
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda path: usage._replace(free=14_503))
+    message = f"the disk of {tmp_path / 'run'} has 14,503 bytes free; a checkpoint of this model needs 14,504"
+    with pytest.raises(OutputError, match=message):
+        train(tiny_config(tmp_path / "run"), model=tiny())
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda path: usage._replace(free=14_504))
+    assert train(tiny_config(tmp_path / "run", epochs=1), model=tiny()).status == "completed"

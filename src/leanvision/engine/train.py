@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -131,10 +132,14 @@ class TrainConfig:
         check_writable_folder(Path(self.out))
 
 
+def _nearest_existing(path: Path) -> Path:
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
 def check_writable_folder(out: Path) -> None:
     """Raise an OutputError if the folder `out` cannot be created or written (its nearest existing
     ancestor is a file, or is not writable: no permission, a read-only file system)."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
+    existing = _nearest_existing(out)
     if not existing.is_dir():
         raise OutputError(f"cannot create the output folder {out}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -213,6 +218,18 @@ def check_model_fits(model: nn.Module, data: DataSplits, name: str) -> None:
         raise InvalidArgumentError(
             f"model {name!r} gives {list(out.shape[1:])} outputs per image but {data.spec!r} has "
             f"{data.num_classes} classes"
+        )
+
+
+def check_free_space(out: Path, model: nn.Module, config: TrainConfig) -> None:
+    """Raise an OutputError if the disk of `out` cannot hold one checkpoint: the weights and the optimizer's
+    copies of them (a momentum buffer for SGD, two moments for AdamW)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    needed = weights * (3 if config.opt == "adamw" else 1 + (config.momentum > 0))
+    free = shutil.disk_usage(_nearest_existing(out)).free
+    if free < needed:
+        raise OutputError(
+            f"the disk of {out} has {free:,} bytes free; a checkpoint of this model needs {needed:,}"
         )
 
 
@@ -540,6 +557,7 @@ def _train(
         scaler.load_state_dict(state["scaler"])
         history, start_epoch = list(state["history"]), state["epoch"]
         set_rng_state(state["rng"])
+    check_free_space(out, model, config)
     net = nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
