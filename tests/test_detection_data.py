@@ -13,10 +13,10 @@ import torch
 from typer.testing import CliRunner
 
 from leanvision.cli import app
-from leanvision.detection.augment import S3FDAugment
+from leanvision.detection.augment import S3FDAugment, SSDAugment
 from leanvision.detection.data import build_detection_data, collate_detection
 from leanvision.detection.synthetic_faces import HEIGHT, MAX_SIDE, MIN_SIDE, WIDTH, render
-from leanvision.detection.task import DetectionTask, detection_ap
+from leanvision.detection.task import DetectionTask, detection_ap, detection_task
 from leanvision.engine.train import TrainConfig, train
 from leanvision.errors import DataError, InvalidArgumentError, MissingFileError
 
@@ -78,38 +78,44 @@ def test_spec_errors():
 
 
 # ------------------------------------------------------------------------------------------ augmentation
-def test_augmented_boxes_still_bound_their_faces():
-    """A white rectangle on black: after any crop, resize and flip, each kept box encloses white (its
-    interior, 2 px in) and is enclosed by black (a ring 2 px out), unless the crop cut the face."""
-    augment = S3FDAugment(160)
+@pytest.mark.parametrize("augment", [S3FDAugment(160), SSDAugment(160)], ids=["s3fd", "ssd"])
+def test_augmented_boxes_still_bound_their_objects(augment):
+    """A white and a gray rectangle on black: after any crop, resize and flip, each kept box encloses
+    its colour (its interior, 2 px in), is enclosed by something darker (a ring 2 px out), unless the
+    crop cut the object, and keeps its label (the white one is brighter inside)."""
     image = torch.zeros(3, 120, 200, dtype=torch.uint8)
-    faces = torch.tensor([[30.0, 20, 70, 70], [120, 60, 136, 80]])
-    for x1, y1, x2, y2 in faces.int().tolist():
-        image[:, y1:y2, x1:x2] = 255
+    objects, labels = torch.tensor([[30.0, 20, 70, 70], [120, 60, 136, 80]]), torch.tensor([1, 2])
+    for (x1, y1, x2, y2), value in zip(objects.int().tolist(), (255, 140)):
+        image[:, y1:y2, x1:x2] = value
     seen = 0
     for seed in range(60):
         torch.manual_seed(seed)
-        out, boxes = augment(image, faces)
-        assert out.shape == (3, 160, 160) and boxes.dtype == torch.float32
+        out, boxes, out_labels = augment(image, objects, labels)
+        assert out.shape == (3, 160, 160) and boxes.dtype == torch.float32 and len(out_labels) == len(boxes)
         gray = out.mean(0)
-        for x1, y1, x2, y2 in boxes.tolist():
-            assert x2 - x1 >= 6 and y2 - y1 >= 6  # smaller faces are dropped
+        brightness = {}
+        for (x1, y1, x2, y2), label in zip(boxes.tolist(), out_labels.tolist()):
+            assert x2 - x1 >= augment.sanitize.transforms[1].min_size  # smaller objects are dropped
             assert 0 <= x1 < x2 <= 160 and 0 <= y1 < y2 <= 160
             inner = gray[round(y1) + 2 : round(y2) - 2, round(x1) + 2 : round(x2) - 2]
             assert inner.numel() == 0 or inner.min() > gray.max() * 0.5
+            if inner.numel():
+                brightness[label] = inner.mean()
             ring = [gray[max(0, round(y1) - 3), round(x1) + 2 : round(x2) - 2]] if y1 >= 3 else []
             ring += [gray[round(y1) + 2 : round(y2) - 2, round(x2) + 2]] if x2 <= 157 else []
             for edge in ring:
                 assert edge.numel() == 0 or edge.max() < gray.max() * 0.5
             seen += 1
+        if len(brightness) == 2:
+            assert brightness[1] > brightness[2]
     assert seen > 40
 
 
 def test_augmentation_without_faces_resizes():
-    out, boxes = S3FDAugment(64, channels=1)(
-        torch.full((3, 50, 80), 128, dtype=torch.uint8), torch.zeros(0, 4)
+    out, boxes, labels = S3FDAugment(64, channels=1)(
+        torch.full((3, 50, 80), 128, dtype=torch.uint8), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
     )
-    assert out.shape == (1, 64, 64) and boxes.shape == (0, 4)
+    assert out.shape == (1, 64, 64) and boxes.shape == (0, 4) and labels.shape == (0,)
 
 
 # ------------------------------------------------------------------------------------------ file datasets
@@ -292,7 +298,9 @@ def test_detection_training_runs_and_resumes_exactly(tmp_path):
 
 
 def test_detection_task_refuses_classifiers(tmp_path):
-    with pytest.raises(InvalidArgumentError, match="trains a face detector.*rnnpool_face_quant"):
+    with pytest.raises(InvalidArgumentError, match="trains a face detector.*rnnpool_face_quant.*ssdlite_"):
+        detection_task("rexnet_100")
+    with pytest.raises(InvalidArgumentError, match="trains a face detector"):
         train(TrainConfig("rexnet_100", SYNTHETIC, out=str(tmp_path), task="detection"), task=DetectionTask())
 
 

@@ -118,6 +118,8 @@ def peak_memory(
     check_dtype_bytes(dtype_bytes)
     graph = as_graph(model_or_name, input_size, **model_kwargs)
     notes = [f"activations only, batch 1, {dtype_bytes} bytes per element; KiB/MiB are 2^10/2^20 bytes"]
+    if getattr(graph.model, "memory_scope", None):  # a detector traced up to its raw outputs
+        notes.append(f"{graph.label}: {graph.model.memory_scope}")
     if convention in ("layer", "min"):
         groups, unknown = group_ops(graph)
         if unknown:

@@ -14,10 +14,11 @@ together with the chain of convolutions (and their BN/activation) that feeds it,
 never stored: the chain costs the RNNPool output only (one stem conv in the RNNPool classifiers, both of
 RNNPool-Face-Quant's, App. E.2.3). The network input is not counted.
 
-Detectors (models with `head_outputs`, traced up to those): a detection head (L2Norm, loc/conf convs,
-max-out background) costs its outputs, like a layer; the map it reads is counted where it was made, and
-the heads' outputs are concatenated in the detector's own forward (App. E.2.3 counts neither the image
-nor RNNPool-Face-Quant's stem map, which its first head also reads).
+Detectors (models with `head_outputs`, traced up to those): a detection head (RNNPool-Face's L2Norm,
+loc/conf convs and max-out background; SSDLite's per-level heads; the R-CNNs' RPN head) costs its
+outputs, like a layer; the map it reads is counted where it was made, and the heads' outputs are
+concatenated in the detector's own forward (App. E.2.3 counts neither the image nor RNNPool-Face-Quant's
+stem map, which its first head also reads). A feature pyramid (FPN) holds its inputs and its outputs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 from torchvision.models import densenet, efficientnet, mobilenetv2, mobilenetv3, resnet
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.ssd import SSDScoringHead
 from torchvision.models.googlenet import Inception
+from torchvision.ops import FeaturePyramidNetwork
 
 from leanvision.analysis.memory_trace import Graph, Op
 from leanvision.analysis.ops import CONV_OPS, ELEMENTWISE_OPS, VIEW_OPS
@@ -34,6 +38,7 @@ from leanvision.errors import InvalidArgumentError
 from leanvision.layers.inverted_residual import LinearBottleneck
 from leanvision.layers.rnnpool import RNNPool, RNNPoolLayer
 from leanvision.models.face import DetectionHead
+from leanvision.models.ssdlite import AfterExpansion
 
 BLOCK_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "inverted_residual": (
@@ -42,12 +47,14 @@ BLOCK_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
         efficientnet.MBConv,
         efficientnet.FusedMBConv,
         LinearBottleneck,
+        AfterExpansion,
     ),
     "residual": (resnet.BasicBlock, resnet.Bottleneck),
     "inception": (Inception,),
     "dense_block": (densenet._DenseBlock,),
     "rnnpool": (RNNPoolLayer, RNNPool),
-    "detection_head": (DetectionHead,),
+    "detection_head": (DetectionHead, SSDScoringHead, RPNHead),
+    "feature_pyramid": (FeaturePyramidNetwork,),
 }
 
 
@@ -134,7 +141,7 @@ def layer_cost(graph: Graph, group: Group) -> tuple[int, str]:
     size_in = sum(graph.numel(t) for t in group.inputs)
     size_out = sum(graph.numel(t) for t in group.outputs)
     shapes_in, shapes_out = _shapes(graph, group.inputs), _shapes(graph, group.outputs)
-    if group.kind == "inverted_residual":
+    if group.kind in ("inverted_residual", "feature_pyramid"):
         return size_in + size_out, f"input {shapes_in} + output {shapes_out}"
     if group.kind == "residual":
         return max(size_in, size_out), f"max(input {shapes_in}, output {shapes_out})"

@@ -60,22 +60,21 @@ def train(
 ) -> None:
     """Train a model; writes last.pt, metrics.csv, summary.json and curves.png to --out.
 
-    --task detection trains a face detector (rnnpool_face_*) on a detection spec (synthetic:faces,
-    widerface:DIR, scut-head:DIR, coco-boxes:DIR) with S3FD's loss and reports WIDER-style AP.
+    --task detection trains a face detector (rnnpool_face_*) with S3FD's loss and WIDER-style AP, or an
+    object detector (ssdlite_*, fasterrcnn_fpn_*) with its own loss and COCO AP, on a detection spec
+    (synthetic:faces, synthetic:shapes-boxes, widerface:DIR, scut-head:DIR, coco-boxes:DIR).
     Data-parallel: torchrun --nproc_per_node N $(which leanvision) train ... (gloo on CPU, nccl on CUDA).
     """
     from leanvision.engine.train import NonFiniteLossError, TrainConfig
     from leanvision.engine.train import train as run_training
 
-    run_task = _task(task)
+    run_task = run(lambda: _task(task, model))
     if resume:
         _refuse_ignored_flags(ctx, out or f"runs/{model}")
     given = {"batch_size": batch_size, "lr": lr, "wd": wd, "warmup_epochs": warmup_epochs}
     defaults = {}
     if task == "detection":
-        from leanvision.detection.task import DETECTION_DEFAULTS
-
-        defaults = dict(DETECTION_DEFAULTS, warmup_epochs=min(DETECTION_DEFAULTS["warmup_epochs"], epochs))
+        defaults = dict(run_task.defaults, warmup_epochs=min(run_task.defaults["warmup_epochs"], epochs))
     settings = {**defaults, **{k: v for k, v in given.items() if v is not None}}
     config = TrainConfig(
         model=model, data=data, epochs=epochs, opt=opt, momentum=momentum, nesterov=nesterov, sched=sched,
@@ -124,16 +123,16 @@ def _refuse_ignored_flags(ctx: typer.Context, out: str) -> None:
         )
 
 
-def _task(name: str):
-    """The engine task named by --task."""
+def _task(name: str, model: str):
+    """The engine task named by --task, for `model` (detection: a face or an object detector's)."""
     if name == "classification":
         from leanvision.engine.train import ClassificationTask
 
         return ClassificationTask()
     if name == "detection":
-        from leanvision.detection.task import DetectionTask
+        from leanvision.detection.task import detection_task
 
-        return DetectionTask()
+        return detection_task(model)
     fail(f"--task must be classification or detection, got {name!r}")
 
 
@@ -169,7 +168,8 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint on a dataset's validation split: loss and accuracy, or (--task detection) WIDER
     FACE AP per subset (easy / medium / hard, and on images with <= 3 faces), single-scale by default."""
-    _task(task)
+    if task not in ("classification", "detection"):
+        fail(f"--task must be classification or detection, got {task!r}")
     if backend not in ("eager", "ort", "ort-int8"):
         fail(f"--backend must be eager, ort or ort-int8, got {backend!r}")
     if backend != "ort-int8" and (calib is not None or per_channel or calib_method != "minmax"):
@@ -222,11 +222,17 @@ def evaluate(
         return
     name = baseline or model
     if task == "detection":
+        coco = "ap50" in metrics
+        protocol = "COCO box AP" if coco else "WIDER FACE protocol"
         table = Table(
-            "subset", "AP", title=f"{name} on {data} ({metrics['images']} images), WIDER FACE protocol"
+            "IoU" if coco else "subset",
+            "AP",
+            title=f"{name} on {data} ({metrics['images']} images), {protocol}",
         )
         for key, value in metrics.items():
-            if key.startswith("ap_"):
+            if coco and key.startswith("ap"):
+                table.add_row({"ap": "0.50:0.95", "ap50": "0.50", "ap75": "0.75"}[key], f"{value:.4f}")
+            elif key.startswith("ap_"):
                 table.add_row(key[3:], f"{value:.4f}")
         console.print(table)
         return

@@ -1,11 +1,17 @@
-"""S3FD's training augmentation (EdgeML's VGA `preprocess`, notes 1.5) on transforms.v2 with boxes.
+"""Detection training augmentation on transforms.v2 with boxes: S3FD's for the face detectors, SSD's for
+torchvision-style object detectors.
 
-photometric distortion (p = 0.5 per op) -> data-anchor-sampling (p = 0.5) or SSD's IoU crop -> square
-resize -> horizontal flip (p = 0.5) -> faces whose centre left the crop, or smaller than `min_face` px,
-dropped -> grayscale (inference.to_channels) for a 1-channel detector. Deviations from EdgeML: one
-resize interpolation (bilinear, antialiased) instead of a random one of PIL's five; the crop's padding
-is the image's mean colour, not the dataset's; the QVGA models train on the same pipeline at 320 px
-(EdgeML's `preprocess_qvga` pads to square and shrinks images whose largest face exceeds 48 px).
+`S3FDAugment` (EdgeML's VGA `preprocess`, notes 1.5): photometric distortion (p = 0.5 per op) ->
+data-anchor-sampling (p = 0.5) or SSD's IoU crop -> square resize -> horizontal flip (p = 0.5) -> faces
+whose centre left the crop, or smaller than `min_size` px, dropped -> grayscale (inference.to_channels)
+for a 1-channel detector. Deviations from EdgeML: one resize interpolation (bilinear, antialiased)
+instead of a random one of PIL's five; the crop's padding is the image's mean colour, not the dataset's;
+the QVGA models train on the same pipeline at 320 px (EdgeML's `preprocess_qvga` pads to square and
+shrinks images whose largest face exceeds 48 px).
+
+`SSDAugment` (torchvision's detection references, "ssd" policy): photometric distortion -> zoom out
+(p = 0.5, up to 4x, ImageNet-mean padding) -> SSD's IoU crop -> square resize -> horizontal flip ->
+boxes under 1 px dropped.
 """
 
 from __future__ import annotations
@@ -22,13 +28,57 @@ from leanvision.detection.inference import to_channels
 VGA_ANCHORS = (16, 32, 64, 128, 256, 512)  # S3FD's anchor sizes (px), EdgeML's VGA config
 ANCHOR_SAMPLING_P = 0.5
 MIN_FACE = 6  # EdgeML's min_face_size (VGA)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 
-class S3FDAugment:
-    """One training sample: uint8 RGB [3, H, W] and its face boxes [M, 4] xyxy pixels -> a float 0-1
-    [channels, size, size] crop and its boxes (float32 xyxy in the crop's pixels), possibly none.
-    `anchors`: the detector's anchor sizes in pixels at its training crop size `anchors_at` (S3FD: 640),
-    which data-anchor-sampling rescales faces to (scaled to `size`)."""
+class BoxAugment:
+    """One training sample: uint8 RGB [3, H, W], its boxes [M, 4] xyxy pixels and labels [M] -> a float
+    0-1 [channels, size, size] crop, its boxes (float32 xyxy in the crop's pixels, possibly none) and their
+    labels. Subclasses choose the photometric distortion and the crop."""
+
+    def __init__(self, size: int, channels: int, photometric: v2.Transform, min_size: float) -> None:
+        self.size, self.channels, self.photometric = size, channels, photometric
+        self.iou_crop = v2.RandomIoUCrop(min_scale=0.3)
+        self.resize = v2.Resize((size, size), antialias=True)
+        self.flip = v2.RandomHorizontalFlip()
+        self.sanitize = v2.Compose([v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=min_size)])
+
+    def __call__(
+        self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sample = {
+            "image": tv_tensors.Image(image),
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[1:])),
+            "labels": labels,
+        }
+        sample = self.photometric(sample)
+        sample["image"] = TF.to_dtype(sample["image"], torch.float32, scale=True)
+        if len(boxes):
+            sample = self.crop(sample)
+        sample = self.sanitize(self.flip(self.resize(sample)))
+        image = to_channels(sample["image"].as_subclass(torch.Tensor), self.channels)
+        return image, sample["boxes"].as_subclass(torch.Tensor).float(), sample["labels"]
+
+    def crop(self, sample: dict) -> dict:
+        return self.iou_crop(sample)
+
+
+class SSDAugment(BoxAugment):
+    """SSD's augmentation (module docstring) for `size` x `size` training images."""
+
+    def __init__(self, size: int, channels: int = 3) -> None:
+        super().__init__(size, channels, v2.RandomPhotometricDistort(p=0.5), min_size=1)
+        fill = {tv_tensors.Image: IMAGENET_MEAN, "others": 0}
+        self.zoom_out = v2.RandomZoomOut(fill=fill, side_range=(1.0, 4.0), p=0.5)
+
+    def crop(self, sample: dict) -> dict:
+        return self.iou_crop(self.zoom_out(sample))
+
+
+class S3FDAugment(BoxAugment):
+    """S3FD's augmentation (module docstring) for `size` x `size` crops. `anchors`: the detector's anchor
+    sizes in pixels at its training crop size `anchors_at` (S3FD: 640), which data-anchor-sampling rescales
+    faces to (scaled to `size`)."""
 
     def __init__(
         self,
@@ -38,34 +88,18 @@ class S3FDAugment:
         anchors_at: int = 640,
         min_face: int = MIN_FACE,
     ) -> None:
-        self.size, self.channels = size, channels
+        photometric = v2.RandomPhotometricDistort(
+            brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.05, 0.05), p=0.5
+        )  # hue +-18 degrees
+        super().__init__(size, channels, photometric, min_size=min_face)
         # the detector's anchors are meant for its own training crops (`anchors_at` px): at another crop
         # size the sampled faces keep their share of the crop
         self.anchors = tuple(a * size / anchors_at for a in anchors)
-        self.photometric = v2.RandomPhotometricDistort(
-            brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.05, 0.05), p=0.5
-        )  # hue +-18 degrees
-        self.iou_crop = v2.RandomIoUCrop(min_scale=0.3)
-        self.resize = v2.Resize((size, size), antialias=True)
-        self.flip = v2.RandomHorizontalFlip()
-        self.sanitize = v2.Compose([v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=min_face)])
 
-    def __call__(self, image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sample = {
-            "image": tv_tensors.Image(image),
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[1:])),
-            "labels": torch.ones(len(boxes), dtype=torch.int64),
-        }
-        sample = self.photometric(sample)
-        sample["image"] = TF.to_dtype(sample["image"], torch.float32, scale=True)
-        if len(boxes) and float(torch.rand(())) < ANCHOR_SAMPLING_P:
-            sample = self.anchor_sample(sample)
-        elif len(boxes):
-            sample = self.iou_crop(sample)
-        sample = self.flip(self.resize(sample))
-        sample = self.sanitize(sample)
-        image = to_channels(sample["image"].as_subclass(torch.Tensor), self.channels)
-        return image, sample["boxes"].as_subclass(torch.Tensor).float()
+    def crop(self, sample: dict) -> dict:
+        if float(torch.rand(())) < ANCHOR_SAMPLING_P:
+            return self.anchor_sample(sample)
+        return self.iou_crop(sample)
 
     def anchor_sample(self, sample: dict) -> dict:
         """PyramidBox's data-anchor-sampling: a random face is rescaled to a random anchor size no larger

@@ -1,7 +1,9 @@
-"""Face (and head) detection datasets, named by `--data` specs.
+"""Detection datasets, named by `--data` specs.
 
 - `synthetic:faces[,train=N,val=N,seed=S]`: generated 320x240 scenes with exact face boxes
   (synthetic_faces; defaults 2000 / 200 / 0).
+- `synthetic:shapes-boxes[,train=N,val=N,seed=S]`: generated 320x240 scenes of circles, squares and
+  triangles (labels 1-3) with exact boxes (synthetic_shapes; same defaults).
 - `widerface:DIR`: WIDER FACE's official layout, WIDER_train/images, WIDER_val/images and
   wider_face_split/wider_face_{train,val}_bbx_gt.txt; the easy / medium / hard lists from eval_tools'
   wider_{easy,medium,hard}_val.mat, found anywhere under DIR.
@@ -9,17 +11,20 @@
   (SCUT_HEAD_Part_A or _B) or a folder of parts, all found pooled; a seeded random 80/20 split (the
   paper's "random 80/20 split" of Part B).
 - `coco-boxes:DIR[,category=ID]`: COCO's layout, DIR/annotations/instances_{train,val}*.json with the
-  images of instances_X.json in DIR/X/; every non-crowd box is an object (or those of category ID).
+  images of instances_X.json in DIR/X/; every non-crowd box is an object labelled with its category id
+  (or only those of category ID).
 
-Training samples are S3FD-augmented square crops (augment.S3FDAugment; `img_size`: 640 for WIDER and COCO,
-320 for SCUT-HEAD and synthetic, as EdgeML's VGA / QVGA configs); validation images keep their resolution
-(detection resizes them to the detector's evaluation area). Targets are dicts {"boxes" [M, 4] float32 xyxy
-pixels, "labels" [M] ones}, validation ones also "image_id" and "subsets" {name: [M] bool}: WIDER's
-easy / medium / hard, or faces by size (easy >= 64, medium >= 32, hard >= 16 px; SCUT-HEAD and COCO add
-"all").
+Training samples are augmented square crops (`augment`: S3FD's by default, augment.SSDAugment for object
+detectors; `img_size`: 640 for WIDER and COCO, 320 for SCUT-HEAD and synthetic, as EdgeML's VGA / QVGA
+configs); validation images keep their resolution (detection resizes them to the detector's evaluation
+area). Targets are dicts {"boxes" [M, 4] float32 xyxy pixels, "labels" [M] int64: ones (faces, heads),
+the shape classes, or COCO category ids}, validation ones also "image_id" and "subsets" {name: [M]
+bool}: WIDER's easy / medium / hard, or objects by size (easy >= 64, medium >= 32, hard >= 16 px;
+SCUT-HEAD and COCO add "all"). `DetectionSplits.categories` names the labels.
 
 Annotations: zero-area boxes are dropped and boxes reaching outside their image are clipped to it (both
-counted in a warning); a malformed line or a corrupt image is named and skipped, or raises with `strict`.
+counted in a warning); a malformed line, a COCO box of an undeclared category, or a corrupt or missing
+image is named and skipped, or raises with `strict`.
 """
 
 from __future__ import annotations
@@ -37,14 +42,15 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.ops import clip_boxes_to_image
 
-from leanvision.detection import synthetic_faces
-from leanvision.detection.augment import VGA_ANCHORS, S3FDAugment
+from leanvision.detection import synthetic_faces, synthetic_shapes
+from leanvision.detection.augment import BoxAugment, S3FDAugment
 from leanvision.detection.evaluation import SIZE_BUCKETS, size_subsets
 from leanvision.detection.inference import to_channels
 from leanvision.engine.data import parse_options, readable_images
 from leanvision.errors import DataError, MissingFileError
 
-SPEC_HELP = "synthetic:faces, widerface:DIR, scut-head:DIR, coco-boxes:DIR"
+SPEC_HELP = "synthetic:faces, synthetic:shapes-boxes, widerface:DIR, scut-head:DIR, coco-boxes:DIR"
+SYNTHETIC_SETS = ("faces", "shapes-boxes")
 WIDER_SUBSETS = ("easy", "medium", "hard")
 WIDER_URL = (
     "http://shuoyang1213.me/WIDERFACE/ (WIDER_train.zip, WIDER_val.zip, wider_face_split.zip, eval_tools)"
@@ -52,6 +58,9 @@ WIDER_URL = (
 SCUT_URL = "https://github.com/HCIILAB/SCUT-HEAD-Release"
 SCUT_VAL_FRACTION = 0.2
 LARGE_SIZE, SMALL_SIZE = 640, 320  # training crops: EdgeML's VGA and QVGA configs
+FACE = {1: "face"}
+
+AugmentFactory = Callable[[int, int], BoxAugment]  # (crop size, channels) -> the training augmentation
 
 
 @dataclass
@@ -63,6 +72,10 @@ class Annotation:
     source: Path | int  # an image file, or the index of a generated image
     boxes: torch.Tensor | None
     subsets: dict[str, torch.Tensor] | None = None
+    labels: torch.Tensor | None = None  # [M] int64; None: all 1
+
+    def box_labels(self, boxes: torch.Tensor) -> torch.Tensor:
+        return self.labels if self.labels is not None else torch.ones(len(boxes), dtype=torch.int64)
 
 
 @dataclass
@@ -73,6 +86,12 @@ class DetectionSplits:
     channels: int
     image_size: int
     subsets: tuple[str, ...]  # validation subsets, the widest last
+    categories: dict[int, str]  # label -> name (0 is the background)
+
+    @property
+    def num_classes(self) -> int:
+        """The class count a torchvision detector needs for these labels, the background included."""
+        return max(self.categories) + 1
 
 
 def read_image(path: str | Path) -> torch.Tensor:
@@ -96,18 +115,21 @@ def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[
     return list(images), list(targets)
 
 
-class FaceBoxes(Dataset):
-    """Annotated images, `load` giving each one's uint8 RGB pixels [3, H, W] and boxes; `augment`
-    (training) turns each into an S3FD crop, else (validation) the whole image comes with its image_id
+Loader = Callable[["Annotation"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class BoxImages(Dataset):
+    """Annotated images, `load` giving each one's uint8 RGB pixels [3, H, W], boxes and labels; `augment`
+    (training) turns each into a training crop, else (validation) the whole image comes with its image_id
     and subset masks."""
 
     def __init__(
         self,
         annotations: list[Annotation],
-        load: Callable[[Annotation], tuple[torch.Tensor, torch.Tensor]],
+        load: Loader,
         channels: int,
         subsets: tuple[str, ...],
-        augment: S3FDAugment | None = None,
+        augment: BoxAugment | None = None,
     ) -> None:
         self.annotations, self.load, self.channels = annotations, load, channels
         self.subsets, self.augment = subsets, augment
@@ -117,15 +139,14 @@ class FaceBoxes(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         item = self.annotations[index]
-        pixels, boxes = self.load(item)
+        pixels, boxes, labels = self.load(item)
         boxes = clip_boxes_to_image(boxes, tuple(pixels.shape[1:]))
         if self.augment is not None:
-            image, boxes = self.augment(pixels, boxes)
-            return image, {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}
+            image, boxes, labels = self.augment(pixels, boxes, labels)
+            return image, {"boxes": boxes, "labels": labels}
         image = to_channels(pixels.float() / 255, self.channels)
         masks = item.subsets if item.subsets is not None else size_masks(boxes, self.subsets)
-        target = {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}
-        return image, {**target, "image_id": item.image_id, "subsets": masks}
+        return image, {"boxes": boxes, "labels": labels, "image_id": item.image_id, "subsets": masks}
 
 
 def size_masks(boxes: torch.Tensor, subsets: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -135,12 +156,17 @@ def size_masks(boxes: torch.Tensor, subsets: Sequence[str]) -> dict[str, torch.T
     return {n: buckets[n]["image"] if n in buckets else everyone for n in subsets}
 
 
-def _valid_boxes(boxes: torch.Tensor, where: str, dropped: list[str]) -> torch.Tensor:
-    """`boxes` without zero-area ones (named in `dropped`)."""
+def _non_empty(boxes: torch.Tensor, where: str, dropped: list[str]) -> torch.Tensor:
+    """Which of `boxes` have an area (`where` is named in `dropped` if any has not)."""
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     if not bool(keep.all()):
         dropped.append(where)
-    return boxes[keep]
+    return keep
+
+
+def _valid_boxes(boxes: torch.Tensor, where: str, dropped: list[str]) -> torch.Tensor:
+    """`boxes` without zero-area ones (named in `dropped`)."""
+    return boxes[_non_empty(boxes, where, dropped)]
 
 
 def _warn_dropped(dropped: list[str], what: str) -> None:
@@ -168,8 +194,8 @@ class _Problems:
             )
 
 
-def load_file(item: Annotation) -> tuple[torch.Tensor, torch.Tensor]:
-    return read_image(item.source), item.boxes
+def load_file(item: Annotation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return read_image(item.source), item.boxes, item.box_labels(item.boxes)
 
 
 def _readable(annotations: list[Annotation], root: Path, strict: bool) -> list[Annotation]:
@@ -180,20 +206,28 @@ def _readable(annotations: list[Annotation], root: Path, strict: bool) -> list[A
 
 # --------------------------------------------------------------------------------------------- synthetic
 def synthetic_splits(
-    spec: str, options: str, channels: int, img_size: int | None, anchors: tuple[tuple[float, ...], int]
+    spec: str, name: str, options: str, channels: int, img_size: int | None, augment: AugmentFactory
 ) -> DetectionSplits:
+    """synthetic:faces or synthetic:shapes-boxes (every generated object is boxed: no "all" beyond
+    "hard")."""
     opts = parse_options(spec, options, {"train": 2000, "val": 200, "seed": 0})
-    subsets = tuple(SIZE_BUCKETS)  # every generated face is boxed: no "all" beyond "hard"
 
     def annotations(split: str) -> list[Annotation]:
         return [Annotation(f"{split}/{i}", i, None) for i in range(opts[split])]
 
-    def render(item: Annotation) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, boxes = synthetic_faces.render(opts["seed"], item.image_id.split("/")[0], item.source)
-        return torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(boxes)
+    def render(item: Annotation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        split = item.image_id.split("/")[0]
+        if name == "faces":
+            pixels, boxes = synthetic_faces.render(opts["seed"], split, item.source)
+            labels = np.ones(len(boxes), np.int64)
+        else:
+            pixels, boxes, labels = synthetic_shapes.render(opts["seed"], split, item.source)
+        return torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(boxes), torch.from_numpy(labels)
 
+    categories = FACE if name == "faces" else dict(enumerate(synthetic_shapes.CLASSES, 1))
+    train, val = annotations("train"), annotations("val")
     size = img_size or SMALL_SIZE
-    return _splits(spec, annotations("train"), annotations("val"), channels, size, anchors, subsets, render)
+    return _splits(spec, train, val, channels, size, augment, tuple(SIZE_BUCKETS), render, categories)
 
 
 # -------------------------------------------------------------------------------------------- WIDER FACE
@@ -268,7 +302,7 @@ def widerface_splits(
     channels: int,
     img_size: int | None,
     strict: bool,
-    anchors: tuple[tuple[float, ...], int],
+    augment: AugmentFactory,
 ) -> DetectionSplits:
     root = Path(arg)
     hint = f"expected WIDER FACE's official layout under {root} ({WIDER_URL})"
@@ -282,7 +316,7 @@ def widerface_splits(
         splits.append(_readable(read_wider_annotations(gt, images, strict), images, strict))
     train, val = splits
     wider_subsets(root, val)
-    return _splits(spec, train, val, channels, img_size or LARGE_SIZE, anchors, WIDER_SUBSETS)
+    return _splits(spec, train, val, channels, img_size or LARGE_SIZE, augment, WIDER_SUBSETS)
 
 
 # --------------------------------------------------------------------------------------------- SCUT-HEAD
@@ -305,7 +339,7 @@ def scut_splits(
     channels: int,
     img_size: int | None,
     strict: bool,
-    anchors: tuple[tuple[float, ...], int],
+    augment: AugmentFactory,
 ) -> DetectionSplits:
     path, _, options = arg.partition(",")
     opts = parse_options(spec, options, {"seed": 0})
@@ -334,7 +368,7 @@ def scut_splits(
     order = torch.randperm(len(annotations), generator=torch.Generator().manual_seed(opts["seed"])).tolist()
     n_val = max(1, round(SCUT_VAL_FRACTION * len(annotations)))
     val, train = [annotations[i] for i in order[:n_val]], [annotations[i] for i in order[n_val:]]
-    return _splits(spec, train, val, channels, img_size or SMALL_SIZE, anchors)
+    return _splits(spec, train, val, channels, img_size or SMALL_SIZE, augment)
 
 
 def _splits(
@@ -343,45 +377,65 @@ def _splits(
     val: list[Annotation],
     channels: int,
     size: int,
-    anchors: tuple[tuple[float, ...], int],
+    augment: AugmentFactory,
     subsets: tuple[str, ...] = (*SIZE_BUCKETS, "all"),
-    load: Callable[[Annotation], tuple[torch.Tensor, torch.Tensor]] = load_file,
+    load: Loader = load_file,
+    categories: dict[int, str] = FACE,
 ) -> DetectionSplits:
-    """Training crops (S3FD-augmented to `size`) and whole validation images of the annotations."""
+    """Training crops (augmented to `size`) and whole validation images of the annotations."""
     return DetectionSplits(
         spec,
-        FaceBoxes(train, load, channels, subsets, S3FDAugment(size, channels, *anchors)),
-        FaceBoxes(val, load, channels, subsets),
-        channels, size, subsets,
+        BoxImages(train, load, channels, subsets, augment(size, channels)),
+        BoxImages(val, load, channels, subsets),
+        channels, size, subsets, categories,
     )  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------------- COCO
-def read_coco_boxes(path: Path, images: Path, category: int, problems: _Problems) -> list[Annotation]:
-    """One Annotation per image of a COCO json (images without boxes included); boxes are the non-crowd
-    annotations' [x, y, w, h], of `category` only unless it is 0."""
+def read_coco_boxes(
+    path: Path, images: Path, category: int, problems: _Problems
+) -> tuple[list[Annotation], dict[int, str]]:
+    """One Annotation per image of a COCO json (images without boxes included) and its categories
+    {id: name}. Boxes are the non-crowd annotations' [x, y, w, h] labelled with their category id, or
+    only those of `category` (labelled 1) unless it is 0."""
     try:
         data = json.loads(path.read_text())
         files = {int(im["id"]): im["file_name"] for im in data["images"]}
         anns = data["annotations"]
+        categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise DataError(f"{path} is not a COCO annotation file (images, annotations): {err}") from err
+        raise DataError(
+            f"{path} is not a COCO annotation file (images, annotations, categories with id and name): {err}"
+        ) from err
+    if not categories or min(categories) < 1:
+        raise DataError(f"{path}: categories must be a non-empty list with ids >= 1 (0 is the background)")
+    if category and category not in categories:
+        raise DataError(f"{path}: category={category} is not one of its categories {sorted(categories)}")
     boxes: dict[int, list[list[float]]] = {i: [] for i in files}
+    labels: dict[int, list[int]] = {i: [] for i in files}
     for k, ann in enumerate(anns):
         bbox = ann.get("bbox") if isinstance(ann, dict) else None
         if ann.get("image_id") not in files or not isinstance(bbox, list) or len(bbox) != 4:
             problems(f"{path}: annotation {k} has no known image_id or no [x, y, w, h] bbox")
             continue
-        if ann.get("iscrowd", 0) or (category and ann.get("category_id") != category):
+        if ann.get("category_id") not in categories:
+            problems(f"{path}: annotation {k} has category_id {ann.get('category_id')!r}, not a category")
+            continue
+        if ann.get("iscrowd", 0) or (category and ann["category_id"] != category):
             continue
         x, y, w, h = (float(v) for v in bbox)
         boxes[ann["image_id"]].append([x, y, x + w, y + h])
+        labels[ann["image_id"]].append(1 if category else ann["category_id"])
     problems.warn(path)
     dropped: list[str] = []
-    return [
-        Annotation(name, images / name, _valid_boxes(torch.tensor(boxes[i]).reshape(-1, 4), name, dropped))
-        for i, name in files.items()
-    ]
+    annotations = []
+    for i, name in files.items():
+        image_boxes = torch.tensor(boxes[i], dtype=torch.float32).reshape(-1, 4)
+        keep = _non_empty(image_boxes, name, dropped)
+        image_labels = torch.tensor(labels[i], dtype=torch.int64)[keep]
+        annotations.append(Annotation(name, images / name, image_boxes[keep], labels=image_labels))
+    _warn_dropped(dropped, f"{path.name}: dropped zero-area boxes")
+    return annotations, ({1: categories[category]} if category else categories)
 
 
 def coco_splits(
@@ -390,12 +444,12 @@ def coco_splits(
     channels: int,
     img_size: int | None,
     strict: bool,
-    anchors: tuple[tuple[float, ...], int],
+    augment: AugmentFactory,
 ) -> DetectionSplits:
     path, _, options = arg.partition(",")
     opts = parse_options(spec, options, {"category": 0})
     root = Path(path)
-    splits = []
+    splits, categories = [], []
     for split in ("train", "val"):
         found = sorted((root / "annotations").glob(f"instances_{split}*.json"))
         if not found:
@@ -404,9 +458,16 @@ def coco_splits(
                 "(annotations/instances_train2017.json, train2017/, ...)"
             )
         images = root / found[0].stem.removeprefix("instances_")
-        annotations = read_coco_boxes(found[0], images, opts["category"], _Problems(strict))
+        annotations, names = read_coco_boxes(found[0], images, opts["category"], _Problems(strict))
         splits.append(_readable(annotations, images, strict))
-    return _splits(spec, *splits, channels, img_size or LARGE_SIZE, anchors)
+        categories.append(names)
+    if categories[0] != categories[1]:
+        raise DataError(
+            f"{spec!r}: the train and val annotation files declare different categories "
+            f"({categories[0]} vs {categories[1]})"
+        )
+    size = img_size or LARGE_SIZE
+    return _splits(spec, *splits, channels, size, augment, categories=categories[0])
 
 
 def build_detection_data(
@@ -414,13 +475,12 @@ def build_detection_data(
     channels: int = 3,
     img_size: int | None = None,
     strict: bool = False,
-    anchors: tuple[tuple[float, ...], int] = (VGA_ANCHORS, 640),
+    augment: AugmentFactory = S3FDAugment,
 ) -> DetectionSplits:
-    """The train and val splits named by `spec` (module docstring), for a `channels`-channel detector with
-    `anchors` (its anchor sizes in pixels and the crop size they are meant for, for data-anchor-sampling;
-    default S3FD's at 640); training crops img_size x img_size
-    (default per dataset). `strict` fails on the first corrupt image or malformed annotation instead of
-    skipping it with a warning."""
+    """The train and val splits named by `spec` (module docstring), for a `channels`-channel detector;
+    training crops img_size x img_size (default per dataset) made by `augment(img_size, channels)`
+    (default: S3FD's with its VGA anchors). `strict` fails on the first corrupt image or malformed
+    annotation instead of skipping it with a warning."""
     if channels not in (1, 3):
         raise DataError(f"detection data is RGB or gray: channels must be 1 or 3, got {channels}")
     if img_size is not None and (img_size < 32 or img_size % 32):
@@ -428,15 +488,18 @@ def build_detection_data(
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
         name, _, options = arg.partition(",")
-        if name != "faces":
-            raise DataError(f"unknown synthetic detection set {name!r} in {spec!r}; expected synthetic:faces")
-        return synthetic_splits(spec, options, channels, img_size, anchors)
+        if name not in SYNTHETIC_SETS:
+            raise DataError(
+                f"unknown synthetic detection set {name!r} in {spec!r}; expected synthetic:faces or "
+                "synthetic:shapes-boxes"
+            )
+        return synthetic_splits(spec, name, options, channels, img_size, augment)
     if kind in ("widerface", "scut-head", "coco-boxes") and not arg.partition(",")[0]:
         raise DataError(f"data spec {spec!r} needs a folder: {kind}:DIR")
     if kind == "widerface":
-        return widerface_splits(spec, arg, channels, img_size, strict, anchors)
+        return widerface_splits(spec, arg, channels, img_size, strict, augment)
     if kind == "scut-head":
-        return scut_splits(spec, arg, channels, img_size, strict, anchors)
+        return scut_splits(spec, arg, channels, img_size, strict, augment)
     if kind == "coco-boxes":
-        return coco_splits(spec, arg, channels, img_size, strict, anchors)
+        return coco_splits(spec, arg, channels, img_size, strict, augment)
     raise DataError(f"unknown detection data spec {spec!r}; expected one of {SPEC_HELP}")

@@ -3,12 +3,14 @@
 The loop (engine/train.py) keeps its checkpoints, exact resume, DDP and progress; this task gives it the
 detection data specs, the detector's own S3FD loss (train-mode forward) and WIDER-style AP on the validation
 split each epoch (`ap` is the AP of the split's last, widest subset: WIDER "hard", or "all"). The best epoch
-is the one with the highest `ap` (EdgeML picks the lowest validation loss).
+is the one with the highest `ap` (EdgeML picks the lowest validation loss). Object detectors (SSDLite,
+R-CNNs) train through object_task on the same pieces; `detection_task` picks the task for a model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from leanvision.detection.augment import S3FDAugment
 from leanvision.detection.data import DetectionSplits, build_detection_data, collate_detection
 from leanvision.detection.evaluation import few_faces_subsets, subsets_from_targets, wider_ap
 from leanvision.detection.haar import HaarCascade
@@ -44,36 +47,65 @@ def make_detector(name: str) -> nn.Module:
 
 
 class LossMeter(StepMeter):
-    """Per-image means of the loss and its terms over an epoch, reduced over processes."""
+    """Per-image means of the loss and its `terms` over an epoch, reduced over processes."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(len(LOSS_TERMS) + 2, dtype=torch.float64, device=device)  # loss, terms, n
+    def __init__(self, terms: Sequence[str], device: torch.device) -> None:
+        self.terms = tuple(terms)
+        self.sums = torch.zeros(len(self.terms) + 2, dtype=torch.float64, device=device)  # loss, terms, n
 
     def update(self, loss: torch.Tensor, outputs: dict[str, torch.Tensor], targets: list[dict]) -> None:
         n = len(targets)
-        values = [loss.detach(), *(outputs[k].detach() for k in LOSS_TERMS)]
+        values = [loss.detach(), *(outputs[k].detach() for k in self.terms)]
         self.sums += torch.stack([v.double() * n for v in values] + [self.sums.new_tensor(n)])
 
     def result(self) -> dict[str, Any]:
         if dist.is_initialized():
             dist.all_reduce(self.sums)
         *sums, n = self.sums.tolist()
-        return {"samples": int(n), **{k: s / n for k, s in zip(("loss", *LOSS_TERMS), sums)}}
+        return {"samples": int(n), **{k: s / n for k, s in zip(("loss", *self.terms), sums)}}
 
 
-class DetectionTask(Task):
-    """S3FD training of an RNNPool-Face detector on a `build_detection_data` spec."""
+class DetectionTaskBase(Task):
+    """What the face and object detection tasks share: the name runs are saved under, the data's
+    collation (lists: images differ in size and box count)."""
 
     name = "detection"
+    collate = staticmethod(collate_detection)
+    defaults: dict[str, float] = {}  # training defaults (lr, wd, warmup_epochs, batch_size)
+
+
+def detection_task(model_name: str) -> DetectionTaskBase:
+    """The task that trains `model_name`: a face detector's, or an object detector's (object_task)."""
+    if model_name in DETECTORS:
+        return DetectionTask()
+    from leanvision.detection.object_task import (
+        OBJECT_DETECTORS,
+        ObjectDetectionTask,
+    )  # it imports this module
+
+    if model_name not in OBJECT_DETECTORS:
+        raise InvalidArgumentError(
+            f"--task detection trains a face detector ({', '.join(sorted(DETECTORS))}) or an object detector "
+            f"({', '.join(OBJECT_DETECTORS)}), got {model_name!r}"
+        )
+    return ObjectDetectionTask(model_name)
+
+
+class DetectionTask(DetectionTaskBase):
+    """S3FD training of an RNNPool-Face detector on a `build_detection_data` spec."""
+
     metric = "ap"
     train_columns = ("loss", *LOSS_TERMS)
     val_columns = ("ap", "ap_easy", "ap_medium", "ap_hard", "ap_all")
-    collate = staticmethod(collate_detection)
+    defaults = DETECTION_DEFAULTS
 
     def build_data(self, config: TrainConfig) -> DetectionSplits:
         detector = make_detector(config.model)
-        anchors = (detector.anchor_sizes, max(eval_area(detector)))  # its own training crop: 640 or 320
-        return build_detection_data(config.data, detector.in_chans, config.img_size, config.strict, anchors)
+        # data-anchor-sampling with the detector's anchors at its own training crop: 640 or 320
+        augment = partial(S3FDAugment, anchors=detector.anchor_sizes, anchors_at=max(eval_area(detector)))
+        data = build_detection_data(config.data, detector.in_chans, config.img_size, config.strict, augment)
+        check_single_class(data, config.model)
+        return data
 
     def make_model(self, config: TrainConfig, data: DetectionSplits) -> nn.Module:
         return make_detector(config.model)
@@ -96,7 +128,7 @@ class DetectionTask(Task):
         return sum(losses[k] for k in LOSS_TERMS), losses
 
     def train_meter(self, data: DetectionSplits, device: torch.device) -> LossMeter:
-        return LossMeter(device)
+        return LossMeter(LOSS_TERMS, device)
 
     def evaluate(
         self, model, data: DetectionSplits, config: TrainConfig, device: torch.device
@@ -109,10 +141,42 @@ class DetectionTask(Task):
             model.train(was_training)
 
 
+def check_single_class(data: DetectionSplits, model_name: str) -> None:
+    """Face detectors have one class: data with several categories must name the one to train on."""
+    if len(data.categories) > 1:
+        raise InvalidArgumentError(
+            f"{model_name} detects one class, but {data.spec!r} has {len(data.categories)} categories "
+            f"({', '.join(data.categories.values())}); choose one (coco-boxes:DIR,category=ID)"
+        )
+
+
 Detector = Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]]
 
 
 @torch.no_grad()
+def run_detector(
+    detect: Detector, data: DetectionSplits, batch_size: int, device: str | torch.device
+) -> tuple[list[dict], list[dict]]:
+    """(detections on the CPU, targets) of `detect` (images -> detections, in the images' pixels) over
+    `data.val`. Under DDP each process detects a shard and all get every image's."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = list(range(rank, len(data.val), world))
+    detections, targets = [], []
+    for start in range(0, len(mine), batch_size):
+        images, chunk = zip(*(data.val[i] for i in mine[start : start + batch_size]))
+        found = detect([image.to(device) for image in images])
+        detections += [{k: v.cpu() for k, v in d.items()} for d in found]
+        targets += chunk
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (detections, targets))
+        detections = [d for shard, _ in gathered for d in shard]
+        targets = [t for _, shard in gathered for t in shard]
+    if not targets:
+        raise InvalidArgumentError(f"cannot evaluate on an empty validation split ({data.spec!r})")
+    return detections, targets
+
+
 def detection_ap(
     detect: Detector,
     data: DetectionSplits,
@@ -124,21 +188,10 @@ def detection_ap(
     "ap" for the last one, and with `max_faces` also each subset restricted to images with at most that many
     faces in it (the paper's "<= 3 faces" columns). Under DDP each process detects a shard; all get
     every AP."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = list(range(rank, len(data.val), world))
-    predictions, targets = {}, []
-    for start in range(0, len(mine), batch_size):
-        images, chunk = zip(*(data.val[i] for i in mine[start : start + batch_size]))
-        for target, found in zip(chunk, detect([image.to(device) for image in images])):
-            predictions[target["image_id"]] = torch.cat([found["boxes"], found["scores"][:, None]], 1).cpu()
-            targets.append(target)
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (predictions, targets))
-        predictions = {k: v for shard, _ in gathered for k, v in shard.items()}
-        targets = [t for _, shard in gathered for t in shard]
-    if not targets:
-        raise InvalidArgumentError(f"cannot evaluate on an empty validation split ({data.spec!r})")
+    detections, targets = run_detector(detect, data, batch_size, device)
+    predictions = {
+        t["image_id"]: torch.cat([d["boxes"], d["scores"][:, None]], 1) for d, t in zip(detections, targets)
+    }
     ground_truth, subsets = subsets_from_targets(targets)
     if max_faces is not None:
         subsets.update(few_faces_subsets(subsets, ground_truth, max_faces))
@@ -157,9 +210,10 @@ def evaluate_detection(
     max_faces: int | None = 3,
     **detect_options,
 ) -> dict[str, Any]:
-    """`leanvision eval --task detection`: AP of a trained detector (or of the Haar `baseline`) on the
-    validation split of `data_spec`, single-scale at the detector's evaluation area unless `detect_options`
-    ask for multiscale / flip (see detect_images)."""
+    """`leanvision eval --task detection`: WIDER AP of a trained face detector (or of the Haar `baseline`)
+    on the validation split of `data_spec`, single-scale at the detector's evaluation area unless
+    `detect_options` ask for multiscale / flip (see detect_images); COCO AP of an object detector
+    (object_task.evaluate_objects)."""
     if baseline is not None:
         if baseline != "haar":
             raise InvalidArgumentError(f"--baseline must be haar, got {baseline!r}")
@@ -169,6 +223,12 @@ def evaluate_detection(
         raise InvalidArgumentError(
             "evaluating a detector needs --model and --checkpoint (or --baseline haar)"
         )
+    if model_name not in DETECTORS:
+        if any(detect_options.values()):
+            raise InvalidArgumentError("--multiscale and --flip are for the face detectors")
+        from leanvision.detection.object_task import evaluate_objects
+
+        return evaluate_objects(model_name, checkpoint, data_spec, batch_size, device, strict)
     saved = read_training_config(checkpoint)
     if saved is not None and saved["model"] != model_name:
         raise InvalidArgumentError(
@@ -176,6 +236,7 @@ def evaluate_detection(
         )
     model = load_checkpoint(make_detector(model_name), checkpoint).to(device).eval()
     data = build_detection_data(data_spec, model.in_chans, strict=strict)
+    check_single_class(data, model_name)
     return detection_ap(
         lambda images: detect_images(model, images, **detect_options), data, batch_size, device, max_faces
     )

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from leanvision.errors import InvalidArgumentError
-from leanvision.layers import ClassifierHead, create_classifier
+from leanvision.layers import ClassifierHead, ImageNormalize, create_classifier
+
+SMALLEST_ANCHOR = 32  # px: torchvision's R-CNN anchors start at 32, SSDLite's lowest boxes are 0.1 x 320
 
 
 def check_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
@@ -59,6 +61,46 @@ def check_detection_classes(num_classes: int) -> None:
         raise InvalidArgumentError(
             f"num_classes counts the background too, so it must be >= 2, got {num_classes}"
         )
+
+
+class TorchvisionDetector:
+    """leanvision's detector interface beside torchvision's own, mixed into its SSD / Faster / Mask R-CNN:
+    `normalize` (the transform's image statistics as a module), `batch_images`, and `head_outputs(x)`: the
+    raw outputs of a normalised batch at the network's input size (no resize, no post-processing), which
+    the memory analysis, `bench` and export use. Inputs, and the size the transform resizes images to,
+    must be at least the smallest anchor (SMALLEST_ANCHOR px)."""
+
+    in_chans = 3
+    head_output_names: tuple[str, ...] = ()
+    memory_scope = "traced up to the heads' raw outputs; box decoding and NMS are not counted"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        size = min(self.transform.min_size)
+        if size < SMALLEST_ANCHOR:
+            raise InvalidArgumentError(
+                f"{type(self).__name__} would resize images to {size} px, smaller than its smallest anchor "
+                f"({SMALLEST_ANCHOR} px): use a size >= {SMALLEST_ANCHOR}"
+            )
+        self.normalize = ImageNormalize(self.transform.image_mean, self.transform.image_std)
+
+    def batch_images(self, images: torch.Tensor) -> torch.Tensor:
+        """A [B, 3, H, W] batch of 0-1 images, normalised (not resized: `forward` resizes)."""
+        return self.normalize(images)
+
+    def head_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The raw outputs named by `head_output_names` of a normalised batch [B, 3, H, W]."""
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise InvalidArgumentError(f"{model_name(self)} expects input [B, 3, H, W], got {list(x.shape)}")
+        if min(x.shape[2:]) < SMALLEST_ANCHOR:
+            raise InvalidArgumentError(
+                f"{model_name(self)}: input {x.shape[2]}x{x.shape[3]} is smaller than its smallest anchor "
+                f"({SMALLEST_ANCHOR} px)"
+            )
+        return self.raw_outputs(x)
+
+    def raw_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
 
 
 def model_name(model: nn.Module) -> str:

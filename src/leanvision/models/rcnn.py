@@ -8,21 +8,25 @@ level (32 to 512) with aspect ratios 1/2, 1 and 2, torchvision's RPN and box (an
 reading reproduces the paper's parameter counts to 0.3% and its 1200x800 FLOPs (which count
 multiply-accumulates) to 4%; an FPN from stride 8 would have 45.7B instead of 123.0B. The backbone's
 BatchNorms are frozen (FrozenBatchNorm2d), as the paper trains the R-CNNs. Inputs are resized to 800 px on
-the short side (at most 1333 on the long one): the paper's 1200x800.
+the short side (at most 1333 on the long one): the paper's 1200x800 (torchvision's `min_size` and
+`max_size` change it). `head_outputs` (memory analysis, bench, export) runs the backbone, FPN and RPN
+head: the RoI heads run on a data-dependent number of proposals and are left out.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from leanvision.errors import InvalidArgumentError
-from leanvision.models.base import check_detection_classes, feature_block, model_name
+from leanvision.models.base import TorchvisionDetector, check_detection_classes, feature_block, model_name
 from leanvision.models.registry import create_model, register_model
 
 FPN_STRIDES = (4, 8, 16, 32)  # the FPN reads the last block of the stages at these strides
@@ -61,23 +65,48 @@ def fpn_backbone(backbone: str, frozen_bn: bool = True) -> BackboneWithFPN:
     return BackboneWithFPN(body, taps, widths, FPN_CHANNELS, extra_blocks=LastLevelMaxPool())
 
 
+class RPNOutputs(TorchvisionDetector):
+    """The detector interface of the R-CNNs: their raw outputs are the RPN's over every FPN level."""
+
+    head_output_names = ("objectness", "rpn_box_deltas")
+    memory_scope = (
+        "traced up to the RPN's outputs; the RoI heads run on a data-dependent number of proposals and "
+        "are not counted"
+    )
+
+    def raw_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """objectness [B * A, 1] and box deltas [B * A, 4] of the RPN on a normalised batch (A anchors
+        per image over the FPN levels, level by level as torchvision orders them)."""
+        objectness, deltas = self.rpn.head(list(self.backbone(x).values()))
+        return concat_box_prediction_layers(objectness, deltas)
+
+
+class FasterRCNNFPN(RPNOutputs, FasterRCNN):
+    """torchvision's FasterRCNN with leanvision's detector interface."""
+
+
+class MaskRCNNFPN(RPNOutputs, MaskRCNN):
+    """torchvision's MaskRCNN with leanvision's detector interface."""
+
+
 def fasterrcnn_fpn(backbone: str, num_classes: int = 91, frozen_bn: bool = True, **kwargs) -> FasterRCNN:
     """Faster R-CNN + FPN on the registered classifier `backbone` (module docstring); `kwargs` go to
     torchvision's FasterRCNN."""
     check_detection_classes(num_classes)
-    features = fpn_backbone(backbone, frozen_bn)
-    return FasterRCNN(features, num_classes, **kwargs)
+    return FasterRCNNFPN(fpn_backbone(backbone, frozen_bn), num_classes, **kwargs)
 
 
 def maskrcnn_fpn(backbone: str, num_classes: int = 91, frozen_bn: bool = True, **kwargs) -> MaskRCNN:
     """Mask R-CNN + FPN on the registered classifier `backbone` (module docstring); `kwargs` go to
     torchvision's MaskRCNN."""
     check_detection_classes(num_classes)
-    features = fpn_backbone(backbone, frozen_bn)
-    return MaskRCNN(features, num_classes, **kwargs)
+    return MaskRCNNFPN(fpn_backbone(backbone, frozen_bn), num_classes, **kwargs)
 
 
 _INPUT = (3, 800, 1200)
+RCNN_MODELS = tuple(
+    f"{kind}_fpn_rexnet_{width}" for kind in ("fasterrcnn", "maskrcnn") for width in ("090", "220")
+)
 # ReXNet paper Tables 7 (COCO val, Faster R-CNN + FPN at 1200x800: params M, FLOPs B, box AP) and 9
 # (Mask R-CNN + FPN: params M, box AP, mask AP; the same FLOPs as Table 7).
 for _width, _faster, _mask in (

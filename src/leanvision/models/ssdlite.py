@@ -7,8 +7,8 @@ width, 3x3 depthwise stride 2, 1x1; widths 512, 256, 256, 128) add strides 64 to
 depthwise-separable (torchvision's SSDLiteHead), six default boxes per location (aspect ratios 2 and 3,
 scales 0.2 to 0.95) except on the first map, which has three (scale 0.1, aspect ratios 1, 2 and 1/2: the
 TensorFlow Object Detection API's `reduce_boxes_in_lowest_layer`, which the MobileNetV2 and ReXNet
-SSDLite results were trained with); 320x320 input scaled to [-1, 1]. Extra layers and heads use BN with
-eps 1e-3 and momentum 0.03, as torchvision's.
+SSDLite results were trained with); 320x320 input (`size` changes it) scaled to [-1, 1]. Extra layers and
+heads use BN with eps 1e-3 and momentum 0.03, as torchvision's.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from torchvision.models.detection.ssdlite import SSDLiteHead, _extra_block
 from torchvision.models.mobilenetv2 import InvertedResidual
 
 from leanvision.errors import InvalidArgumentError
-from leanvision.layers import ImageNormalize, LinearBottleneck
-from leanvision.models.base import check_detection_classes, feature_block, model_name
+from leanvision.layers import LinearBottleneck
+from leanvision.models.base import TorchvisionDetector, check_detection_classes, feature_block, model_name
 from leanvision.models.registry import create_model, register_model
 
 EXTRA_WIDTHS = (512, 256, 256, 128)
@@ -61,13 +61,18 @@ class SSDLiteBoxes(DefaultBoxGenerator):
         return [3, *super().num_anchors_per_location()[1:]]
 
 
+class AfterExpansion(nn.Sequential):
+    """An inverted residual without its expansion conv (depthwise, squeeze-excite, projection): a block of
+    its own for the memory analysis, which counts it as an inverted residual (input + output)."""
+
+
 def split_at_expansion(block: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(the expansion conv, the rest of the block) of a strided inverted residual."""
     if isinstance(block, LinearBottleneck) and block.conv_exp is not None and not block.use_shortcut:
         rest = [block.conv_dw, *([block.se] if block.se is not None else []), block.act_dw, block.conv_pwl]
-        return block.conv_exp, nn.Sequential(*rest)
+        return block.conv_exp, AfterExpansion(*rest)
     if isinstance(block, InvertedResidual) and not block.use_res_connect and len(block.conv) == 4:
-        return block.conv[0], block.conv[1:]
+        return block.conv[0], AfterExpansion(*block.conv[1:])
     raise InvalidArgumentError(
         f"SSDLite's first head reads the expansion layer of the first stride-32 block, which must be an "
         f"expanding inverted residual without shortcut; got {type(block).__name__}"
@@ -121,36 +126,27 @@ class SSDLiteBackbone(nn.Module):
         return OrderedDict((str(i), m) for i, m in enumerate(maps))
 
 
-class SSDLite(SSD):
-    """torchvision's SSD with leanvision's detector interface beside its own: `head_outputs(x)` gives the
-    raw outputs of a normalised batch at the network's input size (no resize, no post-processing), which
-    the memory analysis, `bench` and export use; `normalize` is the image normalisation."""
+class SSDLite(TorchvisionDetector, SSD):
+    """torchvision's SSD with leanvision's detector interface (models.base.TorchvisionDetector)."""
 
-    in_chans = 3
     head_output_names = ("bbox_regression", "cls_logits")
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.normalize = ImageNormalize(self.transform.image_mean, self.transform.image_std)
-
-    def head_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def raw_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """bbox_regression [B, A, 4] and cls_logits [B, A, num_classes] of a normalised batch."""
         outputs = self.head(list(self.backbone(x).values()))
         return outputs["bbox_regression"], outputs["cls_logits"]
 
-    def batch_images(self, images: torch.Tensor) -> torch.Tensor:
-        """A [B, 3, H, W] batch of 0-1 images, normalised (not resized: `forward` resizes to 320x320)."""
-        return self.normalize(images)
 
-
-def ssdlite(backbone: str, num_classes: int = 91, **kwargs) -> SSDLite:
-    """SSDLite at 320x320 on the registered classifier `backbone` (see the module docstring); `kwargs`
-    go to torchvision's SSD (thresholds, top-k, image mean / std)."""
+def ssdlite(backbone: str, num_classes: int = 91, size: tuple[int, int] | int = SIZE, **kwargs) -> SSDLite:
+    """SSDLite on the registered classifier `backbone` (see the module docstring), its images resized to
+    `size` (H, W; default 320x320); `kwargs` go to torchvision's SSD (thresholds, top-k, image mean /
+    std)."""
     check_detection_classes(num_classes)
     features = SSDLiteBackbone(create_model(backbone))
     anchors = SSDLiteBoxes(len(features.out_channels))
     head = SSDLiteHead(features.out_channels, anchors.num_anchors_per_location(), num_classes, NORM)
-    return SSDLite(features, anchors, SIZE, num_classes, head=head, **{**DEFAULTS, **kwargs})
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return SSDLite(features, anchors, size, num_classes, head=head, **{**DEFAULTS, **kwargs})
 
 
 # ReXNet paper Table 6 (COCO test-dev, SSDLite at 320x320): params (M), MAdds (B), mAP.
@@ -160,6 +156,7 @@ _TABLE6 = {
     "rexnet_130": (8.4, 1.60, 27.2),
     "mobilenetv2_100": (4.3, 0.8, 22.1),
 }
+SSDLITE_MODELS = tuple(f"ssdlite_{backbone}" for backbone in _TABLE6)
 for _backbone, (_params, _madds, _map) in _TABLE6.items():
     register_model(
         f"ssdlite_{_backbone}",
