@@ -179,3 +179,15 @@ def make_meta_album(root: Path, shade: int, classes: int = 2, per_class: int = 8
             lines.append(f"{name},class{c},all")
     (root / "labels.csv").write_text("\n".join(lines) + "\n")
     (root / "info.json").write_text("{}")
+
+
+def one_line_error(result) -> str:
+    """The CLI's answer to bad input (a CliRunner result): exit code 2 and one line `error: ...`; returns
+    that line."""
+    lines = result.output.splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (
+        result.exit_code,
+        result.output,
+        result.exception,
+    )
+    return lines[0]

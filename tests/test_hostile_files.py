@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import leanvision
-from conftest import image_folder, make_meta_album
+from conftest import image_folder, make_meta_album, one_line_error
 from leanvision.cli import app
 from leanvision.detection.data import build_detection_data
 from leanvision.engine.data import build_dataset
@@ -198,9 +198,8 @@ def expected(family: str, kind: str) -> str:
 
 def assert_one_line_error(result, path: Path, message: str) -> None:
     """Exit code 2 and one line `error: ...` naming `path` and matching `message`."""
-    lines = result.output.splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert str(path) in lines[0] and re.search(message, lines[0]), lines[0]
+    line = one_line_error(result)
+    assert str(path) in line and re.search(message, line), line
 
 
 @pytest.mark.parametrize("kind", KINDS)

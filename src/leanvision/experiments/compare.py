@@ -34,10 +34,11 @@ def compare(
     """
     from leanvision.analysis.cost import profile
     from leanvision.bench import calibrate_batchnorm
-    from leanvision.export.backends import check_backends, time_models
+    from leanvision.export.backends import check_backends, check_timing, time_models
     from leanvision.models.registry import create_model, get_model_config
 
     backends = check_backends(backends)
+    check_timing(threads, min_rounds, min_seconds)  # before the models are built
     configs = {name: get_model_config(name) for name in names}
     models, rows = {}, []
     for name, config in configs.items():

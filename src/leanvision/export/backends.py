@@ -164,6 +164,15 @@ class PreparedBackends:
         return candidates[picked], picked + failed
 
 
+def check_timing(threads: int | None, min_rounds: int, min_seconds: float) -> None:
+    """Raise an InvalidArgumentError unless the loop of `time_models` can run with these settings."""
+    if min_rounds < 1 or not 0 <= min_seconds < math.inf or (threads is not None and threads < 1):
+        raise InvalidArgumentError(
+            f"need min_rounds >= 1, finite min_seconds >= 0 and threads >= 1 (or None: PyTorch's default), "
+            f"got {min_rounds}, {min_seconds}, {threads}"
+        )
+
+
 def time_models(
     models: dict[str, nn.Module],
     backends: Sequence[str],
@@ -188,11 +197,7 @@ def time_models(
         raise InvalidArgumentError(
             f"need batch_size >= 1 and input sizes (C, H, W) positive, got {batch_size} and {bad or sizes}"
         )
-    if min_rounds < 1 or not 0 <= min_seconds < math.inf or (threads is not None and threads < 1):
-        raise InvalidArgumentError(
-            f"need min_rounds >= 1, finite min_seconds >= 0 and threads >= 1 (or None: PyTorch's default), "
-            f"got {min_rounds}, {min_seconds}, {threads}"
-        )
+    check_timing(threads, min_rounds, min_seconds)
     report = on_step or (lambda step: None)
     previous = torch.get_num_threads()
     if threads is not None:
