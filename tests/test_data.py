@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import image_folder
+from leanvision.engine import data as data_module
 from leanvision.engine import synthetic
-from leanvision.engine.data import IMAGENET10_SYNSETS, build_dataset, read_idx
+from leanvision.engine.data import IMAGENET10_SYNSETS, build_dataset, fashion_mnist_installed, read_idx
 
 
 def test_synthetic_is_deterministic_and_prefix_stable():
@@ -80,6 +81,23 @@ def test_fashion_mnist_reads_idx_files(fashion_dir):
     assert target.item() == read_idx(fashion_dir / "t10k-labels-idx1-ubyte.gz")[1]
     assert data.classes[9] == "ankle boot"
     assert build_dataset(f"fashion-mnist:{fashion_dir}", img_size=32).train[0][0].shape == (1, 32, 32)
+
+
+def test_fashion_mnist_subsets_and_installed(fashion_dir, tmp_path, monkeypatch):
+    full = build_dataset(f"fashion-mnist:{fashion_dir}")
+    part = build_dataset(f"fashion-mnist:{fashion_dir},train=4,val=2")
+    assert (len(part.train), len(part.val)) == (4, 2)  # the first N images of each file
+    torch.testing.assert_close(part.train.images, full.train.images[:4])
+    assert part.val.targets.tolist() == [0, 1]
+    assert len(build_dataset(f"fashion-mnist:{fashion_dir},val=100").val) == 4  # at most the file's images
+    with pytest.raises(ValueError, match="need train >= 1 and val >= 1, got 0 and 10000"):
+        build_dataset(f"fashion-mnist:{fashion_dir},train=0")
+    with pytest.raises(ValueError, match="bad option 'seed=1'"):
+        build_dataset(f"fashion-mnist:{fashion_dir},seed=1")
+    assert fashion_mnist_installed(str(fashion_dir)) and not fashion_mnist_installed(str(tmp_path / "none"))
+    # without DIR: FASHION_MNIST_DIR, where `make data` installs the files
+    monkeypatch.setattr(data_module, "FASHION_MNIST_DIR", str(fashion_dir))
+    assert fashion_mnist_installed() and len(build_dataset("fashion-mnist,train=3").train) == 3
 
 
 def test_fashion_mnist_missing_and_corrupt(tmp_path, fashion_dir):

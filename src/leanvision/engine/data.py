@@ -11,6 +11,8 @@
 
 Synthetic specs take options after commas: `synthetic:shapes,train=4000,val=1000,seed=1` (defaults 10000,
 2000, 0). Their image size is `img_size` (default 32 for the lines sets, 64 for shapes, as in Table 7).
+Fashion-MNIST takes `train` and `val`, the first N images of its training and test files (both are in
+random class order): `fashion-mnist,train=8000,val=2000`, `fashion-mnist:DIR,train=8000`.
 Meta-Album takes `seed`, `per_class` (default 20, the Micro protocol) and `holdout` (default 0):
 `metaalbum:DIR,seed=2`. `holdout=V` validates on V images per class held out of the training part (the
 test part is then not used): for model selection without touching the test images. A set folder (whose
@@ -202,10 +204,26 @@ def _find(root: Path, name: str) -> Path:
     )
 
 
-def fashion_mnist_splits(spec: str, root: str, img_size: int | None) -> DataSplits:
-    base = Path(root or FASHION_MNIST_DIR)
+def fashion_mnist_installed(root: str | None = None) -> bool:
+    """Whether `root` (default FASHION_MNIST_DIR, where `make data` puts them) holds the four idx files."""
+    try:
+        for prefix in ("train", "t10k"):
+            for kind in ("images-idx3", "labels-idx1"):
+                _find(Path(root or FASHION_MNIST_DIR), f"{prefix}-{kind}-ubyte")
+    except MissingFileError:
+        return False
+    return True
+
+
+def fashion_mnist_splits(spec: str, img_size: int | None) -> DataSplits:
+    """`fashion-mnist[:DIR][,train=N,val=N]`: at most the first N images of each file (default all)."""
+    head, _, options = spec.partition(",")
+    opts = parse_options(spec, options, {"train": 60000, "val": 10000})
+    if min(opts.values()) < 1:
+        raise DataError(f"{spec}: need train >= 1 and val >= 1, got {opts['train']} and {opts['val']}")
+    base = Path(head.partition(":")[2] or FASHION_MNIST_DIR)
     splits = []
-    for prefix, augment in (("train", True), ("t10k", False)):
+    for prefix, augment, count in (("train", True, opts["train"]), ("t10k", False, opts["val"])):
         images = read_idx(_find(base, f"{prefix}-images-idx3-ubyte"))
         labels_file = _find(base, f"{prefix}-labels-idx1-ubyte")
         labels = read_idx(labels_file)
@@ -218,6 +236,7 @@ def fashion_mnist_splits(spec: str, root: str, img_size: int | None) -> DataSpli
             raise DataError(
                 f"{labels_file} holds label {labels.max()}; Fashion-MNIST's are 0..9 (10 classes)"
             )
+        images, labels = images[:count], labels[:count]
         tensor = _resize(torch.from_numpy(images.copy())[:, None], img_size or images.shape[-1])
         targets = torch.from_numpy(labels.astype(np.int64))
         splits.append(TensorImages(tensor, targets, (0.2860,), (0.3530,), augment))
@@ -510,8 +529,8 @@ def build_dataset(spec: str, img_size: int | None = None, strict: bool = False) 
     if kind == "synthetic":
         name, _, options = arg.partition(",")
         return synthetic_splits(spec, name, options, img_size)
-    if kind == "fashion-mnist":
-        return fashion_mnist_splits(spec, arg, img_size)
+    if spec.partition(",")[0].partition(":")[0] == "fashion-mnist":  # options come with or without DIR
+        return fashion_mnist_splits(spec, img_size)
     if kind in ("cifar10", "cifar100", "folder", "imagenet10", "metaalbum") and not arg:
         raise DataError(f"data spec {spec!r} needs a folder: {kind}:DIR")
     if kind in CIFAR:
