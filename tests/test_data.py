@@ -13,7 +13,13 @@ from PIL import Image
 from conftest import image_folder
 from leanvision.engine import data as data_module
 from leanvision.engine import synthetic
-from leanvision.engine.data import IMAGENET10_SYNSETS, build_dataset, fashion_mnist_installed, read_idx
+from leanvision.engine.data import (
+    IMAGENET10_SYNSETS,
+    build_dataset,
+    fashion_mnist_installed,
+    read_idx,
+    spec_kind,
+)
 
 
 def test_synthetic_is_deterministic_and_prefix_stable():
@@ -95,6 +101,10 @@ def test_fashion_mnist_subsets_and_installed(fashion_dir, tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="bad option 'seed=1'"):
         build_dataset(f"fashion-mnist:{fashion_dir},seed=1")
     assert fashion_mnist_installed(str(fashion_dir)) and not fashion_mnist_installed(str(tmp_path / "none"))
+    specs = ("fashion-mnist,val=5", "fashion-mnist:/d,val=5", "synthetic:lines,seed=1")
+    assert [spec_kind(s) for s in specs] == ["fashion-mnist", "fashion-mnist", "synthetic"]
+    with pytest.raises(ValueError, match="unknown data spec 'fashion,val=5'"):
+        spec_kind("fashion,val=5")
     # without DIR: FASHION_MNIST_DIR, where `make data` installs the files
     monkeypatch.setattr(data_module, "FASHION_MNIST_DIR", str(fashion_dir))
     assert fashion_mnist_installed() and len(build_dataset("fashion-mnist,train=3").train) == 3

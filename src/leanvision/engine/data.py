@@ -77,6 +77,7 @@ SPEC_HELP = (
     "synthetic:lines|multilines|shapes, fashion-mnist[:DIR], cifar10:DIR, cifar100:DIR, folder:DIR, "
     "imagenet10:IMAGENET_DIR, metaalbum:DIR"
 )
+SPEC_KINDS = ("synthetic", "fashion-mnist", "cifar10", "cifar100", "folder", "imagenet10", "metaalbum")
 METAALBUM_PER_CLASS = 20
 
 
@@ -517,6 +518,14 @@ def metaalbum_splits(spec: str, arg: str, img_size: int | None, strict: bool) ->
     return DataSplits(spec, train, val, len(classes), 3, size, False, tuple(classes))
 
 
+def spec_kind(spec: str) -> str:
+    """The kind of `spec` (one of SPEC_KINDS), before its folder and options; an unknown one raises."""
+    kind = spec.partition(",")[0].partition(":")[0]
+    if kind not in SPEC_KINDS:
+        raise DataError(f"unknown data spec {spec!r}; expected one of {SPEC_HELP}")
+    return kind
+
+
 def build_dataset(spec: str, img_size: int | None = None, strict: bool = False) -> DataSplits:
     """The train and val splits named by `spec` (see the module docstring), images img_size x img_size.
 
@@ -525,11 +534,11 @@ def build_dataset(spec: str, img_size: int | None = None, strict: bool = False) 
     """
     if img_size is not None and img_size < 16:
         raise DataError(f"img_size must be >= 16, got {img_size}")
-    kind, _, arg = spec.partition(":")
+    kind, arg = spec_kind(spec), spec.partition(":")[2]
     if kind == "synthetic":
         name, _, options = arg.partition(",")
         return synthetic_splits(spec, name, options, img_size)
-    if spec.partition(",")[0].partition(":")[0] == "fashion-mnist":  # options come with or without DIR
+    if kind == "fashion-mnist":
         return fashion_mnist_splits(spec, img_size)
     if kind in ("cifar10", "cifar100", "folder", "imagenet10", "metaalbum") and not arg:
         raise DataError(f"data spec {spec!r} needs a folder: {kind}:DIR")
@@ -539,6 +548,4 @@ def build_dataset(spec: str, img_size: int | None = None, strict: bool = False) 
         return folder_splits(spec, arg, img_size, strict)
     if kind == "imagenet10":
         return folder_splits(spec, arg, img_size, strict, IMAGENET10_SYNSETS)
-    if kind == "metaalbum":
-        return metaalbum_splits(spec, arg, img_size, strict)
-    raise DataError(f"unknown data spec {spec!r}; expected one of {SPEC_HELP}")
+    return metaalbum_splits(spec, arg, img_size, strict)
