@@ -64,10 +64,12 @@ def without(model: torch.nn.Module, key: str) -> dict[str, torch.Tensor]:
 
 
 def unreadable_files(root: Path) -> None:
-    """hostile.pt (torch.save zip), hostile_raw.pt (protocol-4 pickle), garbage.pt, truncated.pt."""
+    """hostile.pt (torch.save zip), hostile_raw.pt (protocol-4 pickle), hostile.safetensors (the zip
+    renamed), garbage.pt, truncated.pt."""
     marker = root / "PWNED"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Payload(marker)}, root / "hostile.pt")
     (root / "hostile_raw.pt").write_bytes(pickle.dumps({"w": Payload(marker)}, protocol=4))
+    shutil.copy(root / "hostile.pt", root / "hostile.safetensors")
     noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     (root / "garbage.pt").write_bytes(bytes(noise.tolist()))
     torch.save(torchvision.models.resnet18().state_dict(), root / "whole.pt")
@@ -83,6 +85,7 @@ UNREADABLE = {
     "garbage": r"is not a (weights-only|readable PyTorch) checkpoint",
     "truncated": r"is not a readable PyTorch checkpoint \(truncated or not one; expected a state_dict",
 }
+DISGUISED = {"hostile.safetensors": r"is not a readable safetensors file: Error while deserializing header"}
 # family -> the model the entries load, and per misfit kind: (file writer, what the line says)
 MOBILENET = lambda: leanvision.create_model("mobilenetv2_035", num_classes=9)  # noqa: E731
 FACE = lambda: leanvision.create_model("rnnpool_face_quant")  # noqa: E731
@@ -151,7 +154,9 @@ def root(tmp_path_factory) -> Path:
 
 
 def bad_file(root: Path, family: str, kind: str) -> Path:
-    return root / (f"{kind}.pt" if kind in UNREADABLE else f"{family}_{kind}{SUFFIX.get(kind, '.pt')}")
+    if kind in UNREADABLE or kind in DISGUISED:
+        return root / (kind if kind in DISGUISED else f"{kind}.pt")
+    return root / f"{family}_{kind}{SUFFIX.get(kind, '.pt')}"
 
 
 META = "metaalbum:{root}/META,per_class=2"
@@ -189,11 +194,11 @@ FUNCTIONS: list[tuple[str, str, Callable[[Path], object]]] = [
     ("create_model rrrnet", "resnet", lambda f: leanvision.create_model("rrrnet_resnet18", pretrained=f)),
     ("load_checkpoint", "classifier", lambda f: load_checkpoint(MOBILENET(), f)),
 ]  # fmt: skip
-KINDS = [*UNREADABLE, "other_model", "other_width", "missing_tensor"]
+KINDS = [*UNREADABLE, *DISGUISED, "other_model", "other_width", "missing_tensor"]
 
 
 def expected(family: str, kind: str) -> str:
-    return UNREADABLE[kind] if kind in UNREADABLE else FAMILIES[family][kind][1]
+    return {**UNREADABLE, **DISGUISED}.get(kind) or FAMILIES[family][kind][1]
 
 
 def assert_one_line_error(result, path: Path, message: str) -> None:
