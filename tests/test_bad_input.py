@@ -29,7 +29,14 @@ from leanvision.cli import app
 from leanvision.deploy.streaming import stream
 from leanvision.detection.data import build_detection_data
 from leanvision.engine.data import build_dataset
-from leanvision.errors import DataError, LeanvisionError, OutputError, UnknownModelError
+from leanvision.errors import (
+    CheckpointError,
+    DataError,
+    LeanvisionError,
+    MissingFileError,
+    OutputError,
+    UnknownModelError,
+)
 from leanvision.errors import InvalidArgumentError as IAE
 from leanvision.experiments.channel_search.space import (
     SearchSpace,
@@ -251,7 +258,10 @@ LIBRARY_CASES = [
      r"budget_bytes must be a positive int, got 0"),
     (lambda: recompute_cost(traced("mobilenetv2_rnnpool", 32), 10), IAE,
      r"budget 0\.0 KiB \(10 bytes\) is below the smallest peak recomputation reaches"),
-    (lambda: stream(MOBILENET, (3, 64, 64)), IAE, r"stream takes a built model"),
+    (lambda: stream(MOBILENET, (3, 64, 64)), IAE, r"stream takes a built model .*got 'mobilenetv2_035'"),
+    (lambda: leanvision.fuse_for_inference(MOBILENET), IAE, r"fuse_for_inference takes a built model"),
+    (lambda: leanvision.load_checkpoint(create(MOBILENET), "/"), CheckpointError, r"/ is a folder; expected"),
+    (lambda: leanvision.load_checkpoint(create(MOBILENET), "/no.pt"), MissingFileError, r"not found: /no"),
     (lambda: stream(leanvision.create_model("mobilenetv2_rnnpool").eval(), (64, 64)), IAE,
      r"input_size must be \(C, H, W\) .*got \(64, 64\)"),
     (lambda: stream(leanvision.create_model("mobilenetv2_rnnpool").eval(), (3, 4, 4)), IAE,

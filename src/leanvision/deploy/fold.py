@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from leanvision.errors import InvalidArgumentError
+
 
 class PointwiseConv(nn.Conv2d):
     """A 1x1, stride-1, ungrouped convolution that runs as one GEMM over the pixels when the map is small.
@@ -99,6 +101,14 @@ def fold_batchnorm_(model: nn.Module) -> int:
     return folded
 
 
+def check_built_model(model: object, function: str) -> None:
+    """Raise an InvalidArgumentError unless `model` is an nn.Module (a name is a common slip)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(
+            f"{function} takes a built model (leanvision.create_model(name).eval()), got {model!r}"
+        )
+
+
 def fuse_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
     """A new eval-mode copy of `model` with BatchNorm folded into convolutions; `model` is left unchanged.
 
@@ -106,6 +116,7 @@ def fuse_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Modul
     outputs whatever the input layout (feeding channels_last inputs saves one conversion). Plain 1x1
     convolutions become PointwiseConv. Outputs equal the eval-mode original's to float rounding.
     """
+    check_built_model(model, "fuse_for_inference")
     fused = copy.deepcopy(model).eval()
     fold_batchnorm_(fused)
     use_pointwise_convs_(fused)

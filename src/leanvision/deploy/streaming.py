@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torchvision.models.googlenet import BasicConv2d
 
+from leanvision.deploy.fold import check_built_model
 from leanvision.deploy.rewrite import (
     InferenceOnly,
     ModuleCall,
@@ -155,10 +156,7 @@ def stream(
     split_blocks of the last patch-based block's). Groups also take the headroom below the largest input
     + output of any layer after the RNNPool, which every executor holds at once: larger groups there cost
     no peak RAM and run faster."""
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(
-            f"stream takes a built model (leanvision.create_model(name).eval()), got {model!r}"
-        )
+    check_built_model(model, "stream")
     if split_blocks is not None:
         from leanvision.deploy.patch_based import PatchBasedModel
 

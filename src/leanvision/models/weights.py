@@ -65,6 +65,8 @@ def load_torch_file(path: str | Path) -> Any:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a local checkpoint file, unwrapped from common containers, `module.` prefixes removed."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; expected a checkpoint file (.pt, .pth or .safetensors)")
     if not path.is_file():
         raise MissingFileError(
             f"checkpoint file not found: {path} (leanvision loads weights from local files only)"
