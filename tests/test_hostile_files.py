@@ -379,6 +379,14 @@ def test_garbage_images_are_skipped_or_refused_with_strict(tmp_path):
         )
 
 
+def test_the_command_prints_a_skip_warning_in_one_line(monkeypatch):
+    """The skip warnings reach a command's user as `warning: ...`, without leanvision's source line."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    assert CliRunner().invoke(app, ["models", "rexnet_100"]).exit_code == 0
+    shown = warnings.formatwarning(UserWarning("skipped 1 image"), UserWarning, "data.py", 304, "x = 1")
+    assert shown == "warning: skipped 1 image\n"
+
+
 def test_empty_folders_say_what_was_expected(tmp_path):
     (tmp_path / "E" / "train").mkdir(parents=True)
     (tmp_path / "E" / "val").mkdir()

@@ -7,6 +7,7 @@ written out, and tests/test_cli.py checks that it matches the library's default.
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated
 
 import typer
@@ -14,6 +15,14 @@ import typer
 from leanvision.cli import detect, experiments, export, models, rank, rrr, search, train
 
 app = typer.Typer(help="Build, measure and slim vision networks.", no_args_is_help=True, add_completion=False)
+
+
+def warning_line(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """How the command prints a warning (a skipped corrupt image, ...): `warning: message`, one line,
+    without the source line of leanvision that raised it."""
+    return f"warning: {message}\n"
 
 
 def _print_version(given: bool) -> None:
@@ -31,6 +40,7 @@ def _options(
     ] = False,
 ) -> None:
     """Build, measure and slim vision networks."""
+    warnings.formatwarning = warning_line
 
 
 app.command("models")(models.models)
