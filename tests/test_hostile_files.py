@@ -493,11 +493,6 @@ GT = "0--x/a.jpg\n{}\n{}\n0--x/b.jpg\n1\n5 5 30 30 0 0 0 0 0 0\n"
 WIDER_GT = "wider_face_train_bbx_gt.txt"
 
 
-def xfail(reason: str, error: type[Exception] | None = None):
-    """A case that shows a defect of detection/data.py (issue 18's file, not edited here)."""
-    return pytest.mark.xfail(strict=True, raises=error, reason=reason)
-
-
 # dataset writer, the annotation file named, what the line says, train + val images kept when skipped
 ANNOTATION_DAMAGE = [
     pytest.param(lambda r: widerface(r, GT.format("xx", "1 2 20 20").encode()), WIDER_GT,
@@ -506,10 +501,8 @@ ANNOTATION_DAMAGE = [
     pytest.param(lambda r: widerface(r, GT.format("1", "foo bar").encode()), WIDER_GT,
                  r":3: expected 'x y w h \.\.\.' of a face, got 'foo bar'", 4, id="wider face line"),
     pytest.param(lambda r: widerface(r, GT.format("99", "1 2 20 20").encode()), WIDER_GT,
-                 r":4: expected 'x y w h \.\.\.' of a face", 3, id="wider count past its lines",
-                 marks=xfail("read_wider_annotations takes a count's lines blindly: the next image path and "
-                             "its lines become 98 'malformed' faces and 0--x/b.jpg is lost; a count should "
-                             "stop at the next image path")),
+                 r":4: expected 'x y w h \.\.\.' of a face, got '0--x/b\.jpg' \(the count 99 runs into",
+                 3, id="wider count past its lines"),
     pytest.param(lambda r: scut_head(r, VOC.format("abc").encode()), "1.xml",
                  r": not a VOC annotation with numeric bndbox .*'abc'", 3, id="voc not numeric"),
     pytest.param(lambda r: scut_head(r, b"\x00\xffgarbage"), "1.xml",
@@ -532,22 +525,17 @@ def test_malformed_annotations_are_named_and_skipped_or_refused(tmp_path, write,
         build_detection_data(spec, strict=True)
 
 
-DETECTION_BUGS = [
-    pytest.param(lambda r: widerface(r, bytes(range(128, 256))), id="wider gt not UTF-8",
-                 marks=xfail("read_wider_annotations reads text without catching UnicodeDecodeError",
-                             UnicodeDecodeError)),
+DAMAGED_ANNOTATION_FILES = [
+    pytest.param(lambda r: widerface(r, bytes(range(128, 256))), id="wider gt not UTF-8"),
     pytest.param(lambda r: coco(r, [{"image_id": 1, "bbox": ["a", "b", "c", "d"], "category_id": 1}]),
-                 id="coco bbox not numbers",
-                 marks=xfail("read_coco_boxes converts bbox values with float() unchecked", ValueError)),
-    pytest.param(lambda r: coco(r, [[1, 2, 3, 4]]), id="coco annotation not an object",
-                 marks=xfail("read_coco_boxes calls ann.get before checking ann is a dict", AttributeError)),
+                 id="coco bbox not numbers"),
+    pytest.param(lambda r: coco(r, [[1, 2, 3, 4]]), id="coco annotation not an object"),
     pytest.param(lambda r: coco(r, [{"image_id": [1], "bbox": [1, 2, 3, 4], "category_id": 1}]),
-                 id="coco unhashable image_id",
-                 marks=xfail("read_coco_boxes tests `image_id in files` on a list", TypeError)),
+                 id="coco unhashable image_id"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("write", DETECTION_BUGS)
+@pytest.mark.parametrize("write", DAMAGED_ANNOTATION_FILES)
 def test_broken_annotation_files_are_data_errors(tmp_path, write):
     """Each should be a DataError naming the file under strict=True (a named skip without it), not a
     traceback."""

@@ -64,6 +64,8 @@ def train(
     object detector (ssdlite_*, fasterrcnn_fpn_*) with its own loss and COCO AP, on a detection spec
     (synthetic:faces, synthetic:shapes-boxes, widerface:DIR, scut-head:DIR, coco-boxes:DIR).
     Data-parallel: torchrun --nproc_per_node N $(which leanvision) train ... (gloo on CPU, nccl on CUDA).
+    Ctrl-C saves the last finished epoch and exits 130 (status interrupted); SIGTERM saves it too, records
+    status terminated and exits 143.
     """
     from leanvision.engine.train import NonFiniteLossError, TrainConfig
     from leanvision.engine.train import train as run_training

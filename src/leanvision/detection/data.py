@@ -233,9 +233,12 @@ def synthetic_splits(
 # -------------------------------------------------------------------------------------------- WIDER FACE
 def read_wider_annotations(path: Path, images: Path, strict: bool) -> list[Annotation]:
     """WIDER's *_bbx_gt.txt: an image path, a face count, then that many lines `x y w h blur expression
-    illumination invalid occlusion pose` (one all-zero line for a count of 0). A malformed count skips to
-    the next image path; a malformed face line skips that face."""
-    lines = path.read_text().splitlines()
+    illumination invalid occlusion pose` (one all-zero line for a count of 0). A malformed count, or one
+    that runs into the next image path, skips the image; a malformed face line skips that face."""
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not WIDER FACE's text annotation file: {err}") from err
     problems, dropped, annotations = _Problems(strict), [], []
     i = 0
     while i < len(lines):
@@ -244,12 +247,20 @@ def read_wider_annotations(path: Path, images: Path, strict: bool) -> list[Annot
         if not name:
             continue
         count = lines[i].strip() if i < len(lines) else ""
-        if not name.lower().endswith((".jpg", ".jpeg", ".png")) or not count.isdigit():
+        if not _is_image_path(name) or not count.isdigit():
             problems(f"{path}:{i}: expected an image path and a face count, got {name!r}, {count!r}")
-            while i < len(lines) and not lines[i].strip().lower().endswith((".jpg", ".jpeg", ".png")):
+            while i < len(lines) and not _is_image_path(lines[i]):
                 i += 1
             continue
         i += 1
+        cut = next((k for k, line in enumerate(lines[i : i + int(count)]) if _is_image_path(line)), None)
+        if cut is not None:
+            problems(
+                f"{path}:{i + cut + 1}: expected 'x y w h ...' of a face, got {lines[i + cut].strip()!r} "
+                f"(the count {count} runs into the next image)"
+            )
+            i += cut
+            continue
         rows = []
         for line_no in range(i, i + max(int(count), 1)):
             fields = lines[line_no].split() if line_no < len(lines) else []
@@ -266,6 +277,10 @@ def read_wider_annotations(path: Path, images: Path, strict: bool) -> list[Annot
     problems.warn(path)
     _warn_dropped(dropped, f"{path.name}: dropped zero-area face boxes")
     return annotations
+
+
+def _is_image_path(line: str) -> bool:
+    return line.strip().lower().endswith((".jpg", ".jpeg", ".png"))
 
 
 def _find_one(root: Path, name: str, hint: str) -> Path:
@@ -414,16 +429,16 @@ def read_coco_boxes(
     boxes: dict[int, list[list[float]]] = {i: [] for i in files}
     labels: dict[int, list[int]] = {i: [] for i in files}
     for k, ann in enumerate(anns):
-        bbox = ann.get("bbox") if isinstance(ann, dict) else None
-        if ann.get("image_id") not in files or not isinstance(bbox, list) or len(bbox) != 4:
-            problems(f"{path}: annotation {k} has no known image_id or no [x, y, w, h] bbox")
+        bbox = _coco_bbox(ann, files)
+        if bbox is None:
+            problems(f"{path}: annotation {k} has no known image_id or no [x, y, w, h] bbox of numbers")
             continue
         if ann.get("category_id") not in categories:
             problems(f"{path}: annotation {k} has category_id {ann.get('category_id')!r}, not a category")
             continue
         if ann.get("iscrowd", 0) or (category and ann["category_id"] != category):
             continue
-        x, y, w, h = (float(v) for v in bbox)
+        x, y, w, h = bbox
         boxes[ann["image_id"]].append([x, y, x + w, y + h])
         labels[ann["image_id"]].append(1 if category else ann["category_id"])
     problems.warn(path)
@@ -436,6 +451,17 @@ def read_coco_boxes(
         annotations.append(Annotation(name, images / name, image_boxes[keep], labels=image_labels))
     _warn_dropped(dropped, f"{path.name}: dropped zero-area boxes")
     return annotations, ({1: categories[category]} if category else categories)
+
+
+def _coco_bbox(ann: Any, files: dict[int, str]) -> list[float] | None:
+    """A COCO annotation's [x, y, w, h] if it is an object with a known image_id and four numbers."""
+    if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), int) or ann["image_id"] not in files:
+        return None
+    bbox = ann.get("bbox")
+    numbers = isinstance(bbox, list) and len(bbox) == 4
+    if not numbers or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox):
+        return None
+    return [float(v) for v in bbox]
 
 
 def coco_splits(
