@@ -20,8 +20,8 @@ from leanvision.detection.augment import SSDAugment
 from leanvision.detection.coco_eval import coco_ap
 from leanvision.detection.data import build_detection_data
 from leanvision.detection.object_task import ObjectDetectionTask, make_object_detector, object_ap
-from leanvision.detection.synthetic_faces import HEIGHT, MAX_SIDE, MIN_SIDE, WIDTH
-from leanvision.detection.synthetic_shapes import CLASSES, render
+from leanvision.detection.synthetic_faces import HEIGHT, WIDTH
+from leanvision.detection.synthetic_shapes import CLASSES, WIDTHS, render
 from leanvision.detection.task import detection_task
 from leanvision.engine.train import TrainConfig, train
 from leanvision.errors import DataError, InvalidArgumentError, LeanvisionError
@@ -48,7 +48,7 @@ def test_shapes_boxes_are_seeded_and_in_range():
         assert 1 <= len(boxes) == len(labels) <= 6
         assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= WIDTH).all() and (boxes[:, 3] <= HEIGHT).all()
         widths = boxes[:, 2] - boxes[:, 0]
-        assert ((widths >= MIN_SIDE - 1e-3) & (widths <= MAX_SIDE + 1e-3)).all()
+        assert ((widths >= WIDTHS[0] - 1e-3) & (widths <= WIDTHS[1] + 1e-3)).all()
         squares = boxes[labels == 2]
         assert np.allclose(squares[:, 2] - squares[:, 0], squares[:, 3] - squares[:, 1])
 

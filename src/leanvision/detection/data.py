@@ -211,6 +211,8 @@ def synthetic_splits(
     """synthetic:faces or synthetic:shapes-boxes (every generated object is boxed: no "all" beyond
     "hard")."""
     opts = parse_options(spec, options, {"train": 2000, "val": 200, "seed": 0})
+    if min(opts["train"], opts["val"]) < 1:
+        raise DataError(f"{spec!r}: train and val counts must be >= 1, got {opts['train']} and {opts['val']}")
 
     def annotations(split: str) -> list[Annotation]:
         return [Annotation(f"{split}/{i}", i, None) for i in range(opts[split])]

@@ -21,7 +21,7 @@ from torch import nn
 from leanvision.detection.augment import SSDAugment
 from leanvision.detection.coco_eval import coco_ap
 from leanvision.detection.data import DetectionSplits, build_detection_data
-from leanvision.detection.task import DetectionTaskBase, LossMeter, run_detector
+from leanvision.detection.task import DetectionTaskBase, run_detector
 from leanvision.engine.train import TrainConfig
 from leanvision.engine.train_state import read_training_config
 from leanvision.errors import InvalidArgumentError
@@ -106,22 +106,8 @@ class ObjectDetectionTask(DetectionTaskBase):
         inputs = [image.to(device, non_blocking=True) for image in images]
         return inputs, [{k: t[k].to(device, non_blocking=True) for k in keys} for t in targets]
 
-    def loss(self, net, inputs, targets, config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        losses = net(inputs, targets)
-        return sum(losses[k] for k in self.terms), losses
-
-    def train_meter(self, data: DetectionSplits, device: torch.device) -> LossMeter:
-        return LossMeter(self.terms, device)
-
-    def evaluate(
-        self, model, data: DetectionSplits, config: TrainConfig, device: torch.device
-    ) -> dict[str, Any]:
-        was_training = model.training
-        model.eval()
-        try:
-            return object_ap(model, data, config.batch_size, device)
-        finally:
-            model.train(was_training)
+    def score(self, model: nn.Module, data: DetectionSplits, batch_size: int, device: torch.device) -> dict:
+        return object_ap(model, data, batch_size, device)
 
 
 @torch.no_grad()

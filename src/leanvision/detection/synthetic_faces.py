@@ -49,12 +49,16 @@ def add_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def place(
-    rng: np.random.Generator, placed: list[list[float]], aspect: tuple[float, float], tries: int = 20
+    rng: np.random.Generator,
+    placed: list[list[float]],
+    aspect: tuple[float, float],
+    widths: tuple[float, float] = (MIN_SIDE, MAX_SIDE),
+    tries: int = 20,
 ) -> list[float] | None:
-    """A box inside the image, of width log-uniform in MIN_SIDE..MAX_SIDE and height `aspect` (a range)
-    times it, covering at most 5% of any placed box or being covered by 5% of it (None after `tries`)."""
+    """A box inside the image, of width log-uniform in `widths` and height `aspect` (a range) times it,
+    covering at most 5% of any placed box or being covered by 5% of it (None after `tries`)."""
     for _ in range(tries):
-        width = float(np.exp(rng.uniform(np.log(MIN_SIDE), np.log(MAX_SIDE))))
+        width = float(np.exp(rng.uniform(*np.log(widths))))
         height = width * rng.uniform(*aspect)
         if height > HEIGHT - 2:
             continue

@@ -2,7 +2,7 @@
 exact boxes and class labels, so that multi-class object detection trains, evaluates and is tested
 offline.
 
-Each image holds 1-6 shapes of random colour, width log-uniform in 8-120 px (the box is the shape's
+Each image holds 1-6 shapes of random colour, width log-uniform in 16-120 px (the box is the shape's
 bounding box; squares and circles are square, triangles 0.8-1.2x as tall as wide), placed (almost)
 without overlapping, on synthetic_faces' gradient background with its noise, and 0-3 thin rectangular
 outlines as distractors. Labels are 1-3 in CLASSES' order (0 is the background, as torchvision's
@@ -19,6 +19,7 @@ CLASSES = ("circle", "square", "triangle")
 MAX_SHAPES = 6
 SPLIT_STREAMS = {"train": 2, "val": 3}  # apart from synthetic:faces' streams
 ASPECTS = {"circle": (1.0, 1.0), "square": (1.0, 1.0), "triangle": (0.8, 1.2)}
+WIDTHS = (16.0, 120.0)
 
 
 def render(seed: int, split: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -31,7 +32,7 @@ def render(seed: int, split: str, index: int) -> tuple[np.ndarray, np.ndarray, n
     boxes, labels = [], []
     for _ in range(rng.integers(1, MAX_SHAPES + 1)):
         label = int(rng.integers(len(CLASSES)))
-        box = place(rng, boxes, ASPECTS[CLASSES[label]])
+        box = place(rng, boxes, ASPECTS[CLASSES[label]], WIDTHS)
         if box is not None:
             _shape(image, box, CLASSES[label], rng.uniform(0, 255, 3))
             boxes.append(box)

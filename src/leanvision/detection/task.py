@@ -29,7 +29,6 @@ from leanvision.engine.train_state import read_training_config
 from leanvision.errors import InvalidArgumentError
 from leanvision.models.face import DETECTORS
 from leanvision.models.registry import create_model
-from leanvision.models.weights import load_checkpoint
 
 # S3FD / EdgeML training defaults (notes 1.6): SGD 0.9, lr 1e-2, cosine with 5 warm-up epochs, weight decay
 # 5e-4 (EdgeML's code; the paper says 4e-5), batch 32 (EdgeML's README for Quant).
@@ -67,11 +66,34 @@ class LossMeter(StepMeter):
 
 class DetectionTaskBase(Task):
     """What the face and object detection tasks share: the name runs are saved under, the data's
-    collation (lists: images differ in size and box count)."""
+    collation (lists: images differ in size and box count), the loss (the sum of the `terms` of the
+    detector's train-mode loss dict) and validation in eval mode (`score`)."""
 
     name = "detection"
     collate = staticmethod(collate_detection)
     defaults: dict[str, float] = {}  # training defaults (lr, wd, warmup_epochs, batch_size)
+    terms: tuple[str, ...] = ()
+
+    def loss(self, net, inputs, targets, config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        losses = net(inputs, targets)
+        return sum(losses[k] for k in self.terms), losses
+
+    def train_meter(self, data: DetectionSplits, device: torch.device) -> LossMeter:
+        return LossMeter(self.terms, device)
+
+    def evaluate(
+        self, model, data: DetectionSplits, config: TrainConfig, device: torch.device
+    ) -> dict[str, Any]:
+        was_training = model.training
+        model.eval()
+        try:
+            return self.score(model, data, config.batch_size, device)
+        finally:
+            model.train(was_training)
+
+    def score(self, model: nn.Module, data: DetectionSplits, batch_size: int, device: torch.device) -> dict:
+        """Validation metrics of `model` (in eval mode) on `data.val`."""
+        raise NotImplementedError
 
 
 def detection_task(model_name: str) -> DetectionTaskBase:
@@ -95,6 +117,7 @@ class DetectionTask(DetectionTaskBase):
     """S3FD training of an RNNPool-Face detector on a `build_detection_data` spec."""
 
     metric = "ap"
+    terms = LOSS_TERMS
     train_columns = ("loss", *LOSS_TERMS)
     val_columns = ("ap", "ap_easy", "ap_medium", "ap_hard", "ap_all")
     defaults = DETECTION_DEFAULTS
@@ -123,22 +146,8 @@ class DetectionTask(DetectionTaskBase):
         keys = ("boxes", "labels")
         return inputs, [{k: t[k].to(device, non_blocking=True) for k in keys} for t in targets]
 
-    def loss(self, net, inputs, targets, config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        losses = net(inputs, targets)
-        return sum(losses[k] for k in LOSS_TERMS), losses
-
-    def train_meter(self, data: DetectionSplits, device: torch.device) -> LossMeter:
-        return LossMeter(LOSS_TERMS, device)
-
-    def evaluate(
-        self, model, data: DetectionSplits, config: TrainConfig, device: torch.device
-    ) -> dict[str, Any]:
-        was_training = model.training
-        model.eval()
-        try:
-            return detection_ap(lambda images: detect_images(model, images), data, config.batch_size, device)
-        finally:
-            model.train(was_training)
+    def score(self, model: nn.Module, data: DetectionSplits, batch_size: int, device: torch.device) -> dict:
+        return detection_ap(lambda images: detect_images(model, images), data, batch_size, device)
 
 
 def check_single_class(data: DetectionSplits, model_name: str) -> None:
@@ -234,7 +243,7 @@ def evaluate_detection(
         raise InvalidArgumentError(
             f"{checkpoint} is a checkpoint of model {saved['model']!r}, not {model_name!r}"
         )
-    model = load_checkpoint(make_detector(model_name), checkpoint).to(device).eval()
+    model = create_model(model_name, pretrained=str(checkpoint)).to(device).eval()  # EdgeML's files too
     data = build_detection_data(data_spec, model.in_chans, strict=strict)
     check_single_class(data, model_name)
     return detection_ap(

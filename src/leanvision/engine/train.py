@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from leanvision.bench import check_device
 from leanvision.engine.data import DataSplits, build_dataset
 from leanvision.engine.task import StepMeter, Task
 from leanvision.engine.train_state import (
@@ -50,7 +51,7 @@ from leanvision.engine.train_state import (
     temporary_path,
     write_text_atomic,
 )
-from leanvision.errors import CheckpointError, InvalidArgumentError, OutputError
+from leanvision.errors import InvalidArgumentError, OutputError
 from leanvision.models.weights import load_checkpoint
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -315,6 +316,8 @@ def evaluate(
     channels_last: bool = False,
 ) -> dict[str, Any]:
     """Loss and accuracy of `model` (eval mode) over `dataset`; under DDP each process takes a shard."""
+    if batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     if dist.is_initialized():
         dataset = Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))
@@ -705,10 +708,7 @@ def load_model_for_data(
         img_size = saved["img_size"]
     data = build_dataset(data_spec, img_size, strict)
     model = make_model(model_name, data)
-    try:
-        load_checkpoint(model, checkpoint)
-    except CheckpointError as err:
-        raise CheckpointError(f"{err} ({data_spec!r} has {data.num_classes} classes)") from err
+    load_checkpoint(model, checkpoint, context=f" ({data_spec!r} has {data.num_classes} classes)")
     check_model_fits(model, data, model_name)
     return model, data
 
@@ -724,5 +724,6 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Validation loss and accuracy of `model_name` with weights from `checkpoint` on `data_spec`
     (loaded by `load_model_for_data`)."""
+    check_device(device)
     model, data = load_model_for_data(model_name, checkpoint, data_spec, img_size, strict)
     return evaluate(model.to(device), data.val, data.multilabel, batch_size, device)

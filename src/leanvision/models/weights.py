@@ -167,14 +167,15 @@ def _check_shape(key: str, value: torch.Tensor, expected: torch.Tensor, model_ke
         )
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, context: str = "") -> nn.Module:
     """Load a local checkpoint (ours, timm, torchvision, clovaai or EdgeML layout) into `model` in place;
-    a checkpoint that does not fit raises a CheckpointError naming the file and the first misfit."""
+    a checkpoint that does not fit raises a CheckpointError naming the file and the first misfit, followed
+    by `context` (what the model was built for)."""
     state = read_state_dict(path)
     try:
         _load_state(model, state, strict)
     except CheckpointError as err:
-        raise CheckpointError(f"checkpoint {path}: {err}") from None
+        raise CheckpointError(f"checkpoint {path}: {err}{context}") from None
     return model
 
 
