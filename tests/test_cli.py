@@ -157,7 +157,11 @@ LIBRARY_DEFAULTS = [
     (("rrr", "run"), "leanvision.experiments.rrr.RunConfig", {"methods"}),  # none: all METHODS
     (("search", "channels"), "leanvision.experiments.channel_search.study.SearchSettings", set()),
 ]  # fmt: skip
-PARSED = {"input_size": square_input, "ratios": lambda text: tuple(parse_ratios(text))}
+PARSED = {
+    "input_size": square_input,
+    "ratios": lambda text: tuple(parse_ratios(text)),
+    "seeds": lambda text: tuple(int(seed) for seed in text.split(",")),
+}
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ import leanvision
 from leanvision import create_model
 from leanvision.analysis.memory import peak_memory
 from leanvision.cli import app
-from leanvision.experiments.demo import DEMO_MODELS
+from leanvision.engine import data as data_module
+from leanvision.experiments.demo import DEMO_DATA, DEMO_FALLBACK, DEMO_MODELS, DemoConfig, separation
 
 runner = CliRunner()
 
@@ -53,17 +54,27 @@ def test_demo_end_to_end(tmp_path):
     result = runner.invoke(
         app,
         ["demo", "--data", "synthetic:lines,train=64,val=32", "--epochs", "1", "--img-size", "16",
-         "--out", str(out), "--latency-seconds", "0.05"],
+         "--seeds", "0,1", "--out", str(out), "--latency-seconds", "0.05"],
     )  # fmt: skip
     assert result.exit_code == 0, result.stdout
     assert result.stdout.index("leanvision demo: train 3 networks") < result.stdout.index("training")
+    assert "once per seed (0, 1;" in result.stdout and "generated: Fashion-MNIST" not in result.stdout
     report = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in report["rows"]] == list(DEMO_MODELS) and report["input_size"] == [1, 16, 16]
+    assert report["seeds"] == [0, 1] and report["data"] == "synthetic:lines,train=64,val=32"
     for row in report["rows"]:
         model = create_model(row["model"], num_classes=9, in_chans=1)
         assert row["params"] == sum(p.numel() for p in model.parameters())
-        assert 0 <= row["acc"] <= 100 and row["latency_ms"] > 0 and row["macs"] > 0
-        assert (out / row["model"] / "last.pt").is_file()
+        # one training run per seed; the row's accuracies are theirs, in seed order
+        summaries = [
+            json.loads((out / row["model"] / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)
+        ]
+        assert [s["config"]["seed"] for s in summaries] == [0, 1]
+        assert row["accs"] == [s["val"]["acc"] for s in summaries]
+        assert row["acc"] == pytest.approx(sum(row["accs"]) / 2)
+        assert row["acc_spread"] == pytest.approx(abs(row["accs"][0] - row["accs"][1]))
+        assert row["latency_ms"] > 0 and row["int8_latency_ms"] > 0 and row["macs"] > 0
+        assert len(row["train_s"]) == 2
         assert row["model"] in result.stdout
     peak = {r["model"]: r["peak_ram_bytes"] for r in report["rows"]}
     assert peak["rexnet_100_lowres_rnnpool"] < peak["rexnet_100_lowres"] / 4
@@ -83,9 +94,40 @@ def test_demo_end_to_end(tmp_path):
     table = (out / "table.md").read_text()
     assert table.count("\n| ") == 4 and "measured peak RAM" in table  # header + 3 models
     assert f"{rnnpool['measured_peak_bytes'] / 1024:.1f} KiB (streamed)" in table
+    assert "test acc (seeds 0, 1)" in table and "ms int8 ORT (b=1)" in table
+    for line in separation(report["rows"]):  # each pair of models: gap, spreads, verdict
+        assert f"- {line}" in table and line in result.stdout
     assert "measured peak RAM" in result.stdout and "(streamed)" in result.stdout
     for plot in ("accuracy_vs_macs.png", "accuracy_vs_peak_ram.png"):
         assert (out / plot).stat().st_size > 5000
+
+
+def test_separation_compares_the_gap_with_the_seeds():
+    rows = [
+        dict(model="a", accs=[80.0, 81.0], acc=80.5, acc_spread=1.0),
+        dict(model="b", accs=[82.0, 84.0], acc=83.0, acc_spread=2.0),
+        dict(model="c", accs=[83.5, 85.0], acc=84.25, acc_spread=1.5),
+    ]
+    assert separation(rows) == [
+        "b - a: +2.50 points (seed spreads 2.00 and 1.00): apart",
+        "c - a: +3.75 points (seed spreads 1.50 and 1.00): apart",
+        "c - b: +1.25 points (seed spreads 1.50 and 2.00): within seed noise",  # 83.5 < 84.0
+    ]
+
+
+def test_demo_trains_on_fashion_mnist_where_installed(fashion_dir, tmp_path, monkeypatch):
+    """The default data: Fashion-MNIST where its files are installed, else the generated fallback, which
+    the plan names together with how to install the real data."""
+    monkeypatch.setattr(data_module, "FASHION_MNIST_DIR", str(fashion_dir))
+    assert DemoConfig().data_spec() == DEMO_DATA and "generated" not in DemoConfig().plan()
+    monkeypatch.setattr(data_module, "FASHION_MNIST_DIR", str(tmp_path / "none"))
+    assert DemoConfig().data_spec() == DEMO_FALLBACK
+    assert f"on {DEMO_FALLBACK} (generated: Fashion-MNIST is not installed in {tmp_path / 'none'}; " in (
+        DemoConfig().plan()
+    )
+    assert DemoConfig(data="synthetic:lines").data_spec() == "synthetic:lines"  # given: used as is
+    data = data_module.build_dataset(DEMO_FALLBACK.replace("8000", "4").replace("2000", "2"), 28)
+    assert (len(data.train), data.num_classes, data.image_size) == (4, 9, 28)
 
 
 def _streamed_peak(input_size: tuple[int, int, int]) -> int:
@@ -107,13 +149,17 @@ def test_streamed_demo_rnnpool_fits_the_layer_convention():
 
 
 def test_demo_bad_input(tmp_path):
-    unknown = runner.invoke(
-        app, ["demo", "--models", "rexnet_100_lowres,rexnet_bogus", "--out", str(tmp_path)]
-    )
-    assert unknown.exit_code == 2 and "unknown model 'rexnet_bogus'" in unknown.stdout
-    assert not any(tmp_path.iterdir())  # refused before anything trained
-    bad = runner.invoke(app, ["demo", "--latency-seconds", "-1", "--out", str(tmp_path)])  # issue 20, item 7
-    assert bad.exit_code == 2 and "latency_seconds > 0" in bad.stdout and "training" not in bad.stdout
+    for args, message in (  # refused before the plan is printed and anything trained
+        (["--models", "rexnet_100_lowres,rexnet_bogus"], "unknown model 'rexnet_bogus'"),
+        (["--latency-seconds", "-1"], "latency_seconds > 0"),  # issue 20, item 7
+        (["--seeds", "0,a"], "--seeds must be comma-separated integers such as 0,1, got '0,a'"),
+        (["--seeds", "1,1"], "need at least one seed and distinct seeds, got (1, 1)"),
+        (["--data", "nosuch"], "unknown data spec 'nosuch'"),
+    ):
+        refused = runner.invoke(app, ["demo", *args, "--out", str(tmp_path)])
+        assert (
+            refused.exit_code == 2 and message in refused.stdout and "leanvision demo:" not in refused.stdout
+        )
     assert not any(tmp_path.iterdir())
     (tmp_path / "old.txt").write_text("x")
     busy = runner.invoke(app, ["demo", "--out", str(tmp_path)])
@@ -140,6 +186,6 @@ def test_ctrl_c_stops_the_demo(tmp_path, monkeypatch):
         ["demo", "--data", "synthetic:lines,train=64,val=32", "--epochs", "1", "--img-size", "16",
          "--out", str(out), "--latency-seconds", "0.05"],
     )  # fmt: skip
-    assert result.exit_code == 130, result.stdout
+    assert result.exit_code == 130, result.stdout  # every model of the first seed trains before the second
     assert calls == list(DEMO_MODELS[:2]) and "interrupted" in result.stdout
     assert not (out / "results.json").exists() and not (out / "table.md").exists()

@@ -106,12 +106,14 @@ def parse_count(text: str, option: str) -> int:
     return round(value)
 
 
-def parse_blocks(text: str) -> tuple[int, ...]:
-    """--blocks 1,2,1,1 -> (1, 2, 1, 1)."""
+def parse_ints(
+    text: str, option: str, expected: str = "comma-separated integers such as 0,1"
+) -> tuple[int, ...]:
+    """--blocks 1,2,1,1 -> (1, 2, 1, 1); text that is not integers fails, naming `option` and `expected`."""
     try:
         return tuple(int(b) for b in text.split(","))
     except ValueError:
-        fail(f"--blocks must be four comma-separated integers such as 1,1,1,1, got {text!r}")
+        fail(f"{option} must be {expected}, got {text!r}")
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

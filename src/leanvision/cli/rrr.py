@@ -17,7 +17,7 @@ from leanvision.cli.common import (
     TrainSeedOpt,
     console,
     millions,
-    parse_blocks,
+    parse_ints,
     run,
 )
 
@@ -38,7 +38,7 @@ def rrr_reduce(
     """Keep the first blocks of each stage of a pretrained ResNet (by name) and write the checkpoint."""
     from leanvision.experiments.rrr import reduce_checkpoint
 
-    kept = parse_blocks(blocks)
+    kept = parse_ints(blocks, "--blocks", "four comma-separated integers such as 1,1,1,1")
     model = run(
         lambda: reduce_checkpoint(backbone, weights, kept, out, num_classes, branches, seed, overwrite)
     )
