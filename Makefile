@@ -11,7 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the main job: MobileNetV2 vs ReXNet vs ReXNet-RNNPool trained on generated data
+# The demo trains on Fashion-MNIST where `make data` installed it, else on the generated fallback
+# (synthetic:multilines); its plan says which.
+demo: $(STAMP)  ## the main job: MobileNetV2 vs ReXNet vs ReXNet-RNNPool, 2 seeds each
 	$(VENV)/bin/leanvision demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)  ## fast test suite (slow tests are marked and skipped)
