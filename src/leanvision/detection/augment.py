@@ -28,13 +28,13 @@ from leanvision.detection.inference import to_channels
 VGA_ANCHORS = (16, 32, 64, 128, 256, 512)  # S3FD's anchor sizes (px), EdgeML's VGA config
 ANCHOR_SAMPLING_P = 0.5
 MIN_FACE = 6  # EdgeML's min_face_size (VGA)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_MEAN = (124, 116, 104)  # uint8 RGB
 
 
 class BoxAugment:
     """One training sample: uint8 RGB [3, H, W], its boxes [M, 4] xyxy pixels and labels [M] -> a float
     0-1 [channels, size, size] crop, its boxes (float32 xyxy in the crop's pixels, possibly none) and their
-    labels. Subclasses choose the photometric distortion and the crop."""
+    labels. Subclasses choose the photometric distortion and the crop (on uint8 images)."""
 
     def __init__(self, size: int, channels: int, photometric: v2.Transform, min_size: float) -> None:
         self.size, self.channels, self.photometric = size, channels, photometric
@@ -52,12 +52,15 @@ class BoxAugment:
             "labels": labels,
         }
         sample = self.photometric(sample)
-        sample["image"] = TF.to_dtype(sample["image"], torch.float32, scale=True)
         if len(boxes):
             sample = self.crop(sample)
-        sample = self.sanitize(self.flip(self.resize(sample)))
-        image = to_channels(sample["image"].as_subclass(torch.Tensor), self.channels)
-        return image, sample["boxes"].as_subclass(torch.Tensor).float(), sample["labels"]
+        sample = self.sanitize(self.flip(self.resize(sample)))  # uint8 until here: the crop may be large
+        image = TF.to_dtype(sample["image"].as_subclass(torch.Tensor), torch.float32, scale=True)
+        return (
+            to_channels(image, self.channels),
+            sample["boxes"].as_subclass(torch.Tensor).float(),
+            sample["labels"],
+        )
 
     def crop(self, sample: dict) -> dict:
         return self.iou_crop(sample)
@@ -107,6 +110,7 @@ class S3FDAugment(BoxAugment):
         taken (in the original pixels: a window of size / scale); outside the image it is padded with the
         image's mean colour. Faces whose centre falls outside the crop are dropped."""
         image, boxes = sample["image"], sample["boxes"]
+        pixels = image.float()
         face = boxes[int(torch.randint(len(boxes), ()))].tolist()
         side = math.sqrt(max(face[2] - face[0], 1.0) * max(face[3] - face[1], 1.0))
         nearest = min(range(len(self.anchors)), key=lambda i: abs(self.anchors[i] - side))
@@ -115,13 +119,17 @@ class S3FDAugment(BoxAugment):
         window = max(1, round(self.size * side / target))
         left = _uniform(min(face[0], face[2] - window), max(face[0], face[2] - window))
         top = _uniform(min(face[1], face[3] - window), max(face[1], face[3] - window))
-        mean = image.mean((1, 2), keepdim=True)
-        crop = TF.crop(image - mean, top, left, window, window) + mean  # out of the image: mean colour
+        mean = pixels.mean((1, 2), keepdim=True)
+        crop = TF.crop(pixels - mean, top, left, window, window) + mean  # out of the image: mean colour
         out_boxes = TF.crop(boxes, top, left, window, window)
         centres = (out_boxes[:, :2] + out_boxes[:, 2:]) / 2
         outside = ((centres < 0) | (centres >= window)).any(1)
         out_boxes[outside] = 0  # zero-area: the sanitiser drops them with their labels
-        return {**sample, "image": tv_tensors.wrap(crop, like=image), "boxes": out_boxes}
+        return {
+            **sample,
+            "image": tv_tensors.wrap(crop.round().to(torch.uint8), like=image),
+            "boxes": out_boxes,
+        }
 
 
 def _uniform(low: float, high: float) -> int:
