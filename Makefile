@@ -12,9 +12,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The demo trains on Fashion-MNIST where `make data` installed it, else on the generated fallback
-# (synthetic:multilines); its plan says which.
+# (synthetic:multilines); its plan says which. OMP_WAIT_POLICY=PASSIVE: PyTorch's threads sleep at
+# barriers instead of spinning; on a 2-core machine shared with other processes spinning made a
+# training step 4-25x slower.
 demo: $(STAMP)  ## the main job: MobileNetV2 vs ReXNet vs ReXNet-RNNPool, 2 seeds each
-	$(VENV)/bin/leanvision demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/leanvision demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)  ## fast test suite (slow tests are marked and skipped)
 	$(PY) -m pytest -q
