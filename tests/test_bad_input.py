@@ -67,11 +67,6 @@ def traced(name: str, size: int):
     return trace(name, (3, size, size))
 
 
-def xfail(reason: str):
-    """A defect in a file another engineer owns right now; the reason says the fix."""
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 EVAL = f"eval --model mobilenetv2_035 --checkpoint {{weights}} --data {LINES}"
 RANK = f"rank --model mobilenetv2_035 --checkpoint {{weights}} --data {LINES}"
 TRAIN_ON = "train --model mobilenetv2_035 --out {tmp}/run --data"
@@ -129,12 +124,8 @@ CLI_CASES = [
     (f"{EVAL} --backend nosuch", r"--backend must be eager, ort or ort-int8, got 'nosuch'"),
     (f"{EVAL} --img-size 16", r"must be >= 32, got 16x16 \(change --img-size\)"),
     (f"eval --model nosuch --checkpoint {{weights}} --data {LINES}", UNKNOWN_MODEL),
-    pytest.param(f"{EVAL} --device gpu", r"device must be", marks=xfail(
-        "engine.train.evaluate_checkpoint moves the model to device 'gpu' unchecked (RuntimeError "
-        "traceback): check it with leanvision.bench.check_device in evaluate_checkpoint")),
-    pytest.param(f"{EVAL} --batch-size 0", r"batch_size must be >= 1, got 0", marks=xfail(
-        "eval --batch-size 0 reaches DataLoader (ValueError traceback): engine.train.evaluate should refuse "
-        "batch_size < 1 (as analysis.feature_rank.penultimate_features does)")),
+    (f"{EVAL} --device gpu", r"device must be"),
+    (f"{EVAL} --batch-size 0", r"batch_size must be >= 1, got 0"),
     ("detect nosuch {tmp}/none.png --random-weights --out {tmp}/det", r"'nosuch' is not a face detector"),
     (DETECT, r"image file not found: .*none\.png"),
     (f"{DETECT} --threshold nan", r"--threshold must be a score .*got nan"),
@@ -187,13 +178,9 @@ CLI_CASES = [
     ("demo --epochs 0 --out {tmp}/demo", r"need epochs >= 1 and at least one model, got 0"),
     ("demo --img-size 4 --out {tmp}/demo", r"img_size must be >= 16, got 4"),
     ("demo --latency-seconds -1 --out {tmp}/demo", r"need latency_seconds > 0, .*got -1\.0"),
-    pytest.param("demo --models nosuch --out {tmp}/demo", UNKNOWN_MODEL, marks=xfail(
-        "demo prints its plan before the model names are resolved (4 lines): DemoConfig.check "
-        "(experiments/demo.py) should resolve each name with get_model_config before cli/experiments.py "
-        "prints config.plan()")),
-    pytest.param("demo --data nosuch --out {tmp}/demo", r"unknown data spec 'nosuch'", marks=xfail(
-        "demo prints its plan before the data spec is checked (4 lines): DemoConfig.check should check "
-        "the spec's kind (engine.data / detection.data SPEC_HELP) before the plan is printed")),
+    ("demo --models nosuch --out {tmp}/demo", UNKNOWN_MODEL),
+    ("demo --data nosuch --out {tmp}/demo", r"unknown data spec 'nosuch'"),
+    ("demo --seeds 0,x --out {tmp}/demo", r"--seeds must be comma-separated integers such as 0,1, got '0,x'"),
 ]  # fmt: skip
 
 
@@ -286,9 +273,7 @@ LIBRARY_CASES = [
     (lambda: build_detection_data("nosuch"), DataError, r"unknown detection data spec 'nosuch'"),
     (lambda: build_detection_data(FACES, channels=2), DataError, r"channels must be 1 or 3, got 2"),
     (lambda: build_detection_data(FACES, img_size=33), DataError, r"multiple of 32, >= 32; got 33"),
-    pytest.param(lambda: build_detection_data(f"{FACES},train=-1,val=0"), DataError, r"count", marks=xfail(
-        "detection.data.synthetic_splits accepts train=-1 / val=0 and builds empty splits; it should require "
-        "counts >= 1 as engine.data's synthetic specs do")),
+    (lambda: build_detection_data(f"{FACES},train=-1,val=0"), DataError, r"counts must be >= 1, got -1 and"),
     (lambda: SearchSpace(blocks=1), IAE, r"blocks must be >= 2"),
     (lambda: check_channels([8, 4], SearchSpace(blocks=2)), IAE, r"must be non-decreasing"),
 ]  # fmt: skip

@@ -78,7 +78,11 @@ def test_spec_errors():
 
 
 # ------------------------------------------------------------------------------------------ augmentation
-@pytest.mark.parametrize("augment", [S3FDAugment(160), SSDAugment(160)], ids=["s3fd", "ssd"])
+@pytest.mark.parametrize(
+    "augment",
+    [S3FDAugment(160), SSDAugment(160), SSDAugment(160, zoom_out=True)],
+    ids=["s3fd", "ssdlite", "ssd"],
+)
 def test_augmented_boxes_still_bound_their_objects(augment):
     """A white and a gray rectangle on black: after any crop, resize and flip, each kept box encloses
     its colour (its interior, 2 px in), is enclosed by something darker (a ring 2 px out), unless the

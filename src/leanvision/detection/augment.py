@@ -9,9 +9,9 @@ instead of a random one of PIL's five; the crop's padding is the image's mean co
 the QVGA models train on the same pipeline at 320 px (EdgeML's `preprocess_qvga` pads to square and
 shrinks images whose largest face exceeds 48 px).
 
-`SSDAugment` (torchvision's detection references, "ssd" policy): photometric distortion -> zoom out
-(p = 0.5, up to 4x, ImageNet-mean padding) -> SSD's IoU crop -> square resize -> horizontal flip ->
-boxes under 1 px dropped.
+`SSDAugment` (torchvision's detection references' "ssdlite" policy, which trains its SSDLite): SSD's IoU
+crop -> square resize -> horizontal flip -> boxes under 1 px dropped; `zoom_out` adds the "ssd" policy's
+photometric distortion and zoom out (p = 0.5, up to 4x, ImageNet-mean padding) before the crop.
 """
 
 from __future__ import annotations
@@ -69,10 +69,13 @@ class BoxAugment:
 class SSDAugment(BoxAugment):
     """SSD's augmentation (module docstring) for `size` x `size` training images."""
 
-    def __init__(self, size: int, channels: int = 3) -> None:
-        super().__init__(size, channels, v2.RandomPhotometricDistort(p=0.5), min_size=1)
+    def __init__(self, size: int, channels: int = 3, zoom_out: bool = False) -> None:
+        photometric = v2.RandomPhotometricDistort(p=0.5) if zoom_out else v2.Identity()
+        super().__init__(size, channels, photometric, min_size=1)
         fill = {tv_tensors.Image: IMAGENET_MEAN, "others": 0}
-        self.zoom_out = v2.RandomZoomOut(fill=fill, side_range=(1.0, 4.0), p=0.5)
+        self.zoom_out = (
+            v2.RandomZoomOut(fill=fill, side_range=(1.0, 4.0), p=0.5) if zoom_out else v2.Identity()
+        )
 
     def crop(self, sample: dict) -> dict:
         return self.iou_crop(self.zoom_out(sample))
