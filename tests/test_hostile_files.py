@@ -226,6 +226,11 @@ def test_every_function_refuses_bad_weights(root, name, family, load, kind):
     assert "weights_only=False" not in str(caught.value) and not (root / "PWNED").exists()
 
 
+def resume_args(out: Path) -> list[str]:
+    """`leanvision train --resume` of a tiny run in `out`."""
+    return ["train", "--model", "mobilenetv2_035", "--data", LINES, "--out", str(out), "--resume"]
+
+
 @pytest.mark.parametrize("kind", UNREADABLE)
 def test_resume_and_readers_refuse_unreadable_files(root, tmp_path, kind):
     """`train --resume` on a hostile or broken last.pt, and the two readers under every loader; torch's
@@ -233,16 +238,7 @@ def test_resume_and_readers_refuse_unreadable_files(root, tmp_path, kind):
     (tmp_path / "run").mkdir()
     last = tmp_path / "run" / "last.pt"
     shutil.copy(bad_file(root, "", kind), last)
-    args = [
-        "train",
-        "--model",
-        "mobilenetv2_035",
-        "--data",
-        LINES,
-        "--out",
-        str(tmp_path / "run"),
-        "--resume",
-    ]
+    args = resume_args(tmp_path / "run")
     assert_one_line_error(CliRunner().invoke(app, args), last, UNREADABLE[kind])
     for read in (read_state_dict, load_training_checkpoint):
         with warnings.catch_warnings(record=True) as caught_warnings:
@@ -256,16 +252,7 @@ def test_resume_and_readers_refuse_unreadable_files(root, tmp_path, kind):
 def test_resume_of_a_weights_file_says_it_is_not_a_training_checkpoint(root, tmp_path):
     (tmp_path / "run").mkdir()
     shutil.copy(root / "whole.pt", tmp_path / "run" / "last.pt")
-    args = [
-        "train",
-        "--model",
-        "mobilenetv2_035",
-        "--data",
-        LINES,
-        "--out",
-        str(tmp_path / "run"),
-        "--resume",
-    ]
+    args = resume_args(tmp_path / "run")
     result = CliRunner().invoke(app, args)
     assert_one_line_error(
         result, tmp_path / "run" / "last.pt", r"is not a leanvision training checkpoint \(missing \['config'"
