@@ -23,7 +23,7 @@ from leanvision.detection.coco_eval import coco_ap
 from leanvision.detection.data import DetectionSplits, build_detection_data
 from leanvision.detection.task import DetectionTaskBase, run_detector
 from leanvision.engine.train import TrainConfig
-from leanvision.engine.train_state import read_training_config
+from leanvision.engine.train_state import training_config_of
 from leanvision.errors import InvalidArgumentError
 from leanvision.models.rcnn import RCNN_MODELS
 from leanvision.models.registry import create_model, get_model_config
@@ -129,11 +129,7 @@ def evaluate_objects(
 ) -> dict[str, Any]:
     """`leanvision eval --task detection` of an object detector: COCO AP on `data_spec`'s validation split,
     at the image size the checkpoint's run trained at."""
-    saved = read_training_config(checkpoint)
-    if saved is not None and saved["model"] != model_name:
-        raise InvalidArgumentError(
-            f"{checkpoint} is a checkpoint of model {saved['model']!r}, not {model_name!r}"
-        )
+    saved = training_config_of(checkpoint, model_name)
     img_size = saved["img_size"] if saved is not None else None
     data = build_detection_data(data_spec, 3, image_size(model_name, img_size), strict, SSDAugment)
     detector = make_object_detector(model_name, data.num_classes, img_size)

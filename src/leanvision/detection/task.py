@@ -25,7 +25,7 @@ from leanvision.detection.haar import HaarCascade
 from leanvision.detection.inference import detect_images, eval_area
 from leanvision.engine.task import StepMeter, Task
 from leanvision.engine.train import TrainConfig
-from leanvision.engine.train_state import read_training_config
+from leanvision.engine.train_state import training_config_of
 from leanvision.errors import InvalidArgumentError
 from leanvision.models.face import DETECTORS
 from leanvision.models.registry import create_model
@@ -238,11 +238,7 @@ def evaluate_detection(
         from leanvision.detection.object_task import evaluate_objects
 
         return evaluate_objects(model_name, checkpoint, data_spec, batch_size, device, strict)
-    saved = read_training_config(checkpoint)
-    if saved is not None and saved["model"] != model_name:
-        raise InvalidArgumentError(
-            f"{checkpoint} is a checkpoint of model {saved['model']!r}, not {model_name!r}"
-        )
+    training_config_of(checkpoint, model_name)
     model = create_model(model_name, pretrained=str(checkpoint)).to(device).eval()  # EdgeML's files too
     data = build_detection_data(data_spec, model.in_chans, strict=strict)
     check_single_class(data, model_name)

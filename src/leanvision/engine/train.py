@@ -44,11 +44,11 @@ from leanvision.engine.data import DataSplits, build_dataset
 from leanvision.engine.task import StepMeter, Task
 from leanvision.engine.train_state import (
     load_training_checkpoint,
-    read_training_config,
     rng_state,
     save_atomic,
     set_rng_state,
     temporary_path,
+    training_config_of,
     write_text_atomic,
 )
 from leanvision.errors import InvalidArgumentError, OutputError
@@ -699,11 +699,7 @@ def load_model_for_data(
 
     A training checkpoint gives the image size (unless `img_size` is set) and must be of `model_name`.
     """
-    saved = read_training_config(checkpoint)
-    if saved is not None and saved["model"] != model_name:
-        raise InvalidArgumentError(
-            f"{checkpoint} is a checkpoint of model {saved['model']!r}, not {model_name!r}"
-        )
+    saved = training_config_of(checkpoint, model_name)
     if saved is not None and img_size is None:
         img_size = saved["img_size"]
     data = build_dataset(data_spec, img_size, strict)

@@ -111,6 +111,15 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def training_config_of(path: str | Path, model_name: str) -> dict[str, Any] | None:
+    """read_training_config of a file that must hold `model_name`: a trainer checkpoint of another model
+    raises an InvalidArgumentError naming both."""
+    saved = read_training_config(path)
+    if saved is not None and saved["model"] != model_name:
+        raise InvalidArgumentError(f"{path} is a checkpoint of model {saved['model']!r}, not {model_name!r}")
+    return saved
+
+
 def read_training_config(path: str | Path) -> dict[str, Any] | None:
     """The TrainConfig dict of a trainer checkpoint, or None for any other weights file."""
     path = Path(path)
