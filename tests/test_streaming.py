@@ -196,12 +196,6 @@ def test_streamed_detector_equals_eager(name, size):
     assert [d["boxes"].shape[1] for d in streamed(torch.rand(2, *size))] == [4, 4]
 
 
-def test_a_prefix_map_read_after_the_pool_is_refused():
-    """RNNPool-Face-Quant's first head reads the stem map, which streaming never keeps whole."""
-    with pytest.raises(InvalidArgumentError, match="read again after it"):
-        stream(leanvision.create_model("rnnpool_face_quant").eval(), (3, 96, 128))
-
-
 def test_the_blocks_after_the_pool_run_in_its_call():
     """torchvision ResNet's forward holds each stage's input until the stage returns: chained into the
     pool's call, the RNNPool output is freed after the first block of layer3 instead of after layer3."""

@@ -4,6 +4,11 @@ For each group of neighbouring patches of one patch row, the stem layers compute
 those patches read (receptive fields, recomputing the overlap of neighbouring groups), RNN1 and RNN2 pool
 it in place (the cells' inference_sweep), and the pooled values are written into the output map. No map of
 the stem's resolution is ever whole.
+
+A detection head that also reads the stem's output (RNNPool-Face-Quant's first head) runs inside the same
+loop (BandedHead, RNNPool Appendix E.2.3): each patch row's stem rows are computed once at full width, the
+patch groups read theirs from them, and the head computes the rows of its maps those rows allow, keeping
+only the few halo rows its next rows need; its outputs are handed to the HeadOutputs that stands in for it.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv
+from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, _conv_rows, _Rows
 from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ImageNormalize, RNNPoolLayer
 from leanvision.layers.rnn_cells import INDEXED_LANES
+from leanvision.models.face.nets import DetectionHead
 
 IndexedSweep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [C, S], index [T, N]) -> [h, N]
 
@@ -61,11 +67,166 @@ def _checked_group(patches_per_group: int) -> int:
     return patches_per_group
 
 
+def _first_read(conv: nn.Conv2d, row: int) -> int:
+    """The first input row that output row `row` of `conv` reads (negative in the zero padding)."""
+    return Span(row, row + 1).through_conv(conv).start
+
+
+def _rows_from(rows: _Rows | None, first: int) -> _Rows | None:
+    """The rows `rows` holds from row `first` of the map on (a view), or None if none."""
+    if rows is None or first >= rows.start + rows.tensor.shape[2]:
+        return None
+    first = max(first, rows.start)
+    return _Rows(rows.tensor[:, :, first - rows.start :], first, rows.height)
+
+
+def _extended(held: _Rows | None, new: _Rows) -> _Rows:
+    """The rows of `held` above those of `new`, then `new`'s: rows of one map, no gap between them."""
+    if held is None or held.start >= new.start:
+        return new
+    if held.start + held.tensor.shape[2] < new.start:
+        raise AssertionError(f"rows {held.start + held.tensor.shape[2]}..{new.start} were never computed")
+    above = held.tensor[:, :, : new.start - held.start]
+    return _Rows(torch.cat([above, new.tensor], 2), held.start, new.height)
+
+
+def _rows_allowed(conv: nn.Conv2d, rows: _Rows, out_height: int) -> int:
+    """How many of conv's output rows (from the top) the input rows up to the last that `rows` holds
+    allow: all of them once `rows` reaches the input's last row."""
+    stop = rows.start + rows.tensor.shape[2]
+    if stop >= rows.height:
+        return out_height
+    k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
+    return min(max((stop + p - d * (k - 1) - 1) // s + 1, 0), out_height)
+
+
+class _BranchRun:
+    """One forward of a branch of a BandedHead: the input rows each of its convolutions still holds (the
+    first's are the head's), the next output row each computes, and the map its last one writes. With
+    `maxout` > 1 the first `maxout` channels of the last convolution are background logits whose max is
+    written (DetectionHead's max-out background)."""
+
+    def __init__(self, convs: nn.ModuleList, heights: list[int], out: torch.Tensor, maxout: int) -> None:
+        self.convs, self.heights, self.out, self.maxout = convs, heights, out, maxout
+        self.held: list[_Rows | None] = [None] * len(convs)
+        self.done = [0] * len(convs)
+
+    def feed(self, rows: _Rows) -> int:
+        """Compute what the input rows held so far (`rows`: up to the last one fed) allow; returns the
+        first input row still needed."""
+        for level, layer in enumerate(self.convs):
+            if level:
+                rows = _extended(self.held[level], rows)
+            start, stop = self.done[level], _rows_allowed(layer.conv, rows, self.heights[level + 1])
+            if level:
+                self.held[level] = _rows_from(rows, _first_read(layer.conv, max(start, stop)))
+            if stop <= start:
+                break
+            rows, self.done[level] = _conv_rows(layer, rows, Span(start, stop), self.heights[level + 1]), stop
+        else:
+            y, written = rows.tensor, slice(rows.start, rows.start + rows.tensor.shape[2])
+            if self.maxout > 1:
+                self.out[:, :1, written] = y[:, : self.maxout].amax(1, keepdim=True)
+                self.out[:, 1:, written] = y[:, self.maxout :]
+            else:
+                self.out[:, :, written] = y
+        return _first_read(self.convs[0].conv, self.done[0])
+
+
+class _HeadRun:
+    """One forward of a BandedHead on a map `height` x `width`: feed it the map's rows from the top; the
+    outputs are complete once every row has been fed."""
+
+    def __init__(self, head: BandedHead, like: torch.Tensor, height: int, width: int) -> None:
+        self.l2norm, self.height, self.fed = head.l2norm, height, 0
+        self.held: _Rows | None = None  # the L2-normalised rows the branches still read
+        self.branches = []
+        for convs, maxout in zip(head.branches, (1, head.background_maxout)):
+            heights, widths = [height], [width]
+            for layer in convs:
+                heights.append(conv_out(heights[-1], layer.conv, 0))
+                widths.append(conv_out(widths[-1], layer.conv, 1))
+            out = like.new_empty(1, convs[-1].conv.out_channels - maxout + 1, heights[-1], widths[-1])
+            self.branches.append(_BranchRun(convs, heights, out, maxout))
+
+    @property
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """loc [1, 4, h, w] and conf [1, 2, h, w]."""
+        return self.branches[0].out, self.branches[1].out
+
+    def feed(self, rows: _Rows) -> None:
+        """Take rows of the map that start at or above the first row not fed yet."""
+        if rows.start > self.fed:
+            raise AssertionError(f"rows {self.fed}..{rows.start} of the map were skipped")
+        skip = self.fed - rows.start
+        if skip >= rows.tensor.shape[2]:
+            return
+        new = _Rows(self.l2norm(rows.tensor[:, :, skip:]), self.fed, self.height)
+        held = _extended(self.held, new)
+        self.fed = held.start + held.tensor.shape[2]
+        self.held = _rows_from(held, min(branch.feed(held) for branch in self.branches))
+
+
+class BandedHead(nn.Module):
+    """A DetectionHead on the prefix map (L2Norm, then loc and conf branches of convolutions), computed
+    from the map's rows fed top to bottom: the L2Norm of each new row, then each convolution computes the
+    rows of its output that the rows it holds allow and keeps only the halo rows its next ones read; the
+    branches' last rows go into preallocated loc and conf maps. Neither the prefix map nor a branch's
+    intermediate maps are ever whole."""
+
+    def __init__(self, head: DetectionHead) -> None:
+        super().__init__()
+        branches = [_fused([m for m in b.modules() if not list(m.children())]) for b in (head.loc, head.conf)]
+        if not all(isinstance(layer, InPlaceConv) for branch in branches for layer in branch):
+            raise InvalidArgumentError(
+                "a streamed head's branches must be chains of convolutions [-> BatchNorm] [-> activation]"
+            )
+        self.l2norm, self.background_maxout = head.l2norm, head.background_maxout
+        self.branches = nn.ModuleList(nn.ModuleList(branch) for branch in branches)
+
+    def start(self, like: torch.Tensor, height: int, width: int) -> _HeadRun:
+        """A run on a map `height` x `width` (of one image), its outputs allocated like `like`."""
+        return _HeadRun(self, like, height, width)
+
+
+class HeadHandoff:
+    """Where a StreamedRNNPool leaves its head's outputs for the HeadOutputs that stands in for the head."""
+
+    def __init__(self) -> None:
+        self.outputs: tuple[torch.Tensor, ...] | None = None
+
+
+class HeadOutputs(nn.Module):
+    """Stands in for a head on the map before the RNNPoolLayer, which no longer exists (its input is
+    the network's input, passed on by Identity layers): returns the outputs its StreamedRNNPool computed."""
+
+    def __init__(self, handoff: HeadHandoff) -> None:
+        super().__init__()
+        self.handoff = handoff
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs, self.handoff.outputs = self.handoff.outputs, None  # not kept past the network's forward
+        if outputs is None:
+            raise InvalidArgumentError("HeadOutputs has no outputs: its StreamedRNNPool must run first")
+        return outputs
+
+
 class StreamedRNNPool(nn.Module):
     """`prefix` (convolutions and elementwise layers, in order) followed by `pool`, computed patch group by
-    patch group so that only one group's input region of the prefix output is alive at a time."""
+    patch group so that only one group's input region of the prefix output is alive at a time.
 
-    def __init__(self, prefix: Sequence[nn.Module], pool: RNNPoolLayer, patches_per_group: int) -> None:
+    With `head`, a DetectionHead that also reads the prefix output, each patch row's rows of the prefix
+    output are computed once at full width (with the rows below the last patch row the head needs), the
+    groups read theirs from them and the head (BandedHead) computes its rows from them; its outputs are
+    left in `handoff` for the HeadOutputs that replaces the head in the network."""
+
+    def __init__(
+        self,
+        prefix: Sequence[nn.Module],
+        pool: RNNPoolLayer,
+        patches_per_group: int,
+        head: DetectionHead | None = None,
+    ) -> None:
         super().__init__()
         for layer in prefix:
             if not isinstance(layer, (nn.Conv2d, *ELEMENTWISE)):
@@ -77,6 +238,7 @@ class StreamedRNNPool(nn.Module):
         self.patches_per_group = _checked_group(patches_per_group)
         self._index_cache: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._sweeps = pool.pool.rnn1.inference_sweep(), pool.pool.rnn2.inference_sweep()
+        self.head, self.handoff = None if head is None else BandedHead(head), HeadHandoff()
 
     def regroup(self, patches_per_group: int, x: torch.Tensor) -> None:
         """Run `patches_per_group` patches a group from now on, with the index tables of x's groups made
@@ -155,8 +317,18 @@ class StreamedRNNPool(nn.Module):
         return pooled.view(h2, 4, -1).transpose(0, 1).reshape(4 * h2, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 1:
-            return torch.cat([self(image[None]) for image in x])
+        """The pool's output; with a head, the head's outputs are left in `handoff`."""
+        if x.shape[0] == 1:
+            out, head_outputs = self._one(x)
+        else:
+            parts = [self._one(image[None]) for image in x]
+            out = torch.cat([pooled for pooled, _ in parts])
+            head_outputs = None if self.head is None else tuple(map(torch.cat, zip(*(h for _, h in parts))))
+        self.handoff.outputs = head_outputs
+        return out
+
+    def _one(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The pool's output and the head's outputs (None without a head) of one image [1, C, H, W]."""
         pool, (kh, kw), (sh, sw) = self.pool, self.pool.patch_size, self.pool.stride
         sizes = self._sizes(x.shape[2], x.shape[3])
         height, width = sizes[-1]
@@ -166,20 +338,37 @@ class StreamedRNNPool(nn.Module):
         top = left = 0
         if pool.padding == "same":  # the zero padding RNNPoolLayer adds: evenly, extra at the bottom/right
             top, left = max((oh - 1) * sh + kh - height, 0) // 2, max((ow - 1) * sw + kw - width, 0) // 2
-        valid_h, valid_w = oh - extra, ow - extra
+        valid_h, valid_w, depth = oh - extra, ow - extra, len(self.prefix)
+        run = None if self.head is None else self.head.start(x, height, width)
         for i in range(valid_h):
-            rows = Span(i * sh - top, i * sh - top + kh)
+            in_rows, pad_t, pad_b = Span(i * sh - top, i * sh - top + kh).clip(height)
+            if run is not None:  # the patch row's rows at full width, from the first one the head lacks
+                band_rows = Span(min(in_rows.start, run.fed), in_rows.stop)
+                band = _Rows(
+                    self._region(x, depth, band_rows, Span(0, width), sizes), band_rows.start, height
+                )
             for j0 in range(0, valid_w, self.patches_per_group):
                 j1 = min(j0 + self.patches_per_group, valid_w)
-                cols = Span(j0 * sw - left, (j1 - 1) * sw - left + kw)
-                (in_rows, pad_t, pad_b), (in_cols, pad_l, pad_r) = rows.clip(height), cols.clip(width)
-                region = self._region(x, len(self.prefix), in_rows, in_cols, sizes)
+                in_cols, pad_l, pad_r = Span(j0 * sw - left, (j1 - 1) * sw - left + kw).clip(width)
+                if run is None:
+                    region = self._region(x, depth, in_rows, in_cols, sizes)
+                else:
+                    first = in_rows.start - band.start
+                    region = band.tensor[
+                        :, :, first : first + in_rows.stop - in_rows.start, in_cols.start : in_cols.stop
+                    ]
                 out[0, :, i, j0:j1] = self._pool_patches(pad_zeros(region, (pad_l, pad_r, pad_t, pad_b)))
                 del region  # not alive while the next group's region is computed
+            if run is not None:
+                run.feed(band)
+                del band
+        if run is not None and run.fed < height:  # the rows below the last patch row that the head reads
+            rest = Span(run.fed, height)
+            run.feed(_Rows(self._region(x, depth, rest, Span(0, width), sizes), rest.start, height))
         if extra:  # "edgeml": one replicated row at the bottom and column at the right
             out[:, :, :valid_h, valid_w] = out[:, :, :valid_h, valid_w - 1]
             out[:, :, valid_h] = out[:, :, valid_h - 1]
-        return out
+        return out, None if run is None else run.outputs
 
 
 def patches_per_group(pool: StreamedRNNPool, valid_width: int, budget: int) -> int:

@@ -6,7 +6,9 @@ in which
   (StreamedRNNPool): for each group of neighbouring patches of one patch row, the stem layers compute only
   the input region those patches read (receptive fields, recomputing the overlap of neighbouring groups),
   RNN1 and RNN2 pool it, and the pooled values are written into the output map. No map of the stem's
-  resolution is ever whole;
+  resolution is ever whole. A detection head that also reads the stem's output (RNNPool-Face-Quant's first
+  head) runs in the same patch rows, from the same stem rows (BandedHead, RNNPool Appendix E.2.3): neither
+  the stem map nor the head's intermediate maps are ever whole;
 - inverted-residual blocks (torchvision's InvertedResidual, leanvision's LinearBottleneck without SE and
   DepthwiseSeparable) run channel group by channel group (ChunkedBottleneck): expand -> depthwise for a
   group of the expanded channels, then that group's share of the projection is added into the output. The
@@ -39,9 +41,10 @@ from leanvision.deploy.rewrite import (
     module_calls,
     set_module,
 )
-from leanvision.deploy.streamed_rnnpool import StreamedRNNPool, patches_per_group
+from leanvision.deploy.streamed_rnnpool import HeadOutputs, StreamedRNNPool, patches_per_group
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import RNNPoolLayer
+from leanvision.models.face.nets import DetectionHead
 
 if TYPE_CHECKING:
     from leanvision.deploy.patch_based import PatchBasedModel
@@ -60,6 +63,20 @@ def _prefix_layers(calls: list[ModuleCall]) -> list[tuple[str, nn.Module]]:
         elif not list(module.children()) and not isinstance(module, nn.Sequential):  # an empty one: nothing
             layers.append((name, module))
     return layers
+
+
+def _head_on_prefix(calls: list[ModuleCall], first: int) -> ModuleCall | None:
+    """The call of a DetectionHead after the RNNPoolLayer (calls[first]) on a map of the pool's input
+    shape: a detector's head on the stem output, which StreamedRNNPool computes in its patch rows."""
+    pool_call = calls[first]
+    return next(
+        (
+            call
+            for call in calls[first + 1 :]
+            if isinstance(call.module, DetectionHead) and call.input_shape == pool_call.input_shape
+        ),
+        None,
+    )
 
 
 def _chained_after_pool(net: nn.Module, calls: list[ModuleCall], first: int) -> nn.Module | None:
@@ -106,9 +123,11 @@ class StreamedModel(InferenceOnly):
                 "first blocks, pass split_blocks=K"
             )
         pool_call, prefix = calls[first], _prefix_layers(calls[:first])
+        head_call = _head_on_prefix(calls, first)
         if band_bytes is None:  # a quarter of the pool's fp32 output, the first map the network keeps whole
             band_bytes = pool_call.output_bytes // 4
-        streamed_pool = StreamedRNNPool([m for _, m in prefix], pool_call.module, 1)
+        head = None if head_call is None else head_call.module
+        streamed_pool = StreamedRNNPool([m for _, m in prefix], pool_call.module, 1, head)
         prefix_input = next((c.input for c in calls if c.name == prefix[0][0]), None) if prefix else None
         with torch.no_grad():  # the prefix's input may be the image after the model's own normalisation
             replayed = streamed_pool(pool_call.input if prefix_input is None else prefix_input)
@@ -120,14 +139,20 @@ class StreamedModel(InferenceOnly):
         set_module(net, pool_call.name, streamed_pool)
         for name, _ in prefix:
             set_module(net, name, nn.Identity())
-        run, replaced = lean_calls(calls[first + 1 :], [pool_call], band_bytes)
+        done = [pool_call]  # the calls whose work StreamedRNNPool does
+        if head_call is not None:
+            set_module(net, head_call.name, HeadOutputs(streamed_pool.handoff))
+            done.append(head_call)
+        run, replaced = lean_calls([c for c in calls[first + 1 :] if c is not head_call], done, band_bytes)
         run = [pool_call, *run]  # the calls that run (from the pool on)
         # Every executor holds some call's input and its output at once: groups may use the headroom below
         # the largest such pair at no cost (the pool's input is never whole: its output alone counts).
         floor = max(c.input_bytes * (c is not pool_call) + c.output_bytes for c in run if c.output_bytes)
         valid_width = pool_call.module.output_size(*pool_call.input_shape[2:])[1]
         budget = max(band_bytes, floor - pool_call.output_bytes)
-        streamed_pool.regroup(patches_per_group(streamed_pool, valid_width, budget), probe)
+        # with a head, each patch row's stem rows are computed whole anyway: one group per patch row
+        groups = valid_width if head_call else patches_per_group(streamed_pool, valid_width, budget)
+        streamed_pool.regroup(groups, probe)
         make_lean(net, replaced, band_bytes, floor)
         chained = _chained_after_pool(net, calls, first)
         if chained is not None and computes(chained, probe, expected):

@@ -1,0 +1,107 @@
+"""Streaming RNNPool-Face-Quant, whose first head reads the stem map: the stem, the RNNPool and that head
+run patch row by patch row (BandedHead), and the streamed detector equals the eager one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import leanvision
+from conftest import randomize_
+from leanvision.analysis.measured import measure_peak
+from leanvision.deploy.lean_blocks import _Rows
+from leanvision.deploy.rewrite import raw_forward
+from leanvision.deploy.streamed_rnnpool import BandedHead, HeadOutputs
+from leanvision.deploy.streaming import stream
+from leanvision.errors import InvalidArgumentError
+from leanvision.layers import RNNPoolLayer
+from leanvision.models.face.nets import DetectionHead
+
+
+def _close(streamed: torch.Tensor, eager: torch.Tensor) -> None:
+    """max |streamed - eager| <= 1e-5 relative to the largest output."""
+    assert streamed.shape == eager.shape
+    assert (streamed - eager).abs().max() <= 1e-5 * eager.abs().max()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        dict(l2norm=10.0, head_width=8, background_maxout=3),  # Quant's first head: strided ConvBNReLU6 first
+        dict(kernel_size=5, l2norm=8.0),  # Face-C's: one 5x5 conv per branch
+    ],
+)
+@pytest.mark.parametrize("bands", [(1,), (3, 1, 4), (7,)])  # rows fed at a time, cycled; overlapping
+def test_banded_head_equals_the_head(head, bands):
+    head = randomize_(DetectionHead(4, **head))
+    x = torch.randn(1, 4, 23, 19, generator=torch.Generator().manual_seed(len(bands)))
+    with torch.no_grad():
+        run, start, step = BandedHead(head).start(x, 23, 19), 0, 0
+        while start < 23:
+            stop = min(start + bands[step % len(bands)], 23)
+            overlap = max(start - step % 2, 0)  # every other band repeats a row fed before
+            run.feed(_Rows(x[:, :, overlap:stop], overlap, 23))
+            start, step = stop, step + 1
+        for got, expected in zip(run.outputs, head(x)):
+            _close(got, expected)
+    with pytest.raises(AssertionError, match="skipped"):
+        BandedHead(head).start(x, 23, 19).feed(_Rows(x[:, :, 2:], 2, 23))
+
+
+@pytest.mark.parametrize("size", [(3, 480, 640), (3, 243, 317)])  # VGA; rectangular, no stride divides it
+def test_streamed_quant_equals_eager(size):
+    """On the raw head outputs (NMS is discontinuous); the stem map is never made: the stem layers and
+    the first head are Identity / HeadOutputs in the rebuilt network."""
+    model = randomize_(leanvision.create_model("rnnpool_face_quant"))
+    images = torch.rand(1, *size, generator=torch.Generator().manual_seed(2))
+    streamed = stream(model, size)
+    assert isinstance(streamed.net.heads[0], HeadOutputs)
+    stem_layers = [m for m in streamed.net.stem.modules() if not list(m.children())]
+    assert all(isinstance(m, nn.Identity) for m in (streamed.net.normalize, *stem_layers))
+    with torch.no_grad():
+        for got, expected in zip(raw_forward(streamed.net, images), raw_forward(model, images)):
+            _close(got, expected)
+        smaller = [images[0], images[0, :, : size[1] - 9, : size[2] - 13]]  # padded to one batch
+        for got, expected in zip(streamed.net.head_outputs(streamed.net.batch_images(smaller)),
+                                 model.head_outputs(model.batch_images(smaller))):  # fmt: skip
+            _close(got, expected)
+
+
+def test_streamed_quant_never_holds_a_stem_resolution_map():
+    """At 640x480 the stem map is 1.17 MiB and the first head's stride-4 maps 600 KiB each: the streamed
+    stem + RNNPool + first head hold their outputs (the pooled map, 600 KiB, loc and conf, 450 KiB) and
+    one patch row's work (at most its 21 image rows normalised: ImageNormalize's two temporaries, 315
+    KiB). The whole forward's peak comes later, with the detector's outputs (loc, conf and priors of
+    25,600 priors: 1000 KiB) and NMS: beyond 1.3x the layer convention's 900 KiB, which counts neither
+    (see README, Streaming inference)."""
+    model = randomize_(leanvision.create_model("rnnpool_face_quant"))
+    x = torch.rand(1, 3, 480, 640, generator=torch.Generator().manual_seed(0))
+    streamed = stream(model, (3, 480, 640))
+    pooled_and_head = (32 * 60 * 80 + 6 * 120 * 160) * 4
+    with torch.no_grad():
+        pool = measure_peak(streamed.net.rnnpool, x)
+        whole, eager = measure_peak(streamed, x), measure_peak(model, x)
+    assert pool.peak_bytes <= 1.4 * pooled_and_head
+    assert max(t.nbytes for t in pool.live_at_peak) == 32 * 60 * 80 * 4  # nothing larger than the output
+    assert whole.peak_bytes < eager.peak_bytes / 3
+
+
+class _StemReadAfterPool(nn.Module):
+    """A conv, an RNNPoolLayer on its map, and a second conv reading that map again after the pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = RNNPoolLayer(8, 4, 4, patch_size=4, stride=2)
+        self.side = nn.Conv2d(8, 2, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stem = self.conv(x)
+        pooled = self.pool(stem)
+        return pooled.mean((1, 2, 3)) + self.side(stem).mean((1, 2, 3))
+
+
+def test_a_prefix_map_read_after_the_pool_by_other_than_a_detection_head_is_refused():
+    with pytest.raises(InvalidArgumentError, match="read again after it"):
+        stream(randomize_(_StemReadAfterPool()).eval(), (3, 16, 16))
