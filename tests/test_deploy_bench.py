@@ -12,6 +12,8 @@ import leanvision
 from conftest import randomize_
 from leanvision.bench import BenchResult, benchmark, calibrate_batchnorm
 from leanvision.deploy.fold import PointwiseConv, fold_batchnorm_, fuse_for_inference
+from leanvision.layers.conv import stack_convs
+from leanvision.models.face import DetectionHead
 
 
 def n_batchnorms(model: nn.Module) -> int:
@@ -168,3 +170,48 @@ def test_calibrate_batchnorm_sets_batch_statistics_and_restores_momentum():
         conv_out = model[0](x)
     torch.testing.assert_close(model[1].running_mean, conv_out.mean((0, 2, 3)))
     assert calibrated is model and not model.training and model[1].momentum == 0.1
+
+
+def test_stack_convs_compute_the_convs_side_by_side():
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 5, 9, 11), torch.randn(2, 4, 9, 11)
+    shared = [nn.Conv2d(5, 3, 3, 2, 1), nn.Conv2d(5, 4, 3, 2, 1)]
+    same_shape = [nn.Conv2d(5, 3, 3, padding=1), nn.Conv2d(5, 3, 3, padding=1)]
+    mixed = [nn.Conv2d(5, 3, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)]
+    with torch.no_grad():
+        stacked = stack_convs(shared)
+        torch.testing.assert_close(stacked(x), torch.cat([c(x) for c in shared], 1))
+        grouped = stack_convs(same_shape, split_input=True)
+        assert grouped.groups == 2
+        xx = torch.cat([x, x.flip(1)], 1)
+        expected = torch.cat([same_shape[0](x), same_shape[1](x.flip(1))], 1)
+        torch.testing.assert_close(grouped(xx), expected)
+        diagonal = stack_convs(mixed, split_input=True)
+        assert diagonal.groups == 1 and diagonal.in_channels == 9
+        torch.testing.assert_close(diagonal(torch.cat([x, y], 1)), torch.cat([mixed[0](x), mixed[1](y)], 1))
+    assert stack_convs([nn.Conv2d(5, 3, 3), nn.Conv2d(5, 3, 1)]) is None  # another kernel
+    assert stack_convs([nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, groups=2)]) is None
+    assert stack_convs([nn.Conv2d(5, 3, 3, bias=False), nn.Conv2d(5, 3, 3)]) is None
+    assert stack_convs([nn.Conv2d(5, 3, 3), nn.Conv2d(4, 3, 3)]) is None  # a shared input needs one width
+
+
+FACE_DETECTORS = [
+    "rnnpool_face_a", "rnnpool_face_b", "rnnpool_face_c", "rnnpool_face_quant", "rnnpool_face_qvga_mono",
+    "rnnpool_face_m4",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FACE_DETECTORS)
+def test_face_detector_deploy_form_merges_its_heads(name):
+    """fuse_for_inference runs each head's loc and conf branches as one convolution (DetectionHead.
+    fuse_for_inference_): the same raw outputs as the eager model."""
+    model = randomize_(leanvision.create_model(name))
+    calibrate_batchnorm(model, (model.in_chans, 96, 128))
+    fused = fuse_for_inference(model)
+    heads = [m for m in fused.modules() if isinstance(m, DetectionHead)]
+    assert heads and all(h.merged is not None and not hasattr(h, "loc") for h in heads)
+    image = torch.rand(model.in_chans, 96, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x = model.batch_images([image])
+        for ours, eager in zip(fused.head_outputs(x), model.head_outputs(x)):
+            torch.testing.assert_close(ours, eager, rtol=0, atol=1e-4 * float(eager.abs().max()))

@@ -41,6 +41,14 @@ def test_prior_counts_and_values():
             torch.testing.assert_close(ours, torch.load(path, weights_only=True)["priors"], rtol=0, atol=1e-6)
 
 
+def test_priors_are_made_once_and_handed_out_as_copies():
+    first = prior_boxes(QVGA_MAPS_320x240, (240, 320), **QVGA)
+    first.zero_()
+    again = prior_boxes(QVGA_MAPS_320x240, (240, 320), **QVGA)
+    assert again.abs().sum() > 0 and again is not first
+    torch.testing.assert_close(again[1200], torch.tensor([4 / 320, 4 / 240, 16 / 320, 16 / 240]))
+
+
 def test_encode_decode():
     g = torch.Generator().manual_seed(0)
     priors = torch.cat([torch.rand(50, 2, generator=g), torch.rand(50, 2, generator=g) * 0.5 + 0.01], 1)

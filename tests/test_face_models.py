@@ -84,7 +84,8 @@ def golden_detections(reference, height: int, width: int) -> tuple[torch.Tensor,
 def test_golden_detections_as_sets(golden):
     """Our eval-mode detections are EdgeML's as a set. With random weights many boxes score within 1e-6 of
     each other; among such near-ties the greedy NMS keeps whichever comes first, which float noise decides
-    and which then cascades. So: the same count, and every EdgeML box we lack is one of a near-tie."""
+    and which then cascades. So: the same count, and every EdgeML box we lack is one of a near-tie (with
+    another box EdgeML kept, or with one we kept in its place)."""
     name, reference, model, _, detections = golden
     height, width = reference["input"].shape[2:]
     boxes, scores = golden_detections(reference, height, width)
@@ -97,6 +98,7 @@ def test_golden_detections_as_sets(golden):
     same = (box_iou(boxes, ours["boxes"]) > 0.999) & ((scores[:, None] - ours["scores"][None]).abs() < 1e-4)
     missing = ~same.any(1)
     near_ties = ((scores[:, None] - scores[None]).abs() < 1e-5).sum(1) > 1
+    near_ties |= ((scores[:, None] - ours["scores"][None]).abs() < 1e-5).any(1)
     assert bool(near_ties[missing].all())
     assert int(missing.sum()) <= {"rnnpool_face_quant": 15, "rnnpool_face_qvga_mono": 0}[name]  # 9 and 0
     torch.testing.assert_close(ours["scores"][:20], scores[:20], rtol=0, atol=1e-4)

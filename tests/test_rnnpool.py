@@ -307,11 +307,29 @@ def test_bands_of_output_rows_equal_one_pass(monkeypatch):
 
     layer = randomize(RNNPoolLayer(3, 4, 5, (4, 3), (2, 3)), seed=9)
     x = torch.randn(2, 3, 17, 14)
+    whole = layer(x).detach()  # with gradients: the gathered sweeps, in tiles
+    for tile in ("TILE_PATCHES", "FUSED_TILE_PATCHES"):  # 2 images x 4 columns: bands of one row
+        monkeypatch.setattr(rnnpool, tile, 5)
+    torch.testing.assert_close(layer(x).detach(), whole)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "patch, stride, size", [((8, 8), (4, 4), (37, 29)), ((4, 3), (2, 3), (17, 14)), ((3, 5), (4, 2), (9, 20))]
+)
+def test_inference_sweeps_in_place_equal_the_gathered_ones(patch, stride, size, channels_last):
+    """Without gradients FastGRNN's sweeps read their steps in place over the whole map (rnnpool_indices);
+    with them, from gathered copies of the segments: the same numbers."""
+    pytest.importorskip("numba")
+    layer = randomize(RNNPoolLayer(3, 4, 5, patch, stride), seed=3)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(4))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gathered = layer(x).detach()
     with torch.no_grad():
-        whole = layer(x)
-        for tile in ("TILE_PATCHES", "FUSED_TILE_PATCHES"):  # 2 images x 4 columns: bands of one row
-            monkeypatch.setattr(rnnpool, tile, 5)
-        torch.testing.assert_close(layer(x), whole)
+        in_place = layer(x)
+    torch.testing.assert_close(in_place, gathered, rtol=1e-6, atol=1e-6)
+    assert in_place.is_contiguous()
 
 
 def renet_literal(layer, x: torch.Tensor) -> torch.Tensor:

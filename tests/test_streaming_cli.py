@@ -13,7 +13,7 @@ runner = CliRunner()
 
 def test_memory_measured_and_streamed_json():
     """At 112 px the VWW network's streamed forward fits 1.3x the layer convention (at 96 the RNN sweeps of
-    one patch are a larger share of the small maps: ~1.45x) while the eager forward holds ~50x more."""
+    one patch are a larger share of the small maps: ~1.45x) while the eager forward holds ~9x more."""
     result = runner.invoke(
         app,
         ["memory", "mobilenetv2_035_vww_rnnpool", "--input-size", "112", "--convention", "all", "--measured",
@@ -30,7 +30,7 @@ def test_memory_measured_and_streamed_json():
     eager, streamed = layer["measured_peak_bytes"], layer["streamed_peak_bytes"]
     assert layer["input_size"] == [3, 112, 112]
     assert layer["peak_bytes"] <= streamed <= 1.3 * layer["peak_bytes"]
-    assert streamed < eager / 10
+    assert streamed < eager / 5
     assert layer["streamed_peak_op"] and layer["measured_peak_op"]
     held = layer["streamed_live_at_peak"]
     assert held and held[0]["bytes"] <= streamed and all(t["bytes"] > 0 and t["shape"] for t in held)

@@ -9,7 +9,9 @@ InvertedResidual tail) and true by construction for ConvNormAct, SqueezeExcite (
 ClassifierHead hidden layer here, as for timm's and torchvision's modules. Exact types keep subclasses
 whose forward differs (weight-standardised convs, BN with a built-in activation) out of the rule.
 
-Then every plain 1x1 convolution becomes a PointwiseConv: a GEMM over the pixels when the map is small.
+Then modules that define `fuse_for_inference_()` rewrite themselves (a face detector's head runs its loc
+and conf branches as one convolution), and every plain 1x1 convolution becomes a PointwiseConv: a GEMM
+over the pixels when the map is small.
 
 channels_last stores 4-D weights NHWC, so oneDNN runs the convolutions (depthwise ones especially) on NHWC
 activations directly instead of reordering them around every call. TorchScript freezing and prepacked
@@ -114,11 +116,15 @@ def fuse_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Modul
 
     With `channels_last=True` the 4-D weights are stored NHWC, so convolutions produce channels_last
     outputs whatever the input layout (feeding channels_last inputs saves one conversion). Plain 1x1
-    convolutions become PointwiseConv. Outputs equal the eval-mode original's to float rounding.
+    convolutions become PointwiseConv; modules with a `fuse_for_inference_` method rewrite themselves.
+    Outputs equal the eval-mode original's to float rounding.
     """
     check_built_model(model, "fuse_for_inference")
     fused = copy.deepcopy(model).eval()
     fold_batchnorm_(fused)
+    for module in list(fused.modules()):
+        if hasattr(module, "fuse_for_inference_"):
+            module.fuse_for_inference_()
     use_pointwise_convs_(fused)
     if channels_last:
         fused = fused.to(memory_format=torch.channels_last)

@@ -11,28 +11,10 @@ from torch import nn
 
 from leanvision.deploy.fold import fold_batchnorm_
 from leanvision.deploy.onednn import PackedWeights, conv_add_relu
+from leanvision.layers.conv import stack_convs
 from leanvision.models.rrrnet import RRRNet, average_log_probs
 
 STEM_CHUNK_BYTES = 16 * 2**20  # largest stem map per call, well under glibc's mmap threshold
-
-
-def _concat_convs(convs: list[nn.Conv2d], shared_input: bool) -> nn.Conv2d:
-    """One convolution computing every branch's (BN-folded) conv: wide when all read the same input,
-    grouped (one group per branch) when each reads its own channels."""
-    first, n = convs[0], len(convs)
-    groups = 1 if shared_input else n
-    fused = nn.Conv2d(
-        first.in_channels * groups,
-        first.out_channels * n,
-        first.kernel_size,
-        first.stride,
-        first.padding,
-        groups=groups,
-        bias=True,
-    )
-    fused.weight.data.copy_(torch.cat([c.weight for c in convs]))
-    fused.bias.data.copy_(torch.cat([c.bias for c in convs]))
-    return fused
 
 
 class FusedConv(nn.Module):
@@ -121,12 +103,12 @@ def _fuse_blocks(blocks: list[nn.Module], shared_input: bool) -> FusedBlock:
     names = [name for name in ("conv1", "conv2", "conv3") if hasattr(blocks[0], name)]
     # conv1 reads the block input; conv2, conv3 the branch's own map
     convs = [
-        _concat_convs([getattr(b, name) for b in blocks], shared_input and i == 0)
+        stack_convs([getattr(b, name) for b in blocks], split_input=not (shared_input and i == 0))
         for i, name in enumerate(names)
     ]
     downsample = None
     if blocks[0].downsample is not None:
-        downsample = _concat_convs([b.downsample[0] for b in blocks], shared_input)
+        downsample = stack_convs([b.downsample[0] for b in blocks], split_input=not shared_input)
     return FusedBlock(convs, downsample)
 
 

@@ -58,6 +58,11 @@ def _split_like(final: torch.Tensor, sequences: Sequence[torch.Tensor]) -> list[
     return [f.view(*seq.shape[1:-1], -1) for f, seq in zip(finals, sequences)]
 
 
+# Sequences per block of sweep_forward_indexed: narrower than the training kernel's, as its scratch
+# (threads x (C + 4h) x lanes floats) counts against the RAM of streaming inference.
+INDEXED_LANES = 32
+
+
 class RecurrentCell(nn.Module):
     """Base of the cells: `project` + `step`, zero initial state."""
 
@@ -93,10 +98,11 @@ class RecurrentCell(nn.Module):
             state = self.step(px, state)
         return _split_like(self.output(state), sequences)
 
-    def sweep_indexed(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def sweep_indexed(self, x: torch.Tensor, index: torch.Tensor, lanes: int = INDEXED_LANES) -> torch.Tensor:
         """Final hidden vectors [hidden_size, N] of N sequences read in place from x [input_size, S]:
         step t of sequence n is column index[t, n] of x; all start from zeros. For inference: unlike
-        `sweep`, only one step's inputs and the state are alive at a time."""
+        `sweep`, only one step's inputs and the state are alive at a time. `lanes`: the sequences a
+        fused kernel advances together (where one runs); its scratch grows with them."""
         state = self.initial_state((index.shape[1],), x)
         for columns in index:
             state = self.step(self.project(x[:, columns].t()), state)
@@ -215,7 +221,7 @@ class FastGRNNCell(RecurrentCell):
     def fused_sweep(self, x: torch.Tensor) -> bool:
         return self._sigmoid_pair and not torch.compiler.is_compiling() and _kernel_applies(self.bias_gate, x)
 
-    def sweep_indexed(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def sweep_indexed(self, x: torch.Tensor, index: torch.Tensor, lanes: int = INDEXED_LANES) -> torch.Tensor:
         """As RecurrentCell.sweep_indexed; with the numba kernel where it applies (and no gradient is
         needed)."""
         w, u = self.weight_w(), self.weight_u()
@@ -225,7 +231,7 @@ class FastGRNNCell(RecurrentCell):
         ):
             return super().sweep_indexed(x, index)
         inputs = _kernel_inputs(w, u, self.bias_gate, self.bias_update, *map(torch.sigmoid, params[-2:]))
-        return self._indexed_kernel(x, index, inputs)
+        return self._indexed_kernel(x, index, inputs, lanes)
 
     def inference_sweep(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         if not self._sigmoid_pair or _numba_kernels() is None:
@@ -242,17 +248,14 @@ class FastGRNNCell(RecurrentCell):
         return sweep
 
     def _indexed_kernel(
-        self, x: torch.Tensor, index: torch.Tensor, inputs: tuple[np.ndarray, ...]
+        self, x: torch.Tensor, index: torch.Tensor, inputs: tuple[np.ndarray, ...], lanes: int = INDEXED_LANES
     ) -> torch.Tensor:
         """The numba sweep_indexed, with the per-thread scratch allocated here as torch tensors (so that
         memory meters see it)."""
         kernels = _numba_kernels()
         final = x.new_empty(self.hidden_size, index.shape[1])
         with kernels.parallel(torch.get_num_threads()) as tasks:
-            lanes, hidden = (
-                min(INDEXED_LANES, index.shape[1]),
-                self.hidden_size,
-            )  # few sequences: less scratch
+            lanes, hidden = min(lanes, index.shape[1]), self.hidden_size  # few sequences: less scratch
             threads = min(tasks // kernels.TASKS_PER_THREAD, -(-index.shape[1] // lanes))
             scratch = (
                 x.new_empty(threads, len(x) + hidden, lanes),  # a step's inputs above its state
@@ -374,11 +377,6 @@ class _FastGRNNSweep(torch.autograd.Function):
         grad_bias = (grad_out.unsqueeze(1) * local).sum((0, 3)).unsqueeze(-1)
         grad_inputs = _scatter(grad_xh[:-1, :channels], ctx.shapes)
         return grad_weight, grad_bias, grad_zeta.view_as(zeta), grad_nu.view_as(nu), *grad_inputs
-
-
-# Sequences per block of sweep_forward_indexed: narrower than the training kernel's, as its scratch
-# (threads x (C + 4h) x lanes floats) counts against the RAM of streaming inference.
-INDEXED_LANES = 32
 
 
 @functools.cache

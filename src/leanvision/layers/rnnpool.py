@@ -15,6 +15,7 @@ The fast path follows the speed notes of the reference analysis (shared/notes/rn
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -32,6 +33,9 @@ PADDINGS = ("edgeml", "valid", "same")
 # sweeps 2.8x slower.
 TILE_PATCHES = 2048
 FUSED_TILE_PATCHES = 8192
+# Sequences per block of the in-place inference sweeps over a whole map: its scratch is small beside the
+# map, and 128 runs RNNPool-Face-Quant's layer 15% faster than streaming's 32.
+MAP_LANES = 128
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -71,6 +75,8 @@ def rnnpool_map(
         return _rnnpool_tile(rnn1, rnn2, x, patch_size, stride)
     if batch == 0:  # an empty batch, as torch's layers take it
         return x.new_zeros(0, max(oh, 0), max(ow, 0), 4 * rnn2.hidden_size)
+    if not torch.is_grad_enabled() and rnn1.fused_sweep(x) and rnn2.fused_sweep(x):
+        return _rnnpool_in_place(rnn1, rnn2, x, patch_size, stride)
     tile = FUSED_TILE_PATCHES if rnn1.fused_sweep(x) else TILE_PATCHES
     if batch > 1 and batch * oh * ow > tile:
         images = max(1, tile // (oh * ow))
@@ -101,6 +107,64 @@ def _rnnpool_tile(
     rows = rows.unfold(1, kh, sh).movedim(-1, 0)  # [kh, B, oh, ow, h1]: the row summaries of each patch
     cols = cols.unfold(2, kw, sw).movedim(-1, 0)  # [kw, B, oh, ow, h1]
     return torch.cat(_sweep_together(rnn2, [rows, rows.flip(0), cols, cols.flip(0)]), dim=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def rnnpool_indices(
+    batch: int, height: int, width: int, patch_size: tuple[int, int], stride: tuple[int, int]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Where rnnpool_map's sweeps read their steps (RecurrentCell.sweep_indexed) for x [B, C, H, W] seen
+    as the columns of [C, B H W]: RNN1's row segments ([kw, B H ow]: step t of segment (b, y, j) is pixel
+    (b, y, j sw + t)) then column segments ([kh, B oh W]); RNN2's row summaries of every patch forwards
+    and backwards ([kh, B oh ow] each, columns of RNN1's output) then its column summaries ([kw, ...]).
+    Sequences of one length are concatenated, so each list holds one index per length. int32, cached:
+    the tables are as large as the map."""
+    (kh, kw), (sh, sw) = patch_size, stride
+    oh, ow = (height - kh) // sh + 1, (width - kw) // sw + 1
+    b, i, j = (
+        torch.arange(batch).view(-1, 1, 1),
+        torch.arange(oh).view(1, -1, 1),
+        torch.arange(ow).view(1, 1, -1),
+    )
+    t_row, t_col = torch.arange(kw).view(-1, 1), torch.arange(kh).view(-1, 1)
+    row_starts = (b * height + torch.arange(height).view(1, -1, 1)) * width + j * sw
+    col_starts = (b * height + i * sh) * width + torch.arange(width).view(1, 1, -1)
+    rnn1 = [t_row + row_starts.view(1, -1), t_col * width + col_starts.view(1, -1)]
+    rows = t_col * ow + ((b * height + i * sh) * ow + j).view(1, -1)  # RNN1's row outputs come first
+    cols = batch * height * ow + t_row + ((b * oh + i) * width + j * sw).view(1, -1)
+    rnn2 = [rows, rows.flip(0), cols, cols.flip(0)]
+
+    def by_length(indices: list[torch.Tensor]) -> list[torch.Tensor]:
+        if all(len(index) == len(indices[0]) for index in indices):
+            return [torch.cat(indices, 1).int()]
+        return [index.int() for index in indices]
+
+    return by_length(rnn1), by_length(rnn2[:2]) + by_length(rnn2[2:])
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _rnnpool_in_place(
+    rnn1: RecurrentCell,
+    rnn2: RecurrentCell,
+    x: torch.Tensor,
+    patch_size: tuple[int, int],
+    stride: tuple[int, int],
+) -> torch.Tensor:
+    """rnnpool_map for inference: the sweeps read their steps in place (no gathered copies of segments),
+    over the whole map at once. Returns [B, oh, ow, 4 h2] as a view of a contiguous [B, 4 h2, oh, ow]."""
+    batch, channels, height, width = x.shape
+    (kh, kw), (sh, sw) = patch_size, stride
+    oh, ow = (height - kh) // sh + 1, (width - kw) // sw + 1
+    rnn1_indices, rnn2_indices = rnnpool_indices(batch, height, width, patch_size, stride)
+    pixels = x.transpose(0, 1).reshape(channels, -1)  # a view for one NCHW image
+    summaries = _joined([rnn1.sweep_indexed(pixels, index, MAP_LANES) for index in rnn1_indices])
+    pooled = _joined([rnn2.sweep_indexed(summaries, index, MAP_LANES) for index in rnn2_indices])
+    h2 = rnn2.hidden_size  # pooled [h2, 4 B oh ow]: rows forwards, backwards, columns forwards, backwards
+    out = pooled.view(h2, 4, batch, oh, ow).permute(2, 1, 0, 3, 4).reshape(batch, 4 * h2, oh, ow)
+    return out.permute(0, 2, 3, 1)
 
 
 class RNNPool(nn.Module):

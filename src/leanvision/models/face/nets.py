@@ -27,6 +27,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ImageNormalize, RNNPoolLayer
+from leanvision.layers.conv import stack_convs
 from leanvision.models.base import init_like_torchvision, model_name
 from leanvision.models.face.checkpoint import load_face_checkpoint
 from leanvision.models.face.loss import multibox_loss, target_boxes
@@ -100,6 +101,7 @@ class DetectionHead(nn.Module):
         self.l2norm = L2Norm(in_channels, l2norm) if l2norm else nn.Identity()
         self.loc = self._branch(in_channels, 4, kernel_size, head_width)
         self.conf = self._branch(in_channels, background_maxout + 1, kernel_size, head_width)
+        self.merged: nn.Module | None = None  # the two branches as one (fuse_for_inference_)
 
     @staticmethod
     def _branch(in_channels: int, out_channels: int, kernel_size: int, width: int | None) -> nn.Module:
@@ -110,9 +112,28 @@ class DetectionHead(nn.Module):
             nn.Conv2d(width, out_channels, kernel_size, padding=kernel_size // 2),
         )
 
+    def fuse_for_inference_(self) -> None:
+        """Run the loc and conf branches, which read the same input, as one convolution (one per layer of
+        a head_width branch): fewer, larger calls. Inference only, after BN folding (called by
+        leanvision.deploy.fuse_for_inference); a branch with unfolded BN stays as it is."""
+        if isinstance(self.loc, nn.Conv2d):
+            merged = stack_convs([self.loc, self.conf])
+        elif all(isinstance(b[0][1], nn.Identity) for b in (self.loc, self.conf)):  # BN folded
+            first = stack_convs([self.loc[0][0], self.conf[0][0]])
+            second = stack_convs([self.loc[1], self.conf[1]], split_input=True)
+            merged = nn.Sequential(first, nn.ReLU6(), second) if first and second else None
+        else:
+            merged = None
+        if merged is not None:
+            del self.loc, self.conf
+            self.merged = merged
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.l2norm(x)
-        loc, conf = self.loc(x), self.conf(x)
+        if self.merged is None:
+            loc, conf = self.loc(x), self.conf(x)
+        else:
+            loc, conf = self.merged(x).split((4, self.background_maxout + 1), 1)
         if self.background_maxout > 1:
             m = self.background_maxout
             conf = torch.cat([conf[:, :m].amax(1, keepdim=True), conf[:, m:]], 1)

@@ -6,6 +6,7 @@ row-major order and maps in the order of the heads' outputs. Boxes elsewhere are
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -25,8 +26,27 @@ def prior_boxes(
 
     Location (i, j) of a map with stride `step` is centred at ((j + 0.5) step / W, (i + 0.5) step / H);
     its anchor is `anchor_size` pixels square. The map sizes are those the heads produced (not a fixed
-    table), so any input size works; priors are not clipped to the image (EdgeML's CLIP=False).
+    table), so any input size works; priors are not clipped to the image (EdgeML's CLIP=False). Made once
+    per sizes and device (a detector asks for the same ones at every call); each call gets its own copy.
     """
+    if torch.compiler.is_compiling():  # traced into the graph, not cached
+        return _prior_boxes(feature_sizes, image_size, steps, anchor_sizes, device)
+    key = tuple(map(tuple, feature_sizes)), tuple(image_size), tuple(steps), tuple(anchor_sizes)
+    return _cached_prior_boxes(*key, torch.device(device or "cpu")).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_prior_boxes(*args) -> torch.Tensor:
+    return _prior_boxes(*args)
+
+
+def _prior_boxes(
+    feature_sizes: Sequence[tuple[int, int]],
+    image_size: tuple[int, int],
+    steps: Sequence[int],
+    anchor_sizes: Sequence[int],
+    device: torch.device | None,
+) -> torch.Tensor:
     height, width = image_size
     parts = []
     for (rows, cols), step, size in zip(feature_sizes, steps, anchor_sizes, strict=True):
