@@ -14,7 +14,7 @@ each computes its block's output while holding the block's input, its output and
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,7 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
-from leanvision.deploy.regions import Span, conv_out
+from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import LinearBottleneck
 
@@ -149,10 +149,11 @@ class ChunkedBottleneck(nn.Module):
         x = x.contiguous()
         scales = None
         if self.se is not None:  # first pass: the channel means the squeeze-excite needs
-            means = torch.cat(
-                [self._depthwise(chunk, x).mean((2, 3), keepdim=True) for chunk in self.chunks], 1
-            )
+            means = x.new_empty(1, self.chunks[-1].stop, 1, 1)
+            for chunk in self.chunks:
+                means[:, chunk.start : chunk.stop] = self._depthwise(chunk, x).mean((2, 3), keepdim=True)
             scales = self.se(means)
+            del means
         out = None
         for chunk in self.chunks:
             d = self._depthwise(chunk, x)
@@ -189,13 +190,72 @@ class _Rows:
     height: int
 
 
+def _pool_params(pool: nn.MaxPool2d) -> tuple[int, int, int, int]:
+    """(kernel, stride, padding, dilation) of a max pool along the rows."""
+    return tuple(_pair(v)[0] for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
+
+
+def _reads(layer: InPlaceConv | nn.MaxPool2d, out: Span) -> Span:
+    """The input rows `layer` reads to produce the output rows `out`."""
+    if isinstance(layer, nn.MaxPool2d):
+        return out.through(*_pool_params(layer))
+    return out.through_conv(layer.conv)
+
+
+def _out_height(layer: InPlaceConv | nn.MaxPool2d, height: int) -> int:
+    """Output height of `layer` for an input `height` rows high (a max pool's ceil_mode included)."""
+    if isinstance(layer, InPlaceConv):
+        return conv_out(height, layer.conv, 0)
+    kernel, stride, padding, dilation = _pool_params(layer)
+    span = height + 2 * padding - dilation * (kernel - 1) - 1
+    out = (span + (stride - 1) * layer.ceil_mode) // stride + 1
+    return out - 1 if layer.ceil_mode and (out - 1) * stride >= height + padding else out
+
+
 def _conv_rows(layer: InPlaceConv, rows: _Rows, out: Span, out_height: int) -> _Rows:
     """Rows `out` (inside [0, out_height)) of layer(map), from the rows of the map that `rows` holds."""
     inside, top, bottom = out.through_conv(layer.conv).clip(rows.height)
+    x = pad_zeros(_held(rows, inside), (0, 0, top, bottom))
+    return _Rows(layer(x, padding=(0, layer.conv.padding[1])), out.start, out_height)
+
+
+def _pool_rows(pool: nn.MaxPool2d, rows: _Rows, out: Span, out_height: int) -> _Rows:
+    """Rows `out` of pool(map) from the rows of the map that `rows` holds. The rows it reads beyond the
+    map's edges are padded with -inf (copying the rows, at the edges only), the columns by the pool."""
+    inside, top, bottom = _reads(pool, out).clip(rows.height)
+    x = _held(rows, inside)
+    if top or bottom:
+        x = F.pad(x, (0, 0, top, bottom), value=float("-inf"))
+    padding = (0, _pair(pool.padding)[1])
+    y = F.max_pool2d(x, pool.kernel_size, pool.stride, padding, pool.dilation, pool.ceil_mode)
+    return _Rows(y, out.start, out_height)
+
+
+def pool_runs_in_rows(pool: nn.Module) -> bool:
+    """Whether _pool_rows computes `pool`: a max pool without indices."""
+    return isinstance(pool, nn.MaxPool2d) and not pool.return_indices
+
+
+def _held(rows: _Rows, inside: Span) -> torch.Tensor:
+    """Rows `inside` of the map, which `rows` must hold."""
     if inside.start < rows.start or inside.stop > rows.start + rows.tensor.shape[2]:
         raise AssertionError(f"rows {inside} of the input are needed, {rows.start}.. are held")
-    x = F.pad(rows.tensor[:, :, inside.start - rows.start : inside.stop - rows.start], (0, 0, top, bottom))
-    return _Rows(layer(x, padding=(0, layer.conv.padding[1])), out.start, out_height)
+    return rows.tensor[:, :, inside.start - rows.start : inside.stop - rows.start]
+
+
+def chain_rows(layers: Sequence[nn.Module], rows: _Rows, out: Span) -> torch.Tensor:
+    """Rows `out` of the output of `layers` (convolutions and max pools, in order) from the rows of their
+    input map that `rows` holds: each layer computes the rows the next one reads (its halo included)."""
+    heights = [rows.height]
+    for layer in layers:
+        heights.append(_out_height(layer, heights[-1]))
+    spans = [out]
+    for layer, height in zip(layers[:0:-1], heights[-2:0:-1]):
+        spans.append(_reads(layer, spans[-1]).clip(height)[0])
+    for layer, span, height in zip(layers, reversed(spans), heights[1:]):
+        run = _pool_rows if isinstance(layer, nn.MaxPool2d) else _conv_rows
+        rows = run(layer, rows, span, height)
+    return rows.tensor
 
 
 class BandedBasicBlock(nn.Module):
@@ -207,30 +267,81 @@ class BandedBasicBlock(nn.Module):
         super().__init__()
         if rows_per_band < 1:
             raise InvalidArgumentError(f"rows_per_band must be >= 1, got {rows_per_band}")
-        self.conv1 = InPlaceConv(ConvStep(block.conv1, block.bn1, nn.ReLU()))
-        self.conv2 = InPlaceConv(ConvStep(block.conv2, block.bn2, nn.Identity()))
+        self.convs = nn.ModuleList(
+            [
+                InPlaceConv(ConvStep(block.conv1, block.bn1, nn.ReLU())),
+                InPlaceConv(ConvStep(block.conv2, block.bn2, nn.Identity())),
+            ]
+        )
         down = block.downsample
         self.downsample = None if down is None else InPlaceConv(ConvStep(down[0], down[1], nn.Identity()))
         self.rows_per_band = rows_per_band
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height = x.shape[2]
-        mid = conv_out(height, self.conv1.conv, 0)
-        out = None
-        for r0 in range(0, mid, self.rows_per_band):
-            band = Span(r0, min(r0 + self.rows_per_band, mid))
-            held = _Rows(x, 0, height)
-            halo, _, _ = band.through_conv(self.conv2.conv).clip(mid)
-            h = _conv_rows(self.conv1, held, halo, mid)
-            y = _conv_rows(self.conv2, h, band, mid).tensor
+        held, out = _Rows(x, 0, x.shape[2]), None
+        out_height = conv_out(x.shape[2], self.convs[0].conv, 0)
+        for r0 in range(0, out_height, self.rows_per_band):
+            band = Span(r0, min(r0 + self.rows_per_band, out_height))
+            y = chain_rows(self.convs, held, band)
             if self.downsample is None:
                 y += x[:, :, band.start : band.stop]
             else:
-                y += _conv_rows(self.downsample, held, band, mid).tensor
+                y += chain_rows([self.downsample], held, band)
             if out is None:
-                out = x.new_empty(x.shape[0], y.shape[1], mid, y.shape[3])
+                out = x.new_empty(x.shape[0], y.shape[1], out_height, y.shape[3])
             out[:, :, band.start : band.stop] = y.relu_()
-            del h, y
+            del y
+        return out
+
+
+class BandedInception(nn.Module):
+    """An inception block (torchvision's GoogLeNet Inception: parallel paths of convolutions and max pools
+    whose outputs are concatenated) band of output rows by band, each path's rows written into one
+    preallocated output, so neither a path's output nor a concatenation is ever whole: the block holds
+    its input, its output and one band of one path. With `pool` (a max pool after the block), the block's
+    rows are made band by band of the pool's output rows, so the block's output is never whole either."""
+
+    def __init__(
+        self, paths: Sequence[Sequence[nn.Module]], rows_per_band: int, pool: nn.MaxPool2d | None = None
+    ) -> None:
+        super().__init__()
+        if rows_per_band < 1:
+            raise InvalidArgumentError(f"rows_per_band must be >= 1, got {rows_per_band}")
+        self.paths = nn.ModuleList(nn.ModuleList(path) for path in paths)
+        self.out_channels = sum(path[-1].conv.out_channels for path in self.paths)
+        self.rows_per_band, self.pool = rows_per_band, pool
+
+    def _write(self, held: _Rows, span: Span, dest: torch.Tensor) -> None:
+        """Rows `span` of the block's output into dest, whose row 0 is the span's first."""
+        for r0 in range(span.start, span.stop, self.rows_per_band):
+            band = Span(r0, min(r0 + self.rows_per_band, span.stop))
+            rows, start = slice(band.start - span.start, band.stop - span.start), 0
+            for path in self.paths:
+                y = chain_rows(path, held, band)
+                dest[:, start : start + y.shape[1], rows] = y
+                start += y.shape[1]
+                del y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            return torch.cat([self(image[None]) for image in x])
+        held = _Rows(x, 0, x.shape[2])
+        if self.pool is None:
+            out = x.new_empty(1, self.out_channels, *x.shape[2:])
+            self._write(held, Span(0, x.shape[2]), out)
+            return out
+        out_height, out = _out_height(self.pool, x.shape[2]), None
+        for r0 in range(0, out_height, self.rows_per_band):
+            band = Span(r0, min(r0 + self.rows_per_band, out_height))
+            span, _, _ = _reads(self.pool, band).clip(x.shape[2])
+            y = x.new_empty(1, self.out_channels, span.stop - span.start, x.shape[3])
+            self._write(held, span, y)
+            pooled = _pool_rows(self.pool, _Rows(y, span.start, x.shape[2]), band, out_height).tensor
+            del y
+            if out is None:
+                out = x.new_empty(1, self.out_channels, out_height, pooled.shape[3])
+            out[:, :, band.start : band.stop] = pooled
+            del pooled
         return out
 
 
@@ -238,8 +349,9 @@ class StreamedDenseBlock(nn.Module):
     """torchvision's _DenseBlock (eval mode) with its concatenations made once: the block's output is
     allocated up front, its input copied in, and every dense layer writes its new features into it. A
     layer's BN -> ReLU -> 1x1 conv reads the channels written so far in groups of `group` channels, adding
-    each group's share of the 1x1 conv into the bottleneck map, so the block holds its input, its output,
-    one bottleneck map and one group (the layer convention's "a dense block costs its output")."""
+    each group's share of the 1x1 conv into the bottleneck map, so the block holds its output, one
+    bottleneck map, one layer's new features and one group (the layer convention's "a dense block costs
+    its output"), and its input where its caller holds that (not in a rewrite.Chain: `take`)."""
 
     def __init__(self, block: nn.Module, group: int) -> None:
         super().__init__()
@@ -260,12 +372,20 @@ class StreamedDenseBlock(nn.Module):
                 )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.take([x])
+
+    def take(self, box: list[torch.Tensor]) -> torch.Tensor:
+        """The block on box.pop(), whose input is freed once copied into the output where the box held
+        the only reference to it."""
+        x = box.pop()
         if x.shape[0] > 1:
             return torch.cat([self(image[None]) for image in x])
         grown = sum(conv2.out_channels for *_, conv2 in self.layers)
-        out = x.new_empty(1, x.shape[1] + grown, *x.shape[2:])
-        out[:, : x.shape[1]] = x
-        flat, channels = out.view(out.shape[1], -1), x.shape[1]
+        channels, size = x.shape[1], x.shape[2:]
+        out = x.new_empty(1, channels + grown, *size)
+        out[:, :channels] = x
+        del x
+        flat = out.view(out.shape[1], -1)
         for (offset1, scale1, shift1), weight1, (offset2, scale2, shift2), conv2 in self.layers:
             bottleneck = None
             for start in range(0, channels, self.group):
@@ -276,7 +396,7 @@ class StreamedDenseBlock(nn.Module):
                 else:
                     bottleneck.addmm_(weight1[:, part], t)
                 del t
-            b = bottleneck.view(1, -1, *x.shape[2:]).add_(offset2).mul_(scale2).add_(shift2).relu_()
+            b = bottleneck.view(1, -1, *size).add_(offset2).mul_(scale2).add_(shift2).relu_()
             new = F.conv2d(b, conv2.weight, None, conv2.stride, conv2.padding, conv2.dilation, conv2.groups)
             del bottleneck, b
             out[:, channels : channels + new.shape[1]] = new
@@ -286,16 +406,19 @@ class StreamedDenseBlock(nn.Module):
 
 class BandedTransition(nn.Module):
     """torchvision's DenseNet _Transition (BN, ReLU, 1x1 conv, average pool without padding) band of output
-    rows by band, so that neither its BN output nor its conv output is ever whole."""
+    rows by band, with the pool before the 1x1 conv (linear maps that commute: a quarter of the MACs) and
+    BN -> ReLU -> pool in groups of `group` channels, so the block holds its input, its output, one band
+    of the pooled map and one group."""
 
-    def __init__(self, transition: nn.Module, rows_per_band: int) -> None:
+    def __init__(self, transition: nn.Module, rows_per_band: int, group: int) -> None:
         super().__init__()
-        if rows_per_band < 1:
-            raise InvalidArgumentError(f"rows_per_band must be >= 1, got {rows_per_band}")
+        if rows_per_band < 1 or group < 1:
+            raise InvalidArgumentError(f"need rows_per_band, group >= 1, got {rows_per_band}, {group}")
         with torch.no_grad():
             norm = _norm_affine(transition.norm)
             self.norm = tuple(t[None, :, None, None].clone() for t in norm)
-        self.conv, self.pool, self.rows_per_band = transition.conv, transition.pool, rows_per_band
+        self.conv, self.pool = transition.conv, transition.pool
+        self.rows_per_band, self.group = rows_per_band, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (offset, scale, shift), conv, pool = self.norm, self.conv, self.pool
@@ -304,14 +427,20 @@ class BandedTransition(nn.Module):
         out = None
         for r0 in range(0, out_height, self.rows_per_band):
             r1 = min(r0 + self.rows_per_band, out_height)
-            band = (
-                (x[:, :, r0 * stride : (r1 - 1) * stride + kernel] + offset).mul_(scale).add_(shift).relu_()
-            )
-            y = pool(F.conv2d(band, conv.weight, conv.bias))
-            del band
+            rows, pooled = x[:, :, r0 * stride : (r1 - 1) * stride + kernel], None
+            for start in range(0, x.shape[1], self.group):
+                part = slice(start, start + self.group)
+                p = pool((rows[:, part] + offset[:, part]).mul_(scale[:, part]).add_(shift[:, part]).relu_())
+                if pooled is None:
+                    pooled = x.new_empty(x.shape[0], x.shape[1], *p.shape[2:])
+                pooled[:, part] = p
+                del p
+            y = F.conv2d(pooled, conv.weight, conv.bias)
+            del pooled
             if out is None:
                 out = x.new_empty(x.shape[0], y.shape[1], out_height, y.shape[3])
             out[:, :, r0:r1] = y
+            del y
         return out
 
 
@@ -431,6 +560,8 @@ def chunked_bottleneck(
         return None
     (height, width), (sh, sw) = input_hw, parts["depthwise"].conv.stride
     per_channel = 4 * (height * width + -(-height // sh) * -(-width // sw))
+    if parts.get("se") is not None:  # the squeeze-excite's channel scales are held beside every group
+        band_bytes -= 4 * parts["depthwise"].conv.in_channels
     return ChunkedBottleneck(**parts, group=max(1, band_bytes // per_channel))
 
 
@@ -443,27 +574,71 @@ def banded_basic_block(block: nn.Module, input_shape: torch.Size, band_bytes: in
     return BandedBasicBlock(block, max(1, band_bytes // row_bytes - 2))
 
 
+def banded_inception(
+    block: nn.Module, input_shape: torch.Size, band_bytes: int, pool: nn.Module | None = None
+) -> BandedInception | None:
+    """BandedInception for a torchvision Inception (then `pool`, a max pool pool_runs_in_rows computes),
+    with bands whose largest path's maps fit `band_bytes`; None for other modules."""
+    from torchvision.models.googlenet import BasicConv2d, Inception
+
+    if not isinstance(block, Inception) or (pool is not None and not pool_runs_in_rows(pool)):
+        return None
+    paths = []
+    for branch in (block.branch1, block.branch2, block.branch3, block.branch4):
+        path = []
+        for layer in branch if isinstance(branch, nn.Sequential) else [branch]:
+            if isinstance(layer, BasicConv2d):  # conv, BN, then a functional ReLU
+                path.append(InPlaceConv(ConvStep(layer.conv, layer.bn, nn.ReLU())))
+            elif pool_runs_in_rows(layer):
+                path.append(layer)
+            else:
+                return None
+        if not isinstance(path[-1], InPlaceConv):
+            return None
+        paths.append(path)
+    # one output row of a path: each map it makes (a max pool's int64 indices beside its output)
+    channels = max(
+        sum(
+            layer.conv.out_channels if isinstance(layer, InPlaceConv) else 3 * input_shape[1]
+            for layer in path
+        )
+        for path in paths
+    )
+    rows = max(1, band_bytes // (4 * channels * input_shape[3]) - 2)  # 2: the halo rows
+    return BandedInception(paths, rows, pool)
+
+
 def streamed_dense_block(
     block: nn.Module, input_shape: torch.Size, band_bytes: int
 ) -> StreamedDenseBlock | None:
-    """StreamedDenseBlock for a torchvision _DenseBlock, with channel groups whose maps fit `band_bytes`."""
+    """StreamedDenseBlock for a torchvision _DenseBlock, with channel groups whose maps fit `band_bytes`
+    beside a dense layer's bottleneck map and new features."""
     if not isinstance(block, densenet._DenseBlock):
         return None
-    return StreamedDenseBlock(block, max(1, band_bytes // (4 * input_shape[2] * input_shape[3])))
+    first = next(iter(block.values()))
+    maps = band_bytes // (4 * input_shape[2] * input_shape[3])
+    return StreamedDenseBlock(block, max(1, maps - first.conv1.out_channels - first.conv2.out_channels))
 
 
 def banded_transition(
     transition: nn.Module, input_shape: torch.Size, band_bytes: int
 ) -> BandedTransition | None:
-    """BandedTransition for a DenseNet _Transition whose pool is an unpadded AvgPool2d, with bands whose
-    conv rows fit `band_bytes`."""
+    """BandedTransition for a DenseNet _Transition (1x1 conv) whose pool is an unpadded AvgPool2d, with bands
+    and groups whose maps fit `band_bytes`."""
     pool = getattr(transition, "pool", None)
     if not isinstance(transition, densenet._Transition) or not isinstance(pool, nn.AvgPool2d):
         return None
     if _pair(pool.padding) != (0, 0) or pool.ceil_mode:
         return None
-    row_bytes = 4 * (transition.conv.in_channels + transition.conv.out_channels) * input_shape[3]
-    return BandedTransition(transition, max(1, band_bytes // (row_bytes * _pair(pool.kernel_size)[0])))
+    if transition.conv.kernel_size != (1, 1):
+        return None
+    kernel, stride = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    out_width = (input_shape[3] - kernel[1]) // stride[1] + 1
+    # half the bytes for a band of the pooled map and the conv's output, a quarter for a group
+    row_bytes = 4 * (transition.conv.in_channels + transition.conv.out_channels) * out_width
+    rows = max(1, band_bytes // (2 * row_bytes))
+    group = band_bytes // (16 * ((rows - 1) * stride[0] + kernel[0]) * input_shape[3])
+    return BandedTransition(transition, rows, max(1, group))
 
 
 def chunked_max_pool(pool: nn.Module, input_shape: torch.Size, band_bytes: int) -> ChunkedMaxPool | None:
@@ -479,6 +654,7 @@ def lean_module(module: nn.Module, input_shape: torch.Size, band_bytes: int) -> 
     return (
         chunked_bottleneck(module, tuple(input_shape[2:]), band_bytes)
         or banded_basic_block(module, input_shape, band_bytes)
+        or banded_inception(module, input_shape, band_bytes)
         or streamed_dense_block(module, input_shape, band_bytes)
         or banded_transition(module, input_shape, band_bytes)
         or chunked_max_pool(module, input_shape, band_bytes)

@@ -17,17 +17,31 @@ from leanvision.errors import InvalidArgumentError
 from leanvision.layers import RNNPoolLayer
 
 
+class Chain(nn.Sequential):
+    """An nn.Sequential that hands each map to a module with a `take(box)` method as the only reference:
+    a one-element list that the module pops, so that it may free its input before it returns (an
+    nn.Sequential's loop holds the input until then). Other modules are called as nn.Sequential calls them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        box = [x]
+        del x  # the caller still holds the chain's input; later maps are held by the box alone
+        for module in self:
+            take = getattr(module, "take", None)
+            box.append(take(box) if take is not None else module(box.pop()))
+        return box.pop()
+
+
 def flatten_sequentials(module: nn.Module) -> nn.Module:
-    """Inline every nn.Sequential directly inside an nn.Sequential (same computation). A nested one keeps
-    its input referenced by the outer loop until its last module returns: a stage's input map would stay
-    alive through the whole stage."""
+    """Inline every nn.Sequential directly inside an nn.Sequential or a Chain (same computation). A nested
+    one keeps its input referenced by the outer loop until its last module returns: a stage's input map
+    would stay alive through the whole stage."""
     for name, child in module.named_children():
         setattr(module, name, flatten_sequentials(child))
-    if type(module) is nn.Sequential and any(type(child) is nn.Sequential for child in module):
+    if type(module) in (nn.Sequential, Chain) and any(type(child) is nn.Sequential for child in module):
         flat = []
         for child in module:
             flat.extend(child if type(child) is nn.Sequential else [child])
-        return nn.Sequential(*flat)
+        return type(module)(*flat)
     return module
 
 

@@ -30,7 +30,9 @@ from torch import nn
 from torchvision.models.googlenet import BasicConv2d
 
 from leanvision.deploy.fold import check_built_model
+from leanvision.deploy.fusion import fused_runs, make_fused
 from leanvision.deploy.rewrite import (
+    Chain,
     InferenceOnly,
     ModuleCall,
     computes,
@@ -83,7 +85,8 @@ def _chained_after_pool(net: nn.Module, calls: list[ModuleCall], first: int) -> 
     """A copy of `net` whose RNNPool call also runs the siblings called after it that take its output, in a
     chain (the siblings left as Identity), or None if no sibling chains on. A parent's forward such as
     torchvision ResNet's `x = self.layer3(x)` holds its input until the call returns: chained in one
-    nn.Sequential, the pool's output is freed after the first block that reads it. The caller checks that
+    Chain, the pool's output is freed after the first block that reads it (and a block with a `take`
+    method may free its input before it returns, rewrite.Chain). The caller checks that
     the copy computes the same output (the parent's forward might not be a chain)."""
     pool_call = calls[first]
     parent, _, _ = pool_call.name.rpartition(".")
@@ -101,7 +104,7 @@ def _chained_after_pool(net: nn.Module, calls: list[ModuleCall], first: int) -> 
     modules = [chained.get_submodule(call.name) for call in chain]
     for call in chain[1:]:
         set_module(chained, call.name, nn.Identity())
-    set_module(chained, pool_call.name, nn.Sequential(*modules))
+    set_module(chained, pool_call.name, Chain(*modules))
     return chained
 
 
@@ -143,17 +146,23 @@ class StreamedModel(InferenceOnly):
         if head_call is not None:
             set_module(net, head_call.name, HeadOutputs(streamed_pool.handoff))
             done.append(head_call)
-        run, replaced = lean_calls([c for c in calls[first + 1 :] if c is not head_call], done, band_bytes)
-        run = [pool_call, *run]  # the calls that run (from the pool on)
-        # Every executor holds some call's input and its output at once: groups may use the headroom below
+        later, replaced = lean_calls([c for c in calls[first + 1 :] if c is not head_call], done, band_bytes)
+        runs = fused_runs(later, band_bytes)  # the calls that run after the pool, a fused run as one
+        fused = {id(call) for run in runs if len(run) > 1 for call in run}
+        replaced = [call for call in replaced if id(call) not in fused]
+        # Every executor holds some run's input and its output at once: groups may use the headroom below
         # the largest such pair at no cost (the pool's input is never whole: its output alone counts).
-        floor = max(c.input_bytes * (c is not pool_call) + c.output_bytes for c in run if c.output_bytes)
+        floor = max(
+            pool_call.output_bytes,
+            *(run[0].input_bytes + run[-1].output_bytes for run in runs if run[-1].output_bytes),
+        )
         valid_width = pool_call.module.output_size(*pool_call.input_shape[2:])[1]
         budget = max(band_bytes, floor - pool_call.output_bytes)
         # with a head, each patch row's stem rows are computed whole anyway: one group per patch row
         groups = valid_width if head_call else patches_per_group(streamed_pool, valid_width, budget)
         streamed_pool.regroup(groups, probe)
         make_lean(net, replaced, band_bytes, floor)
+        make_fused(net, runs, band_bytes, floor)
         chained = _chained_after_pool(net, calls, first)
         if chained is not None and computes(chained, probe, expected):
             net = chained
