@@ -33,11 +33,12 @@ def _close(streamed: torch.Tensor, eager: torch.Tensor) -> None:
     ],
 )
 @pytest.mark.parametrize("bands", [(1,), (3, 1, 4), (7,)])  # rows fed at a time, cycled; overlapping
-def test_banded_head_equals_the_head(head, bands):
+@pytest.mark.parametrize("step_rows", [1, 5])  # the head computes once this many new rows are held
+def test_banded_head_equals_the_head(head, bands, step_rows):
     head = randomize_(DetectionHead(4, **head))
     x = torch.randn(1, 4, 23, 19, generator=torch.Generator().manual_seed(len(bands)))
     with torch.no_grad():
-        run, start, step = BandedHead(head).start(x, 23, 19), 0, 0
+        run, start, step = BandedHead(head, step_rows).start(x, 23, 19), 0, 0
         while start < 23:
             stop = min(start + bands[step % len(bands)], 23)
             overlap = max(start - step % 2, 0)  # every other band repeats a row fed before
@@ -47,6 +48,8 @@ def test_banded_head_equals_the_head(head, bands):
             _close(got, expected)
     with pytest.raises(AssertionError, match="skipped"):
         BandedHead(head).start(x, 23, 19).feed(_Rows(x[:, :, 2:], 2, 23))
+    with pytest.raises(InvalidArgumentError, match="step_rows must be >= 1"):
+        BandedHead(head, step_rows=0)
 
 
 @pytest.mark.parametrize("size", [(3, 480, 640), (3, 243, 317)])  # VGA; rectangular, no stride divides it
@@ -71,10 +74,10 @@ def test_streamed_quant_equals_eager(size):
 def test_streamed_quant_never_holds_a_stem_resolution_map():
     """At 640x480 the stem map is 1.17 MiB and the first head's stride-4 maps 600 KiB each: the streamed
     stem + RNNPool + first head hold their outputs (the pooled map, 600 KiB, loc and conf, 450 KiB) and
-    one patch row's work (at most its 21 image rows normalised: ImageNormalize's two temporaries, 315
-    KiB). The whole forward's peak comes later, with the detector's outputs (loc, conf and priors of
-    25,600 priors: 1000 KiB) and NMS: beyond 1.3x the layer convention's 900 KiB, which counts neither
-    (see README, Streaming inference)."""
+    one patch row's work (its 21 image rows normalised and padded, 315 KiB, and the stem rows the head
+    has not computed from yet). The whole forward's peak comes later, with the detector's outputs (loc,
+    conf and priors of 25,600 priors: 1000 KiB) and NMS: beyond 1.3x the layer convention's 900 KiB,
+    which counts neither (see README, Streaming inference)."""
     model = randomize_(leanvision.create_model("rnnpool_face_quant"))
     x = torch.rand(1, 3, 480, 640, generator=torch.Generator().manual_seed(0))
     streamed = stream(model, (3, 480, 640))
@@ -82,7 +85,7 @@ def test_streamed_quant_never_holds_a_stem_resolution_map():
     with torch.no_grad():
         pool = measure_peak(streamed.net.rnnpool, x)
         whole, eager = measure_peak(streamed, x), measure_peak(model, x)
-    assert pool.peak_bytes <= 1.4 * pooled_and_head
+    assert pool.peak_bytes <= pooled_and_head + 2**19
     assert max(t.nbytes for t in pool.live_at_peak) == 32 * 60 * 80 * 4  # nothing larger than the output
     assert whole.peak_bytes < eager.peak_bytes / 3
 

@@ -25,6 +25,9 @@ from leanvision.layers import ImageNormalize, RNNPoolLayer
 from leanvision.layers.rnn_cells import INDEXED_LANES
 from leanvision.models.face.nets import DetectionHead
 
+# A BandedHead computes once this many new rows are held (or the last row): fewer, larger calls of its small
+# convolutions, whose per-call cost dominates when they run row by row (4x faster than every 4 rows).
+HEAD_STEP_ROWS = 16
 IndexedSweep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [C, S], index [T, N]) -> [h, N]
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh)
@@ -73,11 +76,12 @@ def _first_read(conv: nn.Conv2d, row: int) -> int:
 
 
 def _rows_from(rows: _Rows | None, first: int) -> _Rows | None:
-    """The rows `rows` holds from row `first` of the map on (a view), or None if none."""
+    """The rows `rows` holds from row `first` of the map on, or None if none: a copy, so that the rows
+    before them are freed."""
     if rows is None or first >= rows.start + rows.tensor.shape[2]:
         return None
     first = max(first, rows.start)
-    return _Rows(rows.tensor[:, :, first - rows.start :], first, rows.height)
+    return _Rows(rows.tensor[:, :, first - rows.start :].clone(), first, rows.height)
 
 
 def _extended(held: _Rows | None, new: _Rows) -> _Rows:
@@ -138,7 +142,8 @@ class _HeadRun:
     outputs are complete once every row has been fed."""
 
     def __init__(self, head: BandedHead, like: torch.Tensor, height: int, width: int) -> None:
-        self.l2norm, self.height, self.fed = head.l2norm, height, 0
+        self.l2norm, self.step_rows, self.height = head.l2norm, head.step_rows, height
+        self.fed = self.computed = 0  # rows fed; rows fed when the branches last computed
         self.held: _Rows | None = None  # the L2-normalised rows the branches still read
         self.branches = []
         for convs, maxout in zip(head.branches, (1, head.background_maxout)):
@@ -164,24 +169,30 @@ class _HeadRun:
         new = _Rows(self.l2norm(rows.tensor[:, :, skip:]), self.fed, self.height)
         held = _extended(self.held, new)
         self.fed = held.start + held.tensor.shape[2]
+        if self.fed < min(self.computed + self.step_rows, self.height):
+            self.held = held
+            return
+        self.computed = self.fed
         self.held = _rows_from(held, min(branch.feed(held) for branch in self.branches))
 
 
 class BandedHead(nn.Module):
     """A DetectionHead on the prefix map (L2Norm, then loc and conf branches of convolutions), computed
     from the map's rows fed top to bottom: the L2Norm of each new row, then each convolution computes the
-    rows of its output that the rows it holds allow and keeps only the halo rows its next ones read; the
-    branches' last rows go into preallocated loc and conf maps. Neither the prefix map nor a branch's
-    intermediate maps are ever whole."""
+    rows of its output that the rows it holds allow (once `step_rows` new rows are held) and keeps only
+    the halo rows its next ones read; the branches' last rows go into preallocated loc and conf maps.
+    Neither the prefix map nor a branch's intermediate maps are ever whole."""
 
-    def __init__(self, head: DetectionHead) -> None:
+    def __init__(self, head: DetectionHead, step_rows: int = HEAD_STEP_ROWS) -> None:
         super().__init__()
         branches = [_fused([m for m in b.modules() if not list(m.children())]) for b in (head.loc, head.conf)]
         if not all(isinstance(layer, InPlaceConv) for branch in branches for layer in branch):
             raise InvalidArgumentError(
                 "a streamed head's branches must be chains of convolutions [-> BatchNorm] [-> activation]"
             )
-        self.l2norm, self.background_maxout = head.l2norm, head.background_maxout
+        if step_rows < 1:
+            raise InvalidArgumentError(f"step_rows must be >= 1, got {step_rows}")
+        self.l2norm, self.background_maxout, self.step_rows = head.l2norm, head.background_maxout, step_rows
         self.branches = nn.ModuleList(nn.ModuleList(branch) for branch in branches)
 
     def start(self, like: torch.Tensor, height: int, width: int) -> _HeadRun:
