@@ -5,6 +5,8 @@ each computes its block's output while holding the block's input, its output and
   channel group (expand -> depthwise for a group of the expanded channels, then that group's share of the
   projection added into the output): the layer convention's "input + output";
 - BandedBasicBlock: ResNet's BasicBlock band of output rows by band (recomputing the halo rows);
+- BandedInception: GoogLeNet's inception block band of rows by band into one output (chain_rows runs a
+  path's convolutions and max pools on a band of rows), optionally with the max pool after it;
 - StreamedDenseBlock: DenseNet's dense block written into one preallocated output;
 - BandedTransition, ChunkedMaxPool: DenseNet's transition in row bands; max pools in channel groups;
 - InPlaceConv: conv -> BN -> activation with BN and activation in place on the conv's output.
@@ -215,19 +217,34 @@ def _out_height(layer: InPlaceConv | nn.MaxPool2d, height: int) -> int:
 def _conv_rows(layer: InPlaceConv, rows: _Rows, out: Span, out_height: int) -> _Rows:
     """Rows `out` (inside [0, out_height)) of layer(map), from the rows of the map that `rows` holds."""
     inside, top, bottom = out.through_conv(layer.conv).clip(rows.height)
-    x = pad_zeros(_held(rows, inside), (0, 0, top, bottom))
-    return _Rows(layer(x, padding=(0, layer.conv.padding[1])), out.start, out_height)
+    x, conv = pad_zeros(_held(rows, inside), (0, 0, top, bottom)), layer.conv
+    if x.shape[0] == 1 and conv.kernel_size == conv.stride == (1, 1) and conv.groups == 1:
+        # a pointwise conv of a band runs ~2x faster as a matrix product, which reads the rows in place
+        y = torch.mm(conv.weight.view(conv.out_channels, -1), x.view(x.shape[1], -1))
+        return _Rows(layer.finish(y.view(1, -1, *x.shape[2:])), out.start, out_height)
+    return _Rows(layer(x, padding=(0, conv.padding[1])), out.start, out_height)
+
+
+POOL_GROUPS = 8  # _pool_rows pools channel group by group: int64 indices and padded copies of 1/8 of a band
 
 
 def _pool_rows(pool: nn.MaxPool2d, rows: _Rows, out: Span, out_height: int) -> _Rows:
-    """Rows `out` of pool(map) from the rows of the map that `rows` holds. The rows it reads beyond the
-    map's edges are padded with -inf (copying the rows, at the edges only), the columns by the pool."""
+    """Rows `out` of pool(map) from the rows of the map that `rows` holds, in POOL_GROUPS channel groups
+    (the CPU max pool makes int64 indices beside its output). The rows it reads beyond the map's edges
+    are padded with -inf (copying a group's rows, at the edges only), the columns by the pool."""
     inside, top, bottom = _reads(pool, out).clip(rows.height)
-    x = _held(rows, inside)
-    if top or bottom:
-        x = F.pad(x, (0, 0, top, bottom), value=float("-inf"))
-    padding = (0, _pair(pool.padding)[1])
-    y = F.max_pool2d(x, pool.kernel_size, pool.stride, padding, pool.dilation, pool.ceil_mode)
+    x, y = _held(rows, inside), None
+    group = -(-x.shape[1] // POOL_GROUPS)
+    for start in range(0, x.shape[1], group):
+        part = x[:, start : start + group]
+        if top or bottom:
+            part = F.pad(part, (0, 0, top, bottom), value=float("-inf"))
+        padding = (0, _pair(pool.padding)[1])
+        pooled = F.max_pool2d(part, pool.kernel_size, pool.stride, padding, pool.dilation, pool.ceil_mode)
+        if y is None:
+            y = x.new_empty(x.shape[0], x.shape[1], *pooled.shape[2:])
+        y[:, start : start + group] = pooled
+        del part, pooled
     return _Rows(y, out.start, out_height)
 
 
@@ -299,17 +316,24 @@ class BandedInception(nn.Module):
     whose outputs are concatenated) band of output rows by band, each path's rows written into one
     preallocated output, so neither a path's output nor a concatenation is ever whole: the block holds
     its input, its output and one band of one path. With `pool` (a max pool after the block), the block's
-    rows are made band by band of the pool's output rows, so the block's output is never whole either."""
+    rows are made band by band of `pool_rows_per_band` of the pool's output rows, so the block's output
+    is never whole either."""
 
     def __init__(
-        self, paths: Sequence[Sequence[nn.Module]], rows_per_band: int, pool: nn.MaxPool2d | None = None
+        self,
+        paths: Sequence[Sequence[nn.Module]],
+        rows_per_band: int,
+        pool: nn.MaxPool2d | None = None,
+        pool_rows_per_band: int = 1,
     ) -> None:
         super().__init__()
-        if rows_per_band < 1:
-            raise InvalidArgumentError(f"rows_per_band must be >= 1, got {rows_per_band}")
+        if min(rows_per_band, pool_rows_per_band) < 1:
+            raise InvalidArgumentError(
+                f"rows_per_band, pool_rows_per_band must be >= 1, got {rows_per_band}, {pool_rows_per_band}"
+            )
         self.paths = nn.ModuleList(nn.ModuleList(path) for path in paths)
         self.out_channels = sum(path[-1].conv.out_channels for path in self.paths)
-        self.rows_per_band, self.pool = rows_per_band, pool
+        self.rows_per_band, self.pool, self.pool_rows_per_band = rows_per_band, pool, pool_rows_per_band
 
     def _write(self, held: _Rows, span: Span, dest: torch.Tensor) -> None:
         """Rows `span` of the block's output into dest, whose row 0 is the span's first."""
@@ -331,8 +355,8 @@ class BandedInception(nn.Module):
             self._write(held, Span(0, x.shape[2]), out)
             return out
         out_height, out = _out_height(self.pool, x.shape[2]), None
-        for r0 in range(0, out_height, self.rows_per_band):
-            band = Span(r0, min(r0 + self.rows_per_band, out_height))
+        for r0 in range(0, out_height, self.pool_rows_per_band):
+            band = Span(r0, min(r0 + self.pool_rows_per_band, out_height))
             span, _, _ = _reads(self.pool, band).clip(x.shape[2])
             y = x.new_empty(1, self.out_channels, span.stop - span.start, x.shape[3])
             self._write(held, span, y)
@@ -596,16 +620,42 @@ def banded_inception(
         if not isinstance(path[-1], InPlaceConv):
             return None
         paths.append(path)
-    # one output row of a path: each map it makes (a max pool's int64 indices beside its output)
-    channels = max(
-        sum(
-            layer.conv.out_channels if isinstance(layer, InPlaceConv) else 3 * input_shape[1]
-            for layer in path
-        )
-        for path in paths
-    )
-    rows = max(1, band_bytes // (4 * channels * input_shape[3]) - 2)  # 2: the halo rows
-    return BandedInception(paths, rows, pool)
+    channels, width = sum(path[-1].conv.out_channels for path in paths), input_shape[3]
+
+    def most_rows(bytes_of: Callable[[int], int], budget: int) -> int:
+        return max([r for r in range(1, input_shape[2] + 1) if bytes_of(r) <= budget], default=1)
+
+    def paths_bytes(rows: int) -> int:  # the largest path's maps for a band of `rows` block output rows
+        return max(_band_bytes(path, rows, input_shape[1], width) for path in paths)
+
+    if pool is None:
+        return BandedInception(paths, most_rows(paths_bytes, band_bytes))
+
+    def pool_bytes(rows: int) -> int:  # the block's rows that `rows` pool output rows read, and the pool's
+        block_rows = _reads(pool, Span(0, rows)).stop
+        return 4 * channels * block_rows * width + _band_bytes([pool], rows, channels, width)
+
+    half = band_bytes // 2
+    return BandedInception(paths, most_rows(paths_bytes, half), pool, most_rows(pool_bytes, half))
+
+
+def _band_bytes(layers: Sequence[nn.Module], rows: int, in_channels: int, width: int) -> int:
+    """fp32 bytes of the maps chain_rows makes for `rows` output rows of `layers` on a map `width` wide
+    with `in_channels` channels, all counted alive: each layer's rows with their halos, and a max pool's
+    int64 indices and -inf padded copy of the rows it reads (at the map's edges) for one channel group."""
+    spans = [Span(0, rows)]
+    for layer in reversed(layers):
+        spans.append(_reads(layer, spans[-1]))
+    total, channels = 0, in_channels
+    for layer, read, made in zip(layers, reversed(spans), reversed(spans[:-1])):
+        if isinstance(layer, InPlaceConv):
+            channels = layer.conv.out_channels
+            total += channels * (made.stop - made.start)
+        else:
+            group = -(-channels // POOL_GROUPS)
+            total += channels * (made.stop - made.start)
+            total += group * (2 * (made.stop - made.start) + read.stop - read.start)
+    return 4 * total * width
 
 
 def streamed_dense_block(

@@ -14,7 +14,9 @@ in which
   group of the expanded channels, then that group's share of the projection is added into the output. The
   expanded map is never whole: the block holds its input, its output and one group, the layer
   convention's "input + output";
-- ResNet basic blocks, DenseNet dense blocks and transitions, max pools: the other forms of lean_blocks;
+- ResNet basic blocks, DenseNet dense blocks and transitions, GoogLeNet inception blocks, max pools: the
+  other forms of lean_blocks; a map larger than the input of the layer that makes it and the output of
+  the one that reads it is never whole: the two run as one, in row bands (fusion.py);
 - every other layer runs as it is.
 Batch 1 is the target; larger batches run image by image. StreamedRNNPool is in streamed_rnnpool.py, the
 lean blocks in lean_blocks.py, the probe-and-rebuild machinery in rewrite.py.
