@@ -11,7 +11,6 @@ from torch import nn
 import leanvision
 from conftest import randomize_
 from leanvision.bench import BenchResult, benchmark, calibrate_batchnorm
-from leanvision.deploy import onednn
 from leanvision.deploy.fold import PointwiseConv, fold_batchnorm_, fuse_for_inference
 from leanvision.layers.conv import stack_convs
 from leanvision.models.face import DetectionHead
@@ -216,39 +215,3 @@ def test_face_detector_deploy_form_merges_its_heads(name):
         x = model.batch_images([image])
         for ours, eager in zip(fused.head_outputs(x), model.head_outputs(x)):
             torch.testing.assert_close(ours, eager, rtol=0, atol=1e-4 * float(eager.abs().max()))
-
-
-class TwoReLUs(nn.Module):
-    """A ResNet-like block: its ReLU runs after the conv and again after the add (not fusable)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.relu = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.relu(self.conv(x)) + x)
-
-
-@pytest.mark.skipif(not onednn.private_ops_usable(), reason="needs oneDNN's private ops (CPU)")
-def test_packed_convs_take_the_activation_after_them_only_in_a_sequential():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.ReLU6(),  # -> one call with ReLU6
-        nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.SiLU(),  # depthwise + SiLU
-        nn.Conv2d(4, 4, 1), nn.ReLU(),  # 1x1: a PointwiseConv, its ReLU stays
-        TwoReLUs(),
-    )  # fmt: skip
-    calibrate_batchnorm(model, (3, 20, 24))
-    x = torch.randn(2, 3, 20, 24)
-    fused = fuse_for_inference(model)
-    packed = [m for m in fused.modules() if isinstance(m, onednn.PackedConv)]
-    assert [m.post_op[0] for m in packed] == ["hardtanh", "swish", "none"]
-    assert [type(m).__name__ for m in fused][:7] == [
-        "PackedConv", "Identity", "Identity", "PackedConv", "Identity", "PointwiseConv", "ReLU",
-    ]  # fmt: skip
-    assert isinstance(fused[7].relu, nn.ReLU)
-    with torch.no_grad():
-        expected = model(x)
-        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)  # with gradients: plain ops

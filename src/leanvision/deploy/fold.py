@@ -10,12 +10,12 @@ ClassifierHead hidden layer here, as for timm's and torchvision's modules. Exact
 whose forward differs (weight-standardised convs, BN with a built-in activation) out of the rule.
 
 Then modules that define `fuse_for_inference_()` rewrite themselves (a face detector's head runs its loc
-and conf branches as one convolution), every plain 1x1 convolution becomes a PointwiseConv (a GEMM over
-the pixels when the map is small) and every other one a PackedConv: one oneDNN call on a weight packed
-once, with the ReLU / ReLU6 / SiLU / Hardswish that follows it in an nn.Sequential as its post-op.
+and conf branches as one convolution), and every plain 1x1 convolution becomes a PointwiseConv: a GEMM
+over the pixels when the map is small.
 
 channels_last stores 4-D weights NHWC, so oneDNN runs the convolutions (depthwise ones especially) on NHWC
-activations directly instead of reordering them around every call. torch.compile on top is left to the caller
+activations directly instead of reordering them around every call. TorchScript freezing and prepacked
+oneDNN weights are not used; torch.compile on top is left to the caller
 (`leanvision.bench.benchmark(..., deploy=True, compile=True)`). README "Bench" gives the measured gains.
 """
 
@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from leanvision.deploy.onednn import POST_OPS, PackedConv, private_ops_usable
 from leanvision.errors import InvalidArgumentError
 
 
@@ -78,29 +77,6 @@ def use_pointwise_convs_(model: nn.Module) -> int:
     return replaced
 
 
-def use_packed_convs_(model: nn.Module) -> int:
-    """Replace, in place, every plain convolution other than 1x1 (those are PointwiseConv) by a PackedConv;
-    inside an nn.Sequential, where the order of the children is the order of the calls, with the
-    activation that follows it (after folded-away BNs) taken into its call. Returns how many; none where
-    oneDNN's private ops are not usable."""
-    if not private_ops_usable():
-        return 0
-    replaced = 0
-    for parent in list(model.modules()):
-        children = list(parent.named_children())
-        for i, (name, conv) in enumerate(children):
-            if type(conv) is not nn.Conv2d or _is_pointwise(conv) or isinstance(conv.padding, str):
-                continue
-            after = [child for _, child in children[i + 1 :] if type(child) is not nn.Identity][:1]
-            fusable = isinstance(parent, nn.Sequential) and after and type(after[0]) in POST_OPS
-            activation = after[0] if fusable else None
-            setattr(parent, name, PackedConv(conv, activation))
-            if activation is not None:
-                setattr(parent, next(n for n, child in children if child is activation), nn.Identity())
-            replaced += 1
-    return replaced
-
-
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (
         type(conv) is nn.Conv2d
@@ -140,8 +116,7 @@ def fuse_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Modul
 
     With `channels_last=True` the 4-D weights are stored NHWC, so convolutions produce channels_last
     outputs whatever the input layout (feeding channels_last inputs saves one conversion). Plain 1x1
-    convolutions become PointwiseConv, the others PackedConv (with the activation after them); modules
-    with a `fuse_for_inference_` method rewrite themselves.
+    convolutions become PointwiseConv; modules with a `fuse_for_inference_` method rewrite themselves.
     Outputs equal the eval-mode original's to float rounding.
     """
     check_built_model(model, "fuse_for_inference")
@@ -151,7 +126,6 @@ def fuse_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Modul
         if hasattr(module, "fuse_for_inference_"):
             module.fuse_for_inference_()
     use_pointwise_convs_(fused)
-    use_packed_convs_(fused)
     if channels_last:
         fused = fused.to(memory_format=torch.channels_last)
     return fused

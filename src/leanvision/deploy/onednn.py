@@ -1,5 +1,4 @@
-"""A convolution with its activation (and residual add) in one oneDNN call, on weights packed once per
-input shape.
+"""A convolution with its residual add and ReLU in one oneDNN call, on weights packed once per input shape.
 
 torch exposes this only through private ops (torch.ops.mkldnn._convolution_pointwise and
 _reorder_convolution_weight, what inductor's freezing pass emits). Their signatures are not a public
@@ -62,20 +61,6 @@ def _conv_args(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
     return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
 
 
-# Activations oneDNN applies as a post-op of its convolution: its name for them and their scalars.
-POST_OPS: dict[type[nn.Module], tuple[str, list[float]]] = {
-    nn.ReLU: ("relu", []),
-    nn.ReLU6: ("hardtanh", [0.0, 6.0]),
-    nn.SiLU: ("swish", []),
-    nn.Hardswish: ("hardswish", []),
-}
-
-
-def _usable(x: torch.Tensor) -> bool:
-    """Whether the packed, fused call can run on x: CPU, known private ops, not traced by a compiler."""
-    return x.device.type == "cpu" and private_ops_usable() and not torch.compiler.is_compiling()
-
-
 def conv_add_relu(
     conv: nn.Conv2d,
     x: torch.Tensor,
@@ -84,7 +69,7 @@ def conv_add_relu(
     packed: PackedWeights,
 ) -> torch.Tensor:
     """relu?(conv(x) + residual?): one oneDNN primitive with post-ops where usable, else plain ops."""
-    if not _usable(x):
+    if x.device.type != "cpu" or not private_ops_usable():
         y = conv(x) if residual is None else conv(x) + residual
         return F.relu(y) if relu else y
     weight, args = packed.get(conv, x.shape), _conv_args(conv)
@@ -95,29 +80,3 @@ def conv_add_relu(
     return torch.ops.mkldnn._convolution_pointwise.binary(
         x, residual, weight, conv.bias, *args, "add", None, unary, [], ""
     )
-
-
-class PackedConv(nn.Conv2d):
-    """Inference: a convolution and the activation after it (one of POST_OPS, or none) as one oneDNN call
-    on the weight packed once per input shape; plain convolution + activation where that cannot run (see
-    `_usable`) or gradients are needed. Same parameters and state_dict keys as the Conv2d it replaces; the
-    packed weights are taken on first use, so change the weights only before that.
-    """
-
-    def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None) -> None:
-        super().__init__(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, conv.bias is not None, conv.padding_mode,
-        )  # fmt: skip
-        self.to(conv.weight).load_state_dict(conv.state_dict())
-        self.activation = activation or nn.Identity()
-        self.post_op = POST_OPS[type(activation)] if activation is not None else ("none", [])
-        self.packed = PackedWeights()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _usable(x) or (torch.is_grad_enabled() and self.weight.requires_grad):
-            return self.activation(super().forward(x))
-        weight, (unary, scalars) = self.packed.get(self, x.shape), self.post_op
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, self.bias, *_conv_args(self), unary, scalars, ""
-        )
