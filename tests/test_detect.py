@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import leanvision
 from leanvision.cli import app
 from leanvision.cli.detect import write_image
+from leanvision.deploy import fuse_for_inference
 from leanvision.detection.data import read_image
 from leanvision.detection.inference import QVGA_AREA, VGA_AREA, box_vote, detect_images, eval_area
 from leanvision.errors import InvalidArgumentError, MissingFileError
@@ -346,7 +347,7 @@ def golden_quant(tmp_path) -> dict[str, Path]:
 @needs_golden
 def test_cli_checkpoints(tmp_path, astronaut_png, astronaut, golden_quant):
     model = leanvision.create_model("rnnpool_face_quant", pretrained=golden_quant["edgeml"])
-    (expected,) = detect_images(model, [astronaut.float() / 255])
+    (expected,) = detect_images(fuse_for_inference(model), [astronaut.float() / 255])  # as the CLI runs it
     keep = expected["scores"] >= 0.6
     assert 0 < int(keep.sum()) < len(keep)
     for kind, path in golden_quant.items():

@@ -100,12 +100,14 @@ def _detector(
     if checkpoint is not None and random_weights:
         fail("pass either --checkpoint or --random-weights, not both")
     from leanvision.bench import check_device
+    from leanvision.deploy import fuse_for_inference
     from leanvision.detection.inference import detect_images
     from leanvision.models.registry import create_model
 
     run(lambda: check_device(device))
     net = run(lambda: create_model(name, pretrained=checkpoint)).to(device).eval()
-    return lambda images: detect_images(net, images, multiscale=multiscale, flip=flip)
+    deployed = fuse_for_inference(net)  # BN folded, heads merged, packed convolutions: same detections
+    return lambda images: detect_images(deployed, images, multiscale=multiscale, flip=flip)
 
 
 def _outputs(images: list[str], out: Path) -> list[Path]:
