@@ -13,7 +13,7 @@ from conftest import randomize_
 from leanvision.bench import BenchResult, benchmark, calibrate_batchnorm
 from leanvision.deploy.fold import PointwiseConv, fold_batchnorm_, fuse_for_inference
 from leanvision.layers.conv import stack_convs
-from leanvision.models.face import DetectionHead
+from leanvision.models.face import DetectionHead, L2Norm
 
 
 def n_batchnorms(model: nn.Module) -> int:
@@ -203,13 +203,15 @@ FACE_DETECTORS = [
 
 @pytest.mark.parametrize("name", FACE_DETECTORS)
 def test_face_detector_deploy_form_merges_its_heads(name):
-    """fuse_for_inference runs each head's loc and conf branches as one convolution (DetectionHead.
-    fuse_for_inference_): the same raw outputs as the eager model."""
+    """fuse_for_inference runs each head's loc and conf branches as one convolution, its L2Norm's scales
+    folded in (DetectionHead.fuse_for_inference_): the same raw outputs as the eager model."""
     model = randomize_(leanvision.create_model(name))
     calibrate_batchnorm(model, (model.in_chans, 96, 128))
     fused = fuse_for_inference(model)
     heads = [m for m in fused.modules() if isinstance(m, DetectionHead)]
     assert heads and all(h.merged is not None and not hasattr(h, "loc") for h in heads)
+    scaled = [h.l2norm for h in heads if isinstance(h.l2norm, L2Norm)]
+    assert scaled and all(n.weight is None for n in scaled)  # folded into the merged convolutions
     image = torch.rand(model.in_chans, 96, 128, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         x = model.batch_images([image])

@@ -75,10 +75,11 @@ class L2Norm(nn.Module):
     def __init__(self, channels: int, scale: float, eps: float = 1e-10) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.full((channels,), float(scale)))
+        self.weight: nn.Parameter | None = nn.Parameter(torch.full((channels,), float(scale)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x / x.pow(2).sum(1, keepdim=True).sqrt().clamp_min(self.eps) * self.weight.view(1, -1, 1, 1)
+        x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(self.eps)
+        return x if self.weight is None else x * self.weight.view(1, -1, 1, 1)  # None: folded into a conv
 
 
 class DetectionHead(nn.Module):
@@ -114,8 +115,9 @@ class DetectionHead(nn.Module):
 
     def fuse_for_inference_(self) -> None:
         """Run the loc and conf branches, which read the same input, as one convolution (one per layer of
-        a head_width branch): fewer, larger calls. Inference only, after BN folding (called by
-        leanvision.deploy.fuse_for_inference); a branch with unfolded BN stays as it is."""
+        a head_width branch), with the L2Norm's scales folded into it: fewer, larger calls. Inference only,
+        after BN folding (called by leanvision.deploy.fuse_for_inference); a branch with unfolded BN stays
+        as it is."""
         if isinstance(self.loc, nn.Conv2d):
             merged = stack_convs([self.loc, self.conf])
         elif all(isinstance(b[0][1], nn.Identity) for b in (self.loc, self.conf)):  # BN folded
@@ -124,9 +126,15 @@ class DetectionHead(nn.Module):
             merged = nn.Sequential(first, nn.ReLU6(), second) if first and second else None
         else:
             merged = None
-        if merged is not None:
-            del self.loc, self.conf
-            self.merged = merged
+        if merged is None:
+            return
+        del self.loc, self.conf
+        self.merged = merged
+        if isinstance(self.l2norm, L2Norm) and self.l2norm.weight is not None:  # a scale per input channel
+            first = merged if isinstance(merged, nn.Conv2d) else merged[0]
+            with torch.no_grad():
+                first.weight.mul_(self.l2norm.weight.view(1, -1, 1, 1))
+            self.l2norm.weight = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.l2norm(x)
@@ -264,8 +272,9 @@ class RNNPoolFace(nn.Module):
                 outputs.append(self.heads[len(outputs)](x))
         sizes = [tuple(loc.shape[2:]) for loc, _ in outputs]
         priors = prior_boxes(sizes, image_size, self.steps, self.anchor_sizes, x.device)
-        loc = torch.cat([loc.flatten(2).transpose(1, 2) for loc, _ in outputs], 1)  # row-major locations
-        conf = torch.cat([conf.flatten(2).transpose(1, 2) for _, conf in outputs], 1)
+        # [B, P, k], locations row-major; a view before the cat where the maps are channels_last
+        loc = torch.cat([loc.permute(0, 2, 3, 1).flatten(1, 2) for loc, _ in outputs], 1)
+        conf = torch.cat([conf.permute(0, 2, 3, 1).flatten(1, 2) for _, conf in outputs], 1)
         return loc, conf, priors
 
     def forward(
