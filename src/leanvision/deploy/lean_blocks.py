@@ -68,10 +68,8 @@ class _Chunk:
 
     start: int
     stop: int
-    expand: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # weight [g, C_in], scale, shift [g, 1]
-    depthwise: tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor
-    ]  # weight [g, 1, k, k], scale, shift [1, g, 1, 1]
+    expand: tuple[torch.Tensor, ...] | None  # weight [g, C_in], offset, scale, shift [g, 1]
+    depthwise: tuple[torch.Tensor, ...]  # weight [g, 1, k, k], offset [g], scale, shift [1, g, 1, 1]
     project_weight: torch.Tensor  # [C_out, g]
 
 
@@ -82,7 +80,8 @@ class ChunkedBottleneck(nn.Module):
 
     `se` maps the depthwise output's channel means [1, C, 1, 1] to its channel scales: the means need
     every group, so with an SE the groups run twice (means first, then scale and project), recomputing
-    the expansion and the depthwise conv. `post_se_act` follows the scaling (ReXNet's dw activation).
+    the expansion and the depthwise conv of all but the last group, whose maps the second pass starts
+    with. `post_se_act` follows the scaling (ReXNet's dw activation).
     `shortcut`: "none", "add" (input + output) or "partial" (the input added to the first input-width
     output channels, ReXNet's zero-padded shortcut).
     """
@@ -125,15 +124,25 @@ class ChunkedBottleneck(nn.Module):
                 if expand is not None:
                     weight = expand.conv.weight[part, :, 0, 0]
                     expand_part = (weight.clone(), *(t[part, None].clone() for t in ex_affine))
-                depthwise_part = (
-                    dw.weight[part].clone(),
-                    *(t[None, part, None, None].clone() for t in dw_affine),
-                )
+                offset, scale, shift = (t[part].clone() for t in dw_affine)
+                depthwise_part = (dw.weight[part].clone(), offset, scale[:, None, None], shift[:, None, None])
                 self.chunks.append(
                     _Chunk(
                         part.start, part.stop, expand_part, depthwise_part, pw.weight[:, part, 0, 0].clone()
                     )
                 )
+
+    def group_bytes(self, height: int, width: int) -> int:
+        """fp32 bytes of the largest group's maps on an input height x width (its expanded map, unless
+        that is a view of the input, and its depthwise output) and of the squeeze-excite's scales."""
+        kernel = self.chunks[0].depthwise[0].shape[2:]
+        out_h, out_w = (
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, p, d in zip((height, width), kernel, self.stride, self.padding, self.dilation)
+        )
+        per_channel = (height * width if self.chunks[0].expand is not None else 0) + out_h * out_w
+        group = max(chunk.stop - chunk.start for chunk in self.chunks)
+        return 4 * (group * per_channel + (self.chunks[-1].stop if self.se is not None else 0))
 
     def _depthwise(self, chunk: _Chunk, x: torch.Tensor) -> torch.Tensor:
         """The chunk's expanded channels after the depthwise conv, BN and act: [1, group, H', W']."""
@@ -141,24 +150,28 @@ class ChunkedBottleneck(nn.Module):
             e = x[:, chunk.start : chunk.stop]
         else:
             weight, offset, scale, shift = chunk.expand
-            e = torch.mm(weight, x.view(x.shape[1], -1)).add_(offset).mul_(scale).add_(shift)
+            e = torch.addmm(offset, weight, x.view(x.shape[1], -1)).mul_(scale).add_(shift)
             e = self.expand_act(e).view(1, -1, *x.shape[2:])
-        weight, offset, scale, shift = chunk.depthwise
-        d = F.conv2d(e, weight, None, self.stride, self.padding, self.dilation, len(weight))
-        return self.dw_act(d.add_(offset).mul_(scale).add_(shift))
+        weight, offset, scale, shift = chunk.depthwise  # the offset as the conv's bias: one op less
+        d = F.conv2d(e, weight, offset, self.stride, self.padding, self.dilation, len(weight))
+        return self.dw_act(d.mul_(scale).add_(shift))
 
     def _one(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        scales = None
+        scales, chunks, d = None, self.chunks, None
         if self.se is not None:  # first pass: the channel means the squeeze-excite needs
             means = x.new_empty(1, self.chunks[-1].stop, 1, 1)
             for chunk in self.chunks:
-                means[:, chunk.start : chunk.stop] = self._depthwise(chunk, x).mean((2, 3), keepdim=True)
+                d = None  # not alive while the next chunk's maps are made
+                d = self._depthwise(chunk, x)
+                means[:, chunk.start : chunk.stop] = d.mean((2, 3), keepdim=True)
             scales = self.se(means)
             del means
+            chunks = [self.chunks[-1], *self.chunks[:-1]]  # the second pass starts with the last one's d
         out = None
-        for chunk in self.chunks:
-            d = self._depthwise(chunk, x)
+        for chunk in chunks:
+            if d is None:
+                d = self._depthwise(chunk, x)
             if scales is not None:
                 d = d.mul_(scales[:, chunk.start : chunk.stop])
             d = self.post_se_act(d)
@@ -167,7 +180,7 @@ class ChunkedBottleneck(nn.Module):
                 out = torch.mm(chunk.project_weight, d.view(d.shape[1], -1))
             else:
                 out.addmm_(chunk.project_weight, d.view(d.shape[1], -1))
-            del d
+            d = None
         offset, scale, shift = self.project_affine
         out = self.project_act(out.add_(offset).mul_(scale).add_(shift))
         x2d = x.view(x.shape[1], -1)

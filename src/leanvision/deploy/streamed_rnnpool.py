@@ -23,6 +23,7 @@ from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ImageNormalize, RNNPoolLayer
 from leanvision.layers.rnn_cells import INDEXED_LANES
+from leanvision.layers.rnnpool import rnnpool_indices
 from leanvision.models.face.nets import DetectionHead
 
 # A BandedHead computes once this many new rows are held (or the last row): fewer, larger calls of its small
@@ -58,10 +59,29 @@ def _fused(prefix: Sequence[nn.Module]) -> list[nn.Module]:
 
 def _sweep_indexed(sweep: IndexedSweep, x: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
     """A cell's inference_sweep over the sequences of every index [T, n] side by side -> [hidden, sum of
-    n]; one sweep when all have the same length."""
-    if all(len(index) == len(indices[0]) for index in indices):
-        return sweep(x, torch.cat(indices, 1))
+    n], one sweep per index."""
+    if len(indices) == 1:
+        return sweep(x, indices[0])
     return torch.cat([sweep(x, index) for index in indices], 1)
+
+
+def _by_length(indices: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`indices` [T, n] with those of one length T side by side, in order: one sweep per length (each
+    sweep costs tens of microseconds however few its sequences)."""
+    joined = [indices[0]]
+    for index in indices[1:]:
+        if len(index) == len(joined[-1]):
+            joined[-1] = torch.cat([joined[-1], index], 1)
+        else:
+            joined.append(index)
+    return joined
+
+
+def _scratch_floats(inputs: int, hidden: int, sequences: int) -> int:
+    """Floats of the scratch of one inference sweep of `sequences` sequences: FastGRNNCell's kernel takes
+    (inputs + 4 hidden) x lanes per thread, with fewer lanes and threads for few sequences."""
+    lanes = min(INDEXED_LANES, sequences)
+    return min(torch.get_num_threads(), -(-sequences // lanes)) * lanes * (inputs + 4 * hidden)
 
 
 def _checked_group(patches_per_group: int) -> int:
@@ -276,10 +296,12 @@ class StreamedRNNPool(nn.Module):
         rnn1, h1, h2 = self.pool.pool.rnn1, self.pool.pool.hidden1, self.pool.pool.hidden2
         rows, cols, channels = Span(0, kh), Span(0, (patches - 1) * sw + kw), rnn1.input_size
         width = cols.stop
-        floats = channels * kh * width + h1 * (kh * patches + width) + 2 * 4 * h2 * patches
-        floats += (
-            torch.get_num_threads() * INDEXED_LANES * max(channels + 4 * h1, h1 + 4 * h2)
-        )  # sweeps' scratch
+        rnn1_index, rnn2_index = self._indices(width)
+        scratch = max(
+            *(_scratch_floats(channels, h1, index.shape[1]) for index in rnn1_index),
+            *(_scratch_floats(h1, h2, index.shape[1]) for index in rnn2_index),
+        )
+        floats = channels * kh * width + h1 * (kh * patches + width) + 2 * 4 * h2 * patches + scratch
         for layer in reversed(self.prefix):
             if isinstance(layer, InPlaceConv):
                 out_area, conv = (rows.stop - rows.start) * (cols.stop - cols.start), layer.conv
@@ -303,17 +325,14 @@ class StreamedRNNPool(nn.Module):
         return layer(inner, padding=(0, 0))
 
     def _indices(self, width: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Where the sweeps of one patch row's region [C, kh, width] read their steps (sweep_indexed):
-        RNN1's row segments ([kw, kh n]: row y of patch j at step t is column y width + j sw + t of the
-        region) and columns ([kh, width]); RNN2's row summaries forwards and backwards ([kh, n]) and column
-        summaries ([kw, n]), as columns of RNN1's outputs [h1, kh n + width]. Cached per width."""
+        """Where the sweeps of one patch row's region [C, kh, width] read their steps (rnnpool_indices of
+        a map kh high): RNN1's row segments and columns, RNN2's row summaries forwards and backwards and
+        column summaries, as columns of RNN1's outputs [h1, kh n + width]; one index per sweep. Cached per
+        width."""
         if width not in self._index_cache:
-            (kh, kw), (_, sw) = self.pool.patch_size, self.pool.stride
-            n, t_row, t_col = (width - kw) // sw + 1, torch.arange(kw)[:, None], torch.arange(kh)[:, None]
-            starts = (torch.arange(kh)[:, None] * width + torch.arange(n) * sw).view(1, -1)
-            rnn1 = [t_row + starts, t_col * width + torch.arange(width)]
-            rows, cols = t_col * n + torch.arange(n), kh * n + torch.arange(n) * sw + t_row
-            self._index_cache[width] = rnn1, [rows, rows.flip(0), cols, cols.flip(0)]
+            pool = self.pool
+            rnn1, rnn2 = rnnpool_indices(1, pool.patch_size[0], width, pool.patch_size, pool.stride)
+            self._index_cache[width] = _by_length(rnn1), _by_length(rnn2)
         return self._index_cache[width]
 
     def _pool_patches(self, region: torch.Tensor) -> torch.Tensor:

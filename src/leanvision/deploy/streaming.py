@@ -33,6 +33,7 @@ from torchvision.models.googlenet import BasicConv2d
 
 from leanvision.deploy.fold import check_built_model
 from leanvision.deploy.fusion import fused_runs, make_fused
+from leanvision.deploy.lean_blocks import ChunkedBottleneck, lean_module
 from leanvision.deploy.rewrite import (
     Chain,
     InferenceOnly,
@@ -110,6 +111,23 @@ def _chained_after_pool(net: nn.Module, calls: list[ModuleCall], first: int) -> 
     return chained
 
 
+def _peak_budget(runs: list[list[ModuleCall]], replaced: set[int], band_bytes: int, pool_bytes: int) -> int:
+    """The peak RAM the executors after the pool reach anyway: each holds its run's input and output at
+    once, and a ChunkedBottleneck one group of about band_bytes beside them (counted as it is made; other
+    forms' groups are not counted, as before this budget existed). The groups of every executor may use
+    the headroom below it at no cost (the pool's input is never whole: its output alone counts)."""
+
+    def held(run: list[ModuleCall]) -> int:
+        call, group = run[0], 0
+        if len(run) == 1 and id(call) in replaced:
+            lean = lean_module(call.module, call.input_shape, band_bytes)
+            if isinstance(lean, ChunkedBottleneck):
+                group = lean.group_bytes(*call.input_shape[2:])
+        return call.input_bytes + run[-1].output_bytes + group
+
+    return max(pool_bytes, *(held(run) for run in runs if run[-1].output_bytes))
+
+
 class StreamedModel(InferenceOnly):
     """An inference-only copy of an RNNPool network that runs in (about) the RAM its layer-convention
     analysis reports; see the module docstring. Its forward equals the eval-mode model's."""
@@ -152,19 +170,18 @@ class StreamedModel(InferenceOnly):
         runs = fused_runs(later, band_bytes)  # the calls that run after the pool, a fused run as one
         fused = {id(call) for run in runs if len(run) > 1 for call in run}
         replaced = [call for call in replaced if id(call) not in fused]
-        # Every executor holds some run's input and its output at once: groups may use the headroom below
-        # the largest such pair at no cost (the pool's input is never whole: its output alone counts).
-        floor = max(
-            pool_call.output_bytes,
-            *(run[0].input_bytes + run[-1].output_bytes for run in runs if run[-1].output_bytes),
-        )
+        budget = _peak_budget(runs, {id(call) for call in replaced}, band_bytes, pool_call.output_bytes)
         valid_width = pool_call.module.output_size(*pool_call.input_shape[2:])[1]
-        budget = max(band_bytes, floor - pool_call.output_bytes)
-        # with a head, each patch row's stem rows are computed whole anyway: one group per patch row
-        groups = valid_width if head_call else patches_per_group(streamed_pool, valid_width, budget)
+        if head_call:  # each patch row's stem rows are computed whole anyway: one group per patch row
+            groups = valid_width
+        else:  # where even one patch exceeds the budget, the pool's least group sets the peak
+            groups = patches_per_group(
+                streamed_pool, valid_width, max(band_bytes, budget - pool_call.output_bytes)
+            )
+            budget = max(budget, pool_call.output_bytes + streamed_pool.group_bytes(groups))
         streamed_pool.regroup(groups, probe)
-        make_lean(net, replaced, band_bytes, floor)
-        make_fused(net, runs, band_bytes, floor)
+        make_lean(net, replaced, band_bytes, budget)
+        make_fused(net, runs, band_bytes, budget)
         chained = _chained_after_pool(net, calls, first)
         if chained is not None and computes(chained, probe, expected):
             net = chained
