@@ -321,7 +321,7 @@ class RNNPoolFace(nn.Module):
             self._check_channels(image.shape[0])
         height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
         if all(tuple(i.shape[1:]) == (height, width) for i in images):  # nothing to pad
-            return self.normalize(torch.stack(list(images)))
+            return self.normalize(torch.stack(list(images)) if len(images) > 1 else images[0][None])
         batch = images[0].new_empty(len(images), self.in_chans, height, width)
         batch[:] = batch.new_tensor(self.image_mean).view(-1, 1, 1)
         for out, image in zip(batch, images):
