@@ -81,7 +81,8 @@ class ChunkedBottleneck(nn.Module):
     `se` maps the depthwise output's channel means [1, C, 1, 1] to its channel scales: the means need
     every group, so with an SE the groups run twice (means first, then scale and project), recomputing
     the expansion and the depthwise conv of all but the last group, whose maps the second pass starts
-    with. `post_se_act` follows the scaling (ReXNet's dw activation).
+    with. The first pass holds no output yet: its groups are of `mean_group` channels (default `group`).
+    `post_se_act` follows the scaling (ReXNet's dw activation).
     `shortcut`: "none", "add" (input + output) or "partial" (the input added to the first input-width
     output channels, ReXNet's zero-padded shortcut).
     """
@@ -95,6 +96,7 @@ class ChunkedBottleneck(nn.Module):
         group: int,
         se: Callable[[torch.Tensor], torch.Tensor] | None = None,
         post_se_act: nn.Module | None = None,
+        mean_group: int | None = None,
     ) -> None:
         super().__init__()
         dw, pw = depthwise.conv, project.conv
@@ -106,9 +108,11 @@ class ChunkedBottleneck(nn.Module):
             raise InvalidArgumentError(
                 "ChunkedBottleneck needs 1x1 expand and project convs around a depthwise one"
             )
-        if shortcut not in ("none", "add", "partial") or group < 1:
+        mean_group = group if mean_group is None else mean_group
+        if shortcut not in ("none", "add", "partial") or min(group, mean_group) < 1:
             raise InvalidArgumentError(
-                f"need shortcut none/add/partial and group >= 1, got {shortcut!r}, {group}"
+                f"need shortcut none/add/partial and group, mean_group >= 1, got {shortcut!r}, {group}, "
+                f"{mean_group}"
             )
         self.shortcut, self.stride, self.padding, self.dilation = shortcut, dw.stride, dw.padding, dw.dilation
         self.expand_act = expand.act if expand else nn.Identity()
@@ -117,24 +121,31 @@ class ChunkedBottleneck(nn.Module):
         with torch.no_grad():
             self.project_affine = tuple(t[:, None].clone() for t in project.affine())
             dw_affine, ex_affine = depthwise.affine(), expand.affine() if expand else None
-            self.chunks = []
-            for start in range(0, dw.in_channels, group):
-                part = slice(start, min(start + group, dw.in_channels))
-                expand_part = None
+
+            def chunk(start: int, stop: int) -> _Chunk:
+                part, expand_part = slice(start, stop), None
                 if expand is not None:
                     weight = expand.conv.weight[part, :, 0, 0]
                     expand_part = (weight.clone(), *(t[part, None].clone() for t in ex_affine))
                 offset, scale, shift = (t[part].clone() for t in dw_affine)
                 depthwise_part = (dw.weight[part].clone(), offset, scale[:, None, None], shift[:, None, None])
-                self.chunks.append(
-                    _Chunk(
-                        part.start, part.stop, expand_part, depthwise_part, pw.weight[:, part, 0, 0].clone()
-                    )
-                )
+                return _Chunk(start, stop, expand_part, depthwise_part, pw.weight[:, part, 0, 0].clone())
+
+            def chunks(stop: int, size: int) -> list[_Chunk]:
+                return [chunk(start, min(start + size, stop)) for start in range(0, stop, size)]
+
+            channels = dw.in_channels
+            if se is None:
+                self.chunks, self.mean_chunks = chunks(channels, group), []
+            else:  # the last group of the first pass is the first of the second
+                tail = chunk(max(channels - group, 0), channels)
+                self.mean_chunks = [*chunks(tail.start, mean_group), tail]
+                self.chunks = [tail, *chunks(tail.start, group)]
 
     def group_bytes(self, height: int, width: int) -> int:
-        """fp32 bytes of the largest group's maps on an input height x width (its expanded map, unless
-        that is a view of the input, and its depthwise output) and of the squeeze-excite's scales."""
+        """fp32 bytes beside the input and the output of the largest group's maps on an input height x
+        width (its expanded map, unless that is a view of the input, and its depthwise output; a first
+        pass group's less the output, which is not made yet) and of the squeeze-excite's scales."""
         kernel = self.chunks[0].depthwise[0].shape[2:]
         out_h, out_w = (
             (size + 2 * p - d * (k - 1) - 1) // s + 1
@@ -142,7 +153,10 @@ class ChunkedBottleneck(nn.Module):
         )
         per_channel = (height * width if self.chunks[0].expand is not None else 0) + out_h * out_w
         group = max(chunk.stop - chunk.start for chunk in self.chunks)
-        return 4 * (group * per_channel + (self.chunks[-1].stop if self.se is not None else 0))
+        mean_group = max((chunk.stop - chunk.start for chunk in self.mean_chunks), default=0)
+        output = self.chunks[0].project_weight.shape[0] * out_h * out_w
+        scales = self.chunks[0].stop if self.se is not None else 0
+        return 4 * (max(group * per_channel, mean_group * per_channel - output) + scales)
 
     def _depthwise(self, chunk: _Chunk, x: torch.Tensor) -> torch.Tensor:
         """The chunk's expanded channels after the depthwise conv, BN and act: [1, group, H', W']."""
@@ -158,18 +172,17 @@ class ChunkedBottleneck(nn.Module):
 
     def _one(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        scales, chunks, d = None, self.chunks, None
+        scales, d = None, None
         if self.se is not None:  # first pass: the channel means the squeeze-excite needs
-            means = x.new_empty(1, self.chunks[-1].stop, 1, 1)
-            for chunk in self.chunks:
+            means = x.new_empty(1, self.mean_chunks[-1].stop, 1, 1)
+            for chunk in self.mean_chunks:
                 d = None  # not alive while the next chunk's maps are made
                 d = self._depthwise(chunk, x)
                 means[:, chunk.start : chunk.stop] = d.mean((2, 3), keepdim=True)
             scales = self.se(means)
             del means
-            chunks = [self.chunks[-1], *self.chunks[:-1]]  # the second pass starts with the last one's d
         out = None
-        for chunk in chunks:
+        for chunk in self.chunks:  # with an SE, d holds the first chunk's maps
             if d is None:
                 d = self._depthwise(chunk, x)
             if scales is not None:
@@ -596,10 +609,15 @@ def chunked_bottleneck(
     if parts is None:
         return None
     (height, width), (sh, sw) = input_hw, parts["depthwise"].conv.stride
-    per_channel = 4 * (height * width + -(-height // sh) * -(-width // sw))
+    out_area = -(-height // sh) * -(-width // sw)
+    per_channel = 4 * (height * width + out_area)
     if parts.get("se") is not None:  # the squeeze-excite's channel scales are held beside every group
         band_bytes -= 4 * parts["depthwise"].conv.in_channels
-    return ChunkedBottleneck(**parts, group=max(1, band_bytes // per_channel))
+    # the SE's first pass holds no output yet: its groups take the output's bytes too
+    mean_bytes = band_bytes + 4 * parts["project"].conv.out_channels * out_area
+    return ChunkedBottleneck(
+        **parts, group=max(1, band_bytes // per_channel), mean_group=max(1, mean_bytes // per_channel)
+    )
 
 
 def banded_basic_block(block: nn.Module, input_shape: torch.Size, band_bytes: int) -> BandedBasicBlock | None:
