@@ -301,7 +301,7 @@ class StreamedRNNPool(nn.Module):
             *(_scratch_floats(channels, h1, index.shape[1]) for index in rnn1_index),
             *(_scratch_floats(h1, h2, index.shape[1]) for index in rnn2_index),
         )
-        floats = channels * kh * width + h1 * (kh * patches + width) + 2 * 4 * h2 * patches + scratch
+        floats = channels * kh * width + h1 * (kh * patches + width) + 4 * h2 * patches + scratch
         for layer in reversed(self.prefix):
             if isinstance(layer, InPlaceConv):
                 out_area, conv = (rows.stop - rows.start) * (cols.stop - cols.start), layer.conv
@@ -335,8 +335,9 @@ class StreamedRNNPool(nn.Module):
             self._index_cache[width] = _by_length(rnn1), _by_length(rnn2)
         return self._index_cache[width]
 
-    def _pool_patches(self, region: torch.Tensor) -> torch.Tensor:
-        """RNNPool of the patches side by side in one patch row's region [1, C, kh, width] -> [4 h2, n].
+    def _pool_patches(self, region: torch.Tensor, out: torch.Tensor) -> None:
+        """RNNPool of the patches side by side in one patch row's region [1, C, kh, width], written into
+        `out` [4 h2, n].
 
         As rnnpool_map, RNN1 runs once over every row segment and every column of the region; the sweeps
         read their inputs in place (sweep_indexed), so nothing but the region and the states is alive."""
@@ -344,7 +345,7 @@ class StreamedRNNPool(nn.Module):
         rnn1_index, rnn2_index = self._indices(region.shape[3])
         summaries = _sweep_indexed(rnn1, region.reshape(region.shape[1], -1), rnn1_index)
         pooled = _sweep_indexed(rnn2, summaries, rnn2_index)  # [h2, 4 n]: rows fwd, bwd, cols fwd, bwd
-        return pooled.view(h2, 4, -1).transpose(0, 1).reshape(4 * h2, -1)
+        out.view(4, h2, -1).copy_(pooled.view(h2, 4, -1).transpose(0, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The pool's output; with a head, the head's outputs are left in `handoff`."""
@@ -387,7 +388,7 @@ class StreamedRNNPool(nn.Module):
                     region = band.tensor[
                         :, :, first : first + in_rows.stop - in_rows.start, in_cols.start : in_cols.stop
                     ]
-                out[0, :, i, j0:j1] = self._pool_patches(pad_zeros(region, (pad_l, pad_r, pad_t, pad_b)))
+                self._pool_patches(pad_zeros(region, (pad_l, pad_r, pad_t, pad_b)), out[0, :, i, j0:j1])
                 del region  # not alive while the next group's region is computed
             if run is not None:
                 run.feed(band)
