@@ -16,7 +16,13 @@ from leanvision.analysis.measured import measure_peak
 from leanvision.analysis.memory import peak_memory
 from leanvision.bench import calibrate_batchnorm
 from leanvision.deploy.fusion import lean_chain
-from leanvision.deploy.lean_blocks import banded_inception, chunked_bottleneck, lean_module
+from leanvision.deploy.lean_blocks import (
+    ChunkedBottleneck,
+    banded_inception,
+    bottleneck_parts,
+    chunked_bottleneck,
+    lean_module,
+)
 from leanvision.deploy.rewrite import Chain, raw_forward
 from leanvision.deploy.streamed_rnnpool import StreamedRNNPool
 from leanvision.deploy.streaming import stream
@@ -160,6 +166,45 @@ def test_squeeze_excite_and_basic_blocks_stream_exactly(index, band_bytes):
     assert lean is not None and type(lean).__name__ in ("ChunkedBottleneck", "BandedBasicBlock")
     with torch.no_grad():
         _close(lean(x), block(x))
+
+
+@pytest.mark.parametrize("index", range(3))  # the blocks with a squeeze-excite
+@pytest.mark.parametrize("group, mean_group", [(1, 5), (7, 3), (5, 1000), (1000, 1)])
+def test_the_squeeze_excites_first_pass_may_run_in_other_groups(index, group, mean_group):
+    block = randomize_(_se_blocks()[index], seed=index)
+    x = torch.randn(2, 16, 13, 11, generator=torch.Generator().manual_seed(index))
+    lean = ChunkedBottleneck(**bottleneck_parts(block), group=group, mean_group=mean_group)
+    with torch.no_grad():
+        _close(lean(x), block(x))
+
+
+@pytest.mark.parametrize("index", range(len(_blocks()) + 3))
+@pytest.mark.parametrize("band_bytes", [1, 3000, 20000])
+def test_a_chunked_bottleneck_holds_its_output_and_group_bytes(index, band_bytes):
+    """group_bytes is what the block holds beside its input and output (measured, the input not counted):
+    the streaming budget counts it as the peak the other executors may fill."""
+    block = randomize_([*_blocks(), *_se_blocks()[:3]][index], seed=index)
+    x = torch.randn(1, 16, 13, 11, generator=torch.Generator().manual_seed(index))
+    lean = chunked_bottleneck(block, (13, 11), band_bytes)
+    with torch.no_grad():
+        out_bytes = lean(x).numel() * 4
+        assert measure_peak(lean, x).peak_bytes == out_bytes + lean.group_bytes(13, 11)
+
+
+@pytest.mark.parametrize("patches", [1, 3, 8, 19])
+def test_a_streamed_rnnpool_holds_at_most_its_output_and_group_bytes(patches):
+    """group_bytes bounds what a patch group holds (the sweeps' scratch included), so groups fit budgets."""
+    prefix = [nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU6()]
+    pool = randomize_(RNNPoolLayer(8, 6, 5, patch_size=(4, 4), stride=(2, 2), padding="same"))
+    x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(patches))
+    streamed = StreamedRNNPool(prefix, pool, patches_per_group=patches)
+    streamed.regroup(patches, x)
+    with torch.no_grad():
+        out_bytes = streamed(x).numel() * 4
+        peak = measure_peak(streamed, x).peak_bytes
+    assert (
+        out_bytes + 0.9 * streamed.group_bytes(patches) <= peak <= out_bytes + streamed.group_bytes(patches)
+    )
 
 
 class _FunctionalPrefix(nn.Module):

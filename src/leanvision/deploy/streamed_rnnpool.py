@@ -388,7 +388,8 @@ class StreamedRNNPool(nn.Module):
                     region = band.tensor[
                         :, :, first : first + in_rows.stop - in_rows.start, in_cols.start : in_cols.stop
                     ]
-                self._pool_patches(pad_zeros(region, (pad_l, pad_r, pad_t, pad_b)), out[0, :, i, j0:j1])
+                region = pad_zeros(region, (pad_l, pad_r, pad_t, pad_b))  # the unpadded one freed
+                self._pool_patches(region, out[0, :, i, j0:j1])
                 del region  # not alive while the next group's region is computed
             if run is not None:
                 run.feed(band)
