@@ -69,7 +69,7 @@ class _Chunk:
     start: int
     stop: int
     expand: tuple[torch.Tensor, ...] | None  # weight [g, C_in], offset, scale, shift [g, 1]
-    depthwise: tuple[torch.Tensor, ...]  # weight [g, 1, k, k], offset [g], scale, shift [1, g, 1, 1]
+    depthwise: tuple[torch.Tensor, ...]  # weight [g, 1, k, k], offset, scale, shift [1, g, 1, 1]
     project_weight: torch.Tensor  # [C_out, g]
 
 
@@ -127,8 +127,10 @@ class ChunkedBottleneck(nn.Module):
                 if expand is not None:
                     weight = expand.conv.weight[part, :, 0, 0]
                     expand_part = (weight.clone(), *(t[part, None].clone() for t in ex_affine))
-                offset, scale, shift = (t[part].clone() for t in dw_affine)
-                depthwise_part = (dw.weight[part].clone(), offset, scale[:, None, None], shift[:, None, None])
+                depthwise_part = (
+                    dw.weight[part].clone(),
+                    *(t[None, part, None, None].clone() for t in dw_affine),
+                )
                 return _Chunk(start, stop, expand_part, depthwise_part, pw.weight[:, part, 0, 0].clone())
 
             def chunks(stop: int, size: int) -> list[_Chunk]:
@@ -164,11 +166,11 @@ class ChunkedBottleneck(nn.Module):
             e = x[:, chunk.start : chunk.stop]
         else:
             weight, offset, scale, shift = chunk.expand
-            e = torch.addmm(offset, weight, x.view(x.shape[1], -1)).mul_(scale).add_(shift)
+            e = torch.mm(weight, x.view(x.shape[1], -1)).add_(offset).mul_(scale).add_(shift)
             e = self.expand_act(e).view(1, -1, *x.shape[2:])
-        weight, offset, scale, shift = chunk.depthwise  # the offset as the conv's bias: one op less
-        d = F.conv2d(e, weight, offset, self.stride, self.padding, self.dilation, len(weight))
-        return self.dw_act(d.mul_(scale).add_(shift))
+        weight, offset, scale, shift = chunk.depthwise
+        d = F.conv2d(e, weight, None, self.stride, self.padding, self.dilation, len(weight))
+        return self.dw_act(d.add_(offset).mul_(scale).add_(shift))
 
     def _one(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
