@@ -270,6 +270,26 @@ def test_torch_compile_matches():
     torch.testing.assert_close(compiled(x), layer(x))
 
 
+def test_torch_compile_of_inference_keeps_the_numba_sweeps():
+    """Without gradients torch.compile calls the in-place kernel path as one opaque operator
+    (leanvision::rnnpool_in_place) in a single graph, instead of tracing the plain steps."""
+    pytest.importorskip("numba")
+    layer = randomize(RNNPoolLayer(3, 4, 5, (4, 3), (2, 3)), seed=5).eval()
+    x = torch.randn(2, 3, 17, 14)
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(layer, backend=backend, fullgraph=True)
+        torch.testing.assert_close(compiled(x), layer(x))
+    (graph,) = graphs
+    assert "leanvision.rnnpool_in_place" in str(graph.graph)
+
+
 def test_bad_input():
     layer = RNNPoolLayer(3, 4, 4, 6, 4)
     with pytest.raises(ValueError, match=r"expects input \[B, 3, H, W\], got \[1, 2, 10, 10\]"):

@@ -11,6 +11,7 @@ hidden vectors (FastGRNN overrides it: a fused numba kernel on CPU, else a featu
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from collections.abc import Callable, Sequence
 
@@ -85,6 +86,10 @@ class RecurrentCell(nn.Module):
 
     def fused_sweep(self, x: torch.Tensor) -> bool:
         """Whether `sweep` over inputs like x runs as one fused kernel (not a loop of torch kernels)."""
+        return False
+
+    def compiled_kernel(self, x: torch.Tensor) -> bool:
+        """Whether, under torch.compile, an inference sweep over x can run a fused kernel."""
         return False
 
     def sweep(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -230,42 +235,35 @@ class FastGRNNCell(RecurrentCell):
             torch.is_grad_enabled() and any(t.requires_grad for t in (*params, x))
         ):
             return super().sweep_indexed(x, index)
-        inputs = _kernel_inputs(w, u, self.bias_gate, self.bias_update, *map(torch.sigmoid, params[-2:]))
-        return self._indexed_kernel(x, index, inputs, lanes)
+        return kernel_sweep(params, lanes)(x, index)
+
+    def compiled_kernel(self, x: torch.Tensor) -> bool:
+        """Whether, under torch.compile, an inference sweep over x can run the numba kernel inside an
+        opaque operator (dynamo cannot trace numba); never when exporting, which needs the plain steps."""
+        return (
+            self._sigmoid_pair
+            and NUMBA_INSTALLED
+            and not torch.compiler.is_exporting()
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+        )
+
+    def kernel_weights(self) -> list[torch.Tensor]:
+        """What the numba kernels compute with: W and U (effective), the two biases, zeta and nu."""
+        return [self.weight_w(), self.weight_u(), self.bias_gate, self.bias_update, self.zeta, self.nu]
 
     def inference_sweep(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         if not self._sigmoid_pair or _numba_kernels() is None:
             return self.sweep_indexed
         with torch.no_grad():
-            w, zeta, nu = self.weight_w(), torch.sigmoid(self.zeta), torch.sigmoid(self.nu)
-            inputs = _kernel_inputs(w, self.weight_u(), self.bias_gate, self.bias_update, zeta, nu)
+            fused = kernel_sweep(self.kernel_weights())
 
         def sweep(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            if torch.compiler.is_compiling() or not _kernel_applies(w, x):
+            if torch.compiler.is_compiling() or not _kernel_applies(self.bias_gate, x):
                 return self.sweep_indexed(x, index)
-            return self._indexed_kernel(x, index, inputs)
+            return fused(x, index)
 
         return sweep
-
-    def _indexed_kernel(
-        self, x: torch.Tensor, index: torch.Tensor, inputs: tuple[np.ndarray, ...], lanes: int = INDEXED_LANES
-    ) -> torch.Tensor:
-        """The numba sweep_indexed, with the per-thread scratch allocated here as torch tensors (so that
-        memory meters see it)."""
-        kernels = _numba_kernels()
-        final = x.new_empty(self.hidden_size, index.shape[1])
-        with kernels.parallel(torch.get_num_threads()) as tasks:
-            lanes, hidden = min(lanes, index.shape[1]), self.hidden_size  # few sequences: less scratch
-            threads = min(tasks // kernels.TASKS_PER_THREAD, -(-index.shape[1] // lanes))
-            scratch = (
-                x.new_empty(threads, len(x) + hidden, lanes),  # a step's inputs above its state
-                x.new_empty(threads, hidden, lanes),  # pre-activations
-                x.new_empty(threads, 2, hidden, lanes),  # gate and update
-            )
-            kernels.sweep_forward_indexed(
-                _numpy(x), index.numpy(), *inputs, final.numpy(), *(t.numpy() for t in scratch)
-            )
-        return final
 
     def sweep(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if not self._sigmoid_pair or torch.compiler.is_compiling():  # compilers trace the plain steps
@@ -379,6 +377,9 @@ class _FastGRNNSweep(torch.autograd.Function):
         return grad_weight, grad_bias, grad_zeta.view_as(zeta), grad_nu.view_as(nu), *grad_inputs
 
 
+NUMBA_INSTALLED = importlib.util.find_spec("numba") is not None  # a constant for torch.compile to read
+
+
 @functools.cache
 def _numba_kernels():
     """The numba kernels module (fastgrnn_kernels.py), or None where numba is not installed."""
@@ -423,6 +424,41 @@ def _kernel_inputs(
             (torch.cat((w, u)).T, bias_gate.view(-1), bias_update.view(-1), torch.cat((zeta, nu)).view(2)),
         )
     )
+
+
+def _indexed_kernel(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    inputs: tuple[np.ndarray, ...],
+    hidden: int,
+    lanes: int = INDEXED_LANES,
+) -> torch.Tensor:
+    """The numba sweep_forward_indexed -> final states [hidden, N], with the per-thread scratch allocated
+    here as torch tensors (so that memory meters see it)."""
+    kernels = _numba_kernels()
+    final = x.new_empty(hidden, index.shape[1])
+    with kernels.parallel(torch.get_num_threads()) as tasks:
+        lanes = min(lanes, index.shape[1])  # few sequences: less scratch
+        threads = min(tasks // kernels.TASKS_PER_THREAD, -(-index.shape[1] // lanes))
+        scratch = (
+            x.new_empty(threads, len(x) + hidden, lanes),  # a step's inputs above its state
+            x.new_empty(threads, hidden, lanes),  # pre-activations
+            x.new_empty(threads, 2, hidden, lanes),  # gate and update
+        )
+        kernels.sweep_forward_indexed(
+            _numpy(x), index.numpy(), *inputs, final.numpy(), *(t.numpy() for t in scratch)
+        )
+    return final
+
+
+def kernel_sweep(
+    weights: Sequence[torch.Tensor], lanes: int = INDEXED_LANES
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """FastGRNN's numba sweep_indexed on `weights` (FastGRNNCell.kernel_weights), prepared once: a
+    function (x [C, S], index [T, N]) -> final states [h, N]. Inference only."""
+    w, u, bias_gate, bias_update, zeta, nu = weights
+    inputs = _kernel_inputs(w, u, bias_gate, bias_update, torch.sigmoid(zeta), torch.sigmoid(nu))
+    return functools.partial(_indexed_kernel, inputs=inputs, hidden=w.shape[1], lanes=lanes)
 
 
 def _kernel_sweep(

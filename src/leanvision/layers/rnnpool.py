@@ -16,13 +16,13 @@ The fast path follows the speed notes of the reference analysis (shared/notes/rn
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from leanvision.errors import InvalidArgumentError
-from leanvision.layers.rnn_cells import FastGRNNCell, RecurrentCell, create_cell
+from leanvision.layers.rnn_cells import FastGRNNCell, RecurrentCell, create_cell, kernel_sweep
 
 PADDINGS = ("edgeml", "valid", "same")
 
@@ -36,6 +36,7 @@ FUSED_TILE_PATCHES = 8192
 # Sequences per block of the in-place inference sweeps over a whole map: its scratch is small beside the
 # map, and 128 runs RNNPool-Face-Quant's layer 15% faster than streaming's 32.
 MAP_LANES = 128
+IndexedSweep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [C, S], index [T, N]) -> [h, N]
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -71,12 +72,18 @@ def rnnpool_map(
     """
     (kh, kw), (sh, sw) = patch_size, stride
     batch, oh, ow = x.shape[0], (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    if batch > 0 and not torch.is_grad_enabled():  # inference: the sweeps read the map in place
+        if torch.compiler.is_compiling() and rnn1.compiled_kernel(x) and rnn2.compiled_kernel(x):
+            weights = rnn1.kernel_weights(), rnn2.kernel_weights()
+            out = torch.ops.leanvision.rnnpool_in_place(x, *weights, list(patch_size), list(stride))
+            return out.permute(0, 2, 3, 1)
+        if not torch.compiler.is_compiling() and rnn1.fused_sweep(x) and rnn2.fused_sweep(x):
+            sweeps = [functools.partial(cell.sweep_indexed, lanes=MAP_LANES) for cell in (rnn1, rnn2)]
+            return _rnnpool_in_place(sweeps, x, patch_size, stride).permute(0, 2, 3, 1)
     if torch.compiler.is_compiling():  # compile / ONNX export: one graph over the map, for any batch size
         return _rnnpool_tile(rnn1, rnn2, x, patch_size, stride)
     if batch == 0:  # an empty batch, as torch's layers take it
         return x.new_zeros(0, max(oh, 0), max(ow, 0), 4 * rnn2.hidden_size)
-    if not torch.is_grad_enabled() and rnn1.fused_sweep(x) and rnn2.fused_sweep(x):
-        return _rnnpool_in_place(rnn1, rnn2, x, patch_size, stride)
     tile = FUSED_TILE_PATCHES if rnn1.fused_sweep(x) else TILE_PATCHES
     if batch > 1 and batch * oh * ow > tile:
         images = max(1, tile // (oh * ow))
@@ -147,24 +154,41 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _rnnpool_in_place(
-    rnn1: RecurrentCell,
-    rnn2: RecurrentCell,
-    x: torch.Tensor,
-    patch_size: tuple[int, int],
-    stride: tuple[int, int],
+    sweeps: Sequence[IndexedSweep], x: torch.Tensor, patch_size: Sequence[int], stride: Sequence[int]
 ) -> torch.Tensor:
-    """rnnpool_map for inference: the sweeps read their steps in place (no gathered copies of segments),
-    over the whole map at once. Returns [B, oh, ow, 4 h2] as a view of a contiguous [B, 4 h2, oh, ow]."""
+    """rnnpool_map for inference, as a contiguous [B, 4 h2, oh, ow]: RNN1's and RNN2's `sweeps` (each
+    (x [C, S], index [T, N]) -> [h, N], see RecurrentCell.sweep_indexed) read their steps in place, over
+    the whole map at once (no gathered copies of the segments)."""
     batch, channels, height, width = x.shape
     (kh, kw), (sh, sw) = patch_size, stride
     oh, ow = (height - kh) // sh + 1, (width - kw) // sw + 1
-    rnn1_indices, rnn2_indices = rnnpool_indices(batch, height, width, patch_size, stride)
+    rnn1_indices, rnn2_indices = rnnpool_indices(batch, height, width, tuple(patch_size), tuple(stride))
     pixels = x.transpose(0, 1).reshape(channels, -1)  # a view for one NCHW image
-    summaries = _joined([rnn1.sweep_indexed(pixels, index, MAP_LANES) for index in rnn1_indices])
-    pooled = _joined([rnn2.sweep_indexed(summaries, index, MAP_LANES) for index in rnn2_indices])
-    h2 = rnn2.hidden_size  # pooled [h2, 4 B oh ow]: rows forwards, backwards, columns forwards, backwards
-    out = pooled.view(h2, 4, batch, oh, ow).permute(2, 1, 0, 3, 4).reshape(batch, 4 * h2, oh, ow)
-    return out.permute(0, 2, 3, 1)
+    summaries = _joined([sweeps[0](pixels, index) for index in rnn1_indices])
+    pooled = _joined([sweeps[1](summaries, index) for index in rnn2_indices])
+    h2 = len(pooled)  # pooled [h2, 4 B oh ow]: rows forwards, backwards, columns forwards, backwards
+    return pooled.view(h2, 4, batch, oh, ow).permute(2, 1, 0, 3, 4).reshape(batch, 4 * h2, oh, ow)
+
+
+@torch.library.custom_op("leanvision::rnnpool_in_place", mutates_args=())
+def _rnnpool_in_place_op(
+    x: torch.Tensor,
+    rnn1: list[torch.Tensor],
+    rnn2: list[torch.Tensor],
+    patch_size: list[int],
+    stride: list[int],
+) -> torch.Tensor:
+    """The in-place inference path with the FastGRNN numba kernels (FastGRNNCell.kernel_weights of both
+    cells) as one torch operator, which torch.compile calls as it is: dynamo cannot trace numba."""
+    sweeps = [kernel_sweep(weights, MAP_LANES) for weights in (rnn1, rnn2)]
+    return _rnnpool_in_place(sweeps, x, patch_size, stride)
+
+
+@_rnnpool_in_place_op.register_fake
+def _(x, rnn1, rnn2, patch_size, stride):
+    (kh, kw), (sh, sw) = patch_size, stride
+    oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    return x.new_empty(x.shape[0], 4 * rnn2[0].shape[1], oh, ow)
 
 
 class RNNPool(nn.Module):
