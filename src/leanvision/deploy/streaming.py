@@ -111,15 +111,17 @@ def _chained_after_pool(net: nn.Module, calls: list[ModuleCall], first: int) -> 
     return chained
 
 
-def _peak_budget(runs: list[list[ModuleCall]], replaced: set[int], band_bytes: int, pool_bytes: int) -> int:
+def _peak_budget(
+    runs: list[list[ModuleCall]], replaced: set[int], band_bytes: int, pool_bytes: int, groups: bool
+) -> int:
     """The peak RAM the executors after the pool reach anyway: each holds its run's input and output at
-    once, and a ChunkedBottleneck one group of about band_bytes beside them (counted as it is made; other
-    forms' groups are not counted, as before this budget existed). The groups of every executor may use
-    the headroom below it at no cost (the pool's input is never whole: its output alone counts)."""
+    once, and with `groups` a ChunkedBottleneck one group of about band_bytes beside them (counted as it
+    is made; other forms' groups are not counted). The groups of every executor may use the headroom
+    below it at no cost (the pool's input is never whole: its output alone counts)."""
 
     def held(run: list[ModuleCall]) -> int:
         call, group = run[0], 0
-        if len(run) == 1 and id(call) in replaced:
+        if groups and len(run) == 1 and id(call) in replaced:
             lean = lean_module(call.module, call.input_shape, band_bytes)
             if isinstance(lean, ChunkedBottleneck):
                 group = lean.group_bytes(*call.input_shape[2:])
@@ -170,15 +172,21 @@ class StreamedModel(InferenceOnly):
         runs = fused_runs(later, band_bytes)  # the calls that run after the pool, a fused run as one
         fused = {id(call) for run in runs if len(run) > 1 for call in run}
         replaced = [call for call in replaced if id(call) not in fused]
-        budget = _peak_budget(runs, {id(call) for call in replaced}, band_bytes, pool_call.output_bytes)
+        # A detector keeps maps beside the chain (its sources, its heads' outputs) that a run's input and
+        # output do not count: there the budget keeps that slack (no groups counted in it).
+        chain_only = isinstance(expected, torch.Tensor)
+        budget = _peak_budget(
+            runs, {id(call) for call in replaced}, band_bytes, pool_call.output_bytes, chain_only
+        )
         valid_width = pool_call.module.output_size(*pool_call.input_shape[2:])[1]
         if head_call:  # each patch row's stem rows are computed whole anyway: one group per patch row
             groups = valid_width
-        else:  # where even one patch exceeds the budget, the pool's least group sets the peak
+        else:
             groups = patches_per_group(
                 streamed_pool, valid_width, max(band_bytes, budget - pool_call.output_bytes)
             )
-            budget = max(budget, pool_call.output_bytes + streamed_pool.group_bytes(groups))
+            if chain_only:  # where even one patch exceeds the budget, the pool's least group sets the peak
+                budget = max(budget, pool_call.output_bytes + streamed_pool.group_bytes(groups))
         streamed_pool.regroup(groups, probe)
         make_lean(net, replaced, band_bytes, budget)
         make_fused(net, runs, band_bytes, budget)
