@@ -214,8 +214,9 @@ def stream(
 
     `band_bytes`: the least RAM the work of one group (of patches, expanded channels or rows) may take
     beyond the input and output its layer holds (default: a quarter of the RNNPool's fp32 output, or with
-    split_blocks of the last patch-based block's). Groups also take the headroom below the largest input
-    + output of any layer after the RNNPool, which every executor holds at once: larger groups there cost
+    split_blocks of the last patch-based block's). Groups also take the headroom below the peak some executor
+    reaches anyway (the largest input + output of a layer after the RNNPool, with the group a
+    ChunkedBottleneck there holds beside them where the output is one tensor): larger groups there cost
     no peak RAM and run faster."""
     check_built_model(model, "stream")
     if split_blocks is not None:
