@@ -225,7 +225,15 @@ def test_a_prefix_that_is_not_a_chain_of_modules_is_refused():
         stream(model, (3, 16, 16))
 
 
-@pytest.mark.parametrize("name, size", [("rnnpool_face_c", (3, 96, 128)), ("rnnpool_face_m4", (1, 120, 160))])
+@pytest.mark.parametrize(
+    "name, size",
+    [
+        ("rnnpool_face_c", (3, 96, 128)),
+        ("rnnpool_face_m4", (1, 120, 160)),
+        ("rnnpool_face_quant", (3, 480, 640)),  # VGA; its first head runs inside the pool (BandedHead)
+        ("rnnpool_face_quant", (3, 243, 317)),  # rectangular, no stride divides it
+    ],
+)
 def test_streamed_detector_equals_eager(name, size):
     """On the raw head outputs (NMS is discontinuous); the normalisation runs inside the patch groups."""
     model = randomize_(leanvision.create_model(name))

@@ -13,7 +13,7 @@ only the few halo rows its next rows need; its outputs are handed to the HeadOut
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -23,13 +23,12 @@ from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ImageNormalize, RNNPoolLayer
 from leanvision.layers.rnn_cells import INDEXED_LANES
-from leanvision.layers.rnnpool import rnnpool_indices
+from leanvision.layers.rnnpool import IndexedSweep, rnnpool_indices
 from leanvision.models.face.nets import DetectionHead
 
 # A BandedHead computes once this many new rows are held (or the last row): fewer, larger calls of its small
 # convolutions, whose per-call cost dominates when they run row by row (4x faster than every 4 rows).
 HEAD_STEP_ROWS = 16
-IndexedSweep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [C, S], index [T, N]) -> [h, N]
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh)
 ELEMENTWISE = (
