@@ -431,7 +431,7 @@ def _indexed_kernel(
     index: torch.Tensor,
     inputs: tuple[np.ndarray, ...],
     hidden: int,
-    lanes: int = INDEXED_LANES,
+    lanes: int,
 ) -> torch.Tensor:
     """The numba sweep_forward_indexed -> final states [hidden, N], with the per-thread scratch allocated
     here as torch tensors (so that memory meters see it)."""
