@@ -131,9 +131,9 @@ class DetectionHead(nn.Module):
         del self.loc, self.conf
         self.merged = merged
         if isinstance(self.l2norm, L2Norm) and self.l2norm.weight is not None:  # a scale per input channel
-            first = merged if isinstance(merged, nn.Conv2d) else merged[0]
+            reader = merged if isinstance(merged, nn.Conv2d) else merged[0]
             with torch.no_grad():
-                first.weight.mul_(self.l2norm.weight.view(1, -1, 1, 1))
+                reader.weight.mul_(self.l2norm.weight.view(1, -1, 1, 1))
             self.l2norm.weight = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

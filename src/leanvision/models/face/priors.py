@@ -30,16 +30,12 @@ def prior_boxes(
     per sizes and device (a detector asks for the same ones at every call); each call gets its own copy.
     """
     if torch.compiler.is_compiling():  # traced into the graph, not cached
-        return _prior_boxes(feature_sizes, image_size, steps, anchor_sizes, device)
+        return _prior_boxes.__wrapped__(feature_sizes, image_size, steps, anchor_sizes, device)
     key = tuple(map(tuple, feature_sizes)), tuple(image_size), tuple(steps), tuple(anchor_sizes)
-    return _cached_prior_boxes(*key, torch.device(device or "cpu")).clone()
+    return _prior_boxes(*key, torch.device(device or "cpu")).clone()
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_prior_boxes(*args) -> torch.Tensor:
-    return _prior_boxes(*args)
-
-
 def _prior_boxes(
     feature_sizes: Sequence[tuple[int, int]],
     image_size: tuple[int, int],
