@@ -13,7 +13,7 @@ only the few halo rows its next rows need; its outputs are handed to the HeadOut
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -359,18 +359,33 @@ class StreamedRNNPool(nn.Module):
 
     def _one(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """The pool's output and the head's outputs (None without a head) of one image [1, C, H, W]."""
+        height, width = self._sizes(x.shape[2], x.shape[3])[-1]
+        run = None if self.head is None else self.head.start(x, height, width)
+        out = x.new_empty(1, self.pool.out_channels, *self.pool.output_size(height, width))
+        for _ in self.output_rows(x, run, out):
+            pass
+        return out, None if run is None else run.outputs
+
+    def output_rows(
+        self, x: torch.Tensor, head_run: _HeadRun | None = None, out: torch.Tensor | None = None
+    ) -> Iterator[_Rows]:
+        """The pool's output rows of one image [1, C, H, W], top to bottom, one row [1, C', 1, W'] at a
+        time, so that a consumer may use each as it comes and the output is never whole (or, with `out`,
+        the pool's output to write into, views of it). With the `head_run` of this pool's head, the run
+        is fed the prefix rows as they are computed: its outputs are complete once the last row has been
+        taken."""
         pool, (kh, kw), (sh, sw) = self.pool, self.pool.patch_size, self.pool.stride
         sizes = self._sizes(x.shape[2], x.shape[3])
         height, width = sizes[-1]
         oh, ow = pool.output_size(height, width)
         extra = 1 if pool.padding == "edgeml" else 0
-        out = x.new_empty(x.shape[0], pool.out_channels, oh, ow)
         top = left = 0
         if pool.padding == "same":  # the zero padding RNNPoolLayer adds: evenly, extra at the bottom/right
             top, left = max((oh - 1) * sh + kh - height, 0) // 2, max((ow - 1) * sw + kw - width, 0) // 2
         valid_h, valid_w, depth = oh - extra, ow - extra, len(self.prefix)
-        run = None if self.head is None else self.head.start(x, height, width)
+        run, row = head_run, None
         for i in range(valid_h):
+            row = x.new_empty(1, pool.out_channels, 1, ow) if out is None else out[:, :, i : i + 1]
             in_rows, pad_t, pad_b = Span(i * sh - top, i * sh - top + kh).clip(height)
             if run is not None:  # the patch row's rows at full width, from the first one the head lacks
                 band_rows = Span(min(in_rows.start, run.fed), in_rows.stop)
@@ -388,18 +403,20 @@ class StreamedRNNPool(nn.Module):
                         :, :, first : first + in_rows.stop - in_rows.start, in_cols.start : in_cols.stop
                     ]
                 region = pad_zeros(region, (pad_l, pad_r, pad_t, pad_b))  # the unpadded one freed
-                self._pool_patches(region, out[0, :, i, j0:j1])
+                self._pool_patches(region, row[0, :, 0, j0:j1])
                 del region  # not alive while the next group's region is computed
             if run is not None:
                 run.feed(band)
                 del band
+            if extra:  # "edgeml": one replicated column at the right
+                row[:, :, :, valid_w] = row[:, :, :, valid_w - 1]
+            yield _Rows(row, i, oh)
         if run is not None and run.fed < height:  # the rows below the last patch row that the head reads
             rest = Span(run.fed, height)
             run.feed(_Rows(self._region(x, depth, rest, Span(0, width), sizes), rest.start, height))
-        if extra:  # "edgeml": one replicated row at the bottom and column at the right
-            out[:, :, :valid_h, valid_w] = out[:, :, :valid_h, valid_w - 1]
-            out[:, :, valid_h] = out[:, :, valid_h - 1]
-        return out, None if run is None else run.outputs
+        if extra:  # and one replicated row at the bottom
+            last = row.clone() if out is None else out[:, :, valid_h : valid_h + 1].copy_(row)
+            yield _Rows(last, valid_h, oh)
 
 
 def patches_per_group(pool: StreamedRNNPool, valid_width: int, budget: int) -> int:
