@@ -104,13 +104,16 @@ def test_streamed_model_equals_eager(name, size):
 @pytest.mark.parametrize("name, size", STREAMED[::2])
 def test_streamed_model_is_as_exact_as_eager_with_calibrated_batchnorm(name, size):
     """With BN statistics of real activations, fp32 itself is ~1e-4 off (means large against deviations):
-    then no reordering of a sum stays within 1e-5 of eager, and the reference is the float64 model."""
+    then no reordering of a sum stays within 1e-5 of eager, and the reference is the float64 model. Eager
+    runs image by image, as the streamed model does (oneDNN rounds a batch's convolutions differently:
+    resnet18_rnnpool's eager error is 6.8e-6 at batch 2, 1.4e-5 image by image, the streamed 1.4e-5)."""
     torch.manual_seed(0)
     model = calibrate_batchnorm(leanvision.create_model(name), size)
     x = torch.randn(2, *size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         exact = copy.deepcopy(model).double()(x.double())
-        eager, streamed = model(x).double(), stream(model, size)(x).double()
+        eager = torch.cat([model(image[None]) for image in x]).double()
+        streamed = stream(model, size)(x).double()
     assert (streamed - exact).abs().max() <= 1.5 * (eager - exact).abs().max() + 1e-7 * exact.abs().max()
 
 
@@ -337,6 +340,9 @@ LAYER_RATIO = [  # streamed peak / layer figure at the paper input size (224, Re
     ("googlenet_rnnpool", (3, 224, 224), 1.25),  # inceptions in row bands, 4e fused with its max pool
     ("densenet121_rnnpool", (3, 224, 224), 1.25),  # dense block 3's input + output, when it copies one in
     ("rexnet_100_lowres_rnnpool", (3, 32, 32), 1.3),
+    # the pool's rows fed to layer3 (PoolIntoBlocks): layer3.1's output beside the pool's group and the
+    # blocks' held rows (was 2.04: the pool's output beside layer3.0's)
+    ("resnet18_rnnpool", (3, 224, 224), 1.36),
 ]
 
 

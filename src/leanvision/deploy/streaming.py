@@ -14,7 +14,9 @@ in which
   group of the expanded channels, then that group's share of the projection is added into the output. The
   expanded map is never whole: the block holds its input, its output and one group, the layer
   convention's "input + output";
-- ResNet basic blocks, DenseNet dense blocks and transitions, GoogLeNet inception blocks, max pools: the
+- the ResNet BasicBlocks of the stage that reads the pool's output are fed its rows as the pool makes them,
+  each block's rows to the next (row_runs.PoolIntoBlocks): the pool's output is never whole;
+- other ResNet basic blocks, DenseNet dense blocks and transitions, GoogLeNet inception blocks, max pools: the
   other forms of lean_blocks; a map larger than the input of the layer that makes it and the output of
   the one that reads it is never whole: the two run as one, in row bands (fusion.py);
 - every other layer runs as it is.
@@ -25,15 +27,17 @@ lean blocks in lean_blocks.py, the probe-and-rebuild machinery in rewrite.py.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torchvision.models.googlenet import BasicConv2d
+from torchvision.models.resnet import BasicBlock
 
 from leanvision.deploy.fold import check_built_model
 from leanvision.deploy.fusion import fused_runs, make_fused
-from leanvision.deploy.lean_blocks import ChunkedBottleneck, lean_module
+from leanvision.deploy.lean_blocks import BandedBasicBlock, ChunkedBottleneck, lean_module
 from leanvision.deploy.rewrite import (
     Chain,
     InferenceOnly,
@@ -46,6 +50,7 @@ from leanvision.deploy.rewrite import (
     module_calls,
     set_module,
 )
+from leanvision.deploy.row_runs import PoolIntoBlocks
 from leanvision.deploy.streamed_rnnpool import HeadOutputs, StreamedRNNPool, patches_per_group
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import RNNPoolLayer
@@ -112,15 +117,25 @@ def _chained_after_pool(net: nn.Module, calls: list[ModuleCall], first: int) -> 
 
 
 def _peak_budget(
-    runs: list[list[ModuleCall]], replaced: set[int], band_bytes: int, pool_bytes: int, groups: bool
+    runs: list[list[ModuleCall]],
+    replaced: set[int],
+    band_bytes: int,
+    pool_bytes: int,
+    groups: bool,
+    fed: Sequence[ModuleCall] = (),
 ) -> int:
     """The peak RAM the executors after the pool reach anyway: each holds its run's input and output at
     once, and with `groups` a ChunkedBottleneck one group of about band_bytes beside them (counted as it
     is made; other forms' groups are not counted). The groups of every executor may use the headroom
-    below it at no cost (the pool's input is never whole: its output alone counts)."""
+    below it at no cost. The pool's input is never whole: its output alone counts (`pool_bytes`), or with
+    `fed`, the blocks fed the pool's rows, what the pool's loop holds: their runs (and their containers)
+    hold nothing more."""
+    fed_names = tuple(call.name for call in fed)
 
     def held(run: list[ModuleCall]) -> int:
         call, group = run[0], 0
+        if call.name in fed_names or any(name.startswith(call.name + ".") for name in fed_names):
+            return 0
         if groups and len(run) == 1 and id(call) in replaced:
             lean = lean_module(call.module, call.input_shape, band_bytes)
             if isinstance(lean, ChunkedBottleneck):
@@ -128,6 +143,43 @@ def _peak_budget(
         return call.input_bytes + run[-1].output_bytes + group
 
     return max(pool_bytes, *(held(run) for run in runs if run[-1].output_bytes))
+
+
+def _fed_blocks(calls: list[ModuleCall], first: int) -> list[ModuleCall]:
+    """The calls of the ResNet BasicBlocks of the stage that reads the RNNPoolLayer's (calls[first])
+    output (one after the other, each output the shape of the first's), which the pool then feeds row by
+    row (PoolIntoBlocks); none if another layer reads the pool's output first."""
+    fed, pool_call = [], calls[first]
+    for call in calls[first + 1 :]:
+        if call.name.startswith(pool_call.name + ".") or type(call.module) in (nn.Identity, nn.Sequential):
+            continue
+        if fed and call.name.startswith(fed[-1].name + "."):
+            continue
+        previous = fed[-1].output_shape if fed else pool_call.output_shape
+        if (
+            not isinstance(call.module, BasicBlock)
+            or call.input_shape != previous
+            or (fed and call.output_shape != fed[0].output_shape)
+        ):
+            break
+        fed.append(call)
+    return fed
+
+
+def _pool_into_blocks(chain: Chain, count: int) -> None:
+    """In a Chain starting with a StreamedRNNPool, the pool and the `count` BandedBasicBlocks after it
+    (with only Identities between) as one PoolIntoBlocks."""
+    blocks = []
+    for i, module in enumerate(chain):
+        if i and len(blocks) < count:
+            if not isinstance(module, (BandedBasicBlock, nn.Identity)):
+                raise AssertionError(
+                    f"expected a BandedBasicBlock after the pool, got {type(module).__name__}"
+                )
+            if isinstance(module, BandedBasicBlock):
+                blocks.append(module)
+                chain[i] = nn.Identity()
+    chain[0] = PoolIntoBlocks(chain[0], blocks)
 
 
 class StreamedModel(InferenceOnly):
@@ -175,22 +227,26 @@ class StreamedModel(InferenceOnly):
         # A detector keeps maps beside the chain (its sources, its heads' outputs) that a run's input and
         # output do not count: there the budget keeps that slack (no groups counted in it).
         chain_only = isinstance(expected, torch.Tensor)
-        budget = _peak_budget(
-            runs, {id(call) for call in replaced}, band_bytes, pool_call.output_bytes, chain_only
-        )
+        fed = [] if head_call else _fed_blocks(calls, first)
+        # what the pool's loop holds whole: its output, or the last fed block's, whose groups may then use
+        # the RAM the pool's output would have taken
+        pool_bytes = fed[-1].output_bytes if fed else pool_call.output_bytes
+        budget = _peak_budget(runs, {id(call) for call in replaced}, band_bytes, pool_bytes, chain_only, fed)
+        budget = max(budget, pool_call.output_bytes)
         valid_width = pool_call.module.output_size(*pool_call.input_shape[2:])[1]
         if head_call:  # each patch row's stem rows are computed whole anyway: one group per patch row
             groups = valid_width
         else:
-            groups = patches_per_group(
-                streamed_pool, valid_width, max(band_bytes, budget - pool_call.output_bytes)
-            )
+            groups = patches_per_group(streamed_pool, valid_width, max(band_bytes, budget - pool_bytes))
             if chain_only:  # where even one patch exceeds the budget, the pool's least group sets the peak
-                budget = max(budget, pool_call.output_bytes + streamed_pool.group_bytes(groups))
+                budget = max(budget, pool_bytes + streamed_pool.group_bytes(groups))
         streamed_pool.regroup(groups, probe)
         make_lean(net, replaced, band_bytes, budget)
         make_fused(net, runs, band_bytes, budget)
         chained = _chained_after_pool(net, calls, first)
+        if chained is not None and fed:
+            chained = flatten_sequentials(chained)
+            _pool_into_blocks(chained.get_submodule(pool_call.name), len(fed))
         if chained is not None and computes(chained, probe, expected):
             net = chained
         elif not computes(net, probe, expected):  # e.g. a prefix map read after the pool

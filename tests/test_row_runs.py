@@ -1,0 +1,109 @@
+"""Row runs: maps computed as their input rows arrive equal the layers computed on whole maps, however the
+rows are cut, and ResNet18-RNNPool's pool feeds its layer3 row by row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+import leanvision
+from conftest import randomize_
+from leanvision.analysis.measured import measure_peak
+from leanvision.deploy.lean_blocks import BandedBasicBlock, ConvStep, InPlaceConv, _Rows
+from leanvision.deploy.row_runs import BasicBlockRun, ChainRun, PoolIntoBlocks
+from leanvision.deploy.streamed_rnnpool import StreamedRNNPool
+from leanvision.deploy.streaming import stream
+from leanvision.errors import InvalidArgumentError
+from leanvision.layers import RNNPoolLayer
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def _fed_in_pieces(x: torch.Tensor, pieces: int) -> list[_Rows]:
+    """The rows of x top to bottom, `pieces` rows at a time (the last piece what is left)."""
+    return [_Rows(x[:, :, r : r + pieces], r, x.shape[2]) for r in range(0, x.shape[2], pieces)]
+
+
+def _stitched(bands: list[_Rows]) -> torch.Tensor:
+    """Bands of rows, which must follow each other from row 0, as one map."""
+    assert [band.start for band in bands] == [0, *(b.start + b.tensor.shape[2] for b in bands[:-1])]
+    return torch.cat([band.tensor for band in bands], 2)
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 5])
+@pytest.mark.parametrize("max_rows", [None, 1, 3])
+def test_a_chain_run_fed_rows_equals_the_chain(pieces, max_rows):
+    g = torch.Generator().manual_seed(pieces)
+    convs = [
+        nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        nn.Conv2d(6, 6, 3, padding=2, dilation=2),
+        nn.Conv2d(6, 5, (4, 3), stride=(1, 2), padding=(1, 1)),
+    ]
+    for conv in convs:
+        conv.weight.data = torch.randn(conv.weight.shape, generator=g) * 0.3
+    layers = [InPlaceConv(ConvStep(conv, None, nn.ReLU())) for conv in convs]
+    x = torch.randn(1, 4, 23, 9, generator=g)
+    with torch.no_grad():
+        expected = nn.Sequential(*layers)(x)
+        run, bands, held = ChainRun(layers, x.shape[2]), [], None
+        for rows in _fed_in_pieces(x, pieces):
+            held = rows if held is None else _Rows(torch.cat([held.tensor, rows.tensor], 2), held.start, 23)
+            while True:
+                done = list(run.done)
+                y = run.feed(held, max_rows)
+                bands += [y] if y is not None else []
+                if run.done == done:
+                    break
+            first = run.first_needed - held.start
+            held = _Rows(held.tensor[:, :, max(first, 0) :], max(run.first_needed, held.start), 23)
+        _close(_stitched(bands), expected)
+
+
+def _basic_block(stride: int, seed: int) -> BasicBlock:
+    down = None
+    if stride > 1:
+        down = nn.Sequential(nn.Conv2d(8, 12, 1, stride=stride, bias=False), nn.BatchNorm2d(12))
+    return randomize_(BasicBlock(8, 12 if down else 8, stride=stride, downsample=down), seed=seed)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("pieces, step", [(1, 1), (1, 2), (2, 3), (3, 1), (17, 2)])
+def test_a_basic_block_run_fed_rows_equals_the_block(stride, pieces, step):
+    block = _basic_block(stride, seed=pieces + step)
+    x = torch.randn(1, 8, 17, 10, generator=torch.Generator().manual_seed(step))
+    with torch.no_grad():
+        run = BasicBlockRun(BandedBasicBlock(block, 1), x.shape[2], step)
+        bands = [band for rows in _fed_in_pieces(x, pieces) for band in run.feed(rows)]
+        assert max(band.tensor.shape[2] for band in bands) <= step  # the last rows no larger a band
+        _close(_stitched(bands), block(x))
+        with pytest.raises(AssertionError, match="row 0 of the map is next"):
+            BasicBlockRun(BandedBasicBlock(block, 1), 17, step).feed(_Rows(x[:, :, 1:], 1, 17))
+
+
+def test_pool_into_blocks_equals_the_pool_and_the_blocks():
+    prefix = [nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU()]
+    pool = randomize_(RNNPoolLayer(8, 4, 2, patch_size=(4, 4), stride=(2, 2)), seed=1)
+    blocks = [_basic_block(2, seed=2), randomize_(BasicBlock(12, 12), seed=3)]
+    x = torch.randn(2, 3, 41, 38, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = nn.Sequential(*prefix, pool, *blocks)(x)
+        fused = PoolIntoBlocks(StreamedRNNPool(prefix, pool, 3), [BandedBasicBlock(b, 1) for b in blocks])
+        _close(fused(x), expected)
+    with pytest.raises(InvalidArgumentError, match="step_rows must be >= 1"):
+        PoolIntoBlocks(StreamedRNNPool(prefix, pool, 3), [BandedBasicBlock(blocks[0], 1)], step_rows=0)
+
+
+def test_resnet18_rnnpool_feeds_its_pool_rows_to_layer3():
+    """The pool's output (128x28x28, the layer convention's whole figure) and layer3.0's are never whole:
+    the largest tensor alive at the streamed peak is layer3.1's output."""
+    model = leanvision.create_model("resnet18_rnnpool").eval()
+    streamed = stream(model, (3, 224, 224))
+    fused = [m for m in streamed.modules() if isinstance(m, PoolIntoBlocks)]
+    assert len(fused) == 1 and len(fused[0].blocks) == 2
+    measured = measure_peak(streamed, torch.randn(1, 3, 224, 224))
+    assert max(t.nbytes for t in measured.live_at_peak) == 256 * 14 * 14 * 4
