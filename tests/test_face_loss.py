@@ -41,8 +41,9 @@ def test_prior_counts_and_values():
             torch.testing.assert_close(ours, torch.load(path, weights_only=True)["priors"], rtol=0, atol=1e-6)
 
 
-def test_priors_are_made_once_and_handed_out_as_copies():
+def test_priors_are_made_once_and_again_when_changed_in_place():
     first = prior_boxes(QVGA_MAPS_320x240, (240, 320), **QVGA)
+    assert prior_boxes(QVGA_MAPS_320x240, (240, 320), **QVGA) is first  # no copy per call
     first.zero_()
     again = prior_boxes(QVGA_MAPS_320x240, (240, 320), **QVGA)
     assert again.abs().sum() > 0 and again is not first

@@ -148,6 +148,21 @@ class DetectionHead(nn.Module):
         return loc, conf
 
 
+def _locations_last(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Maps [B, k, h, w] as one [B, sum of h w, k], locations row-major, map after map; each map is taken
+    out of `maps` and freed once copied (so no map is alive twice: RAM that streaming inference counts)."""
+    batch, channels = maps[0].shape[:2]
+    out = maps[0].new_empty(batch, sum(m.shape[2] * m.shape[3] for m in maps), channels)
+    start = 0
+    while maps:
+        m = maps.pop(0)
+        size = m.shape[2] * m.shape[3]
+        out[:, start : start + size].view(batch, *m.shape[2:], channels).copy_(m.permute(0, 2, 3, 1))
+        start += size
+        del m
+    return out
+
+
 def make_blocks(rows: Sequence[Row], in_channels: int) -> tuple[list[nn.Module], int]:
     """The blocks of table rows (operator, t, c, n, s), n per row, the first of each with stride s."""
     blocks = []
@@ -272,10 +287,9 @@ class RNNPoolFace(nn.Module):
                 outputs.append(self.heads[len(outputs)](x))
         sizes = [tuple(loc.shape[2:]) for loc, _ in outputs]
         priors = prior_boxes(sizes, image_size, self.steps, self.anchor_sizes, x.device)
-        # [B, P, k], locations row-major; a view before the cat where the maps are channels_last
-        loc = torch.cat([loc.permute(0, 2, 3, 1).flatten(1, 2) for loc, _ in outputs], 1)
-        conf = torch.cat([conf.permute(0, 2, 3, 1).flatten(1, 2) for _, conf in outputs], 1)
-        return loc, conf, priors
+        locs, confs = [loc for loc, _ in outputs], [conf for _, conf in outputs]
+        del outputs, x  # the maps' only references are in locs and confs, which _locations_last empties
+        return _locations_last(locs), _locations_last(confs), priors
 
     def forward(
         self,

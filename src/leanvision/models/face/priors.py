@@ -6,13 +6,17 @@ row-major order and maps in the order of the heads' outputs. Boxes elsewhere are
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 from torchvision.ops import box_convert
 
 VARIANCES = (0.1, 0.2)  # centre offsets in units of 0.1 x the prior size, log-sizes in units of 0.2
+
+
+# the priors made so far, by (map sizes, image size, steps, anchor sizes, device): (priors, their version)
+_MADE: dict[tuple, tuple[torch.Tensor, int]] = {}
+_MADE_MAX = 16
 
 
 def prior_boxes(
@@ -27,16 +31,24 @@ def prior_boxes(
     Location (i, j) of a map with stride `step` is centred at ((j + 0.5) step / W, (i + 0.5) step / H);
     its anchor is `anchor_size` pixels square. The map sizes are those the heads produced (not a fixed
     table), so any input size works; priors are not clipped to the image (EdgeML's CLIP=False). Made once
-    per sizes and device (a detector asks for the same ones at every call); each call gets its own copy.
+    per sizes and device (a detector asks for the same ones at every call) and handed out without a copy
+    (400 KiB at 640x480, RAM that streaming inference counts): a caller that changes them in place gets
+    them made again at the next call.
     """
     if torch.compiler.is_compiling():  # traced into the graph, not cached
-        return _prior_boxes.__wrapped__(feature_sizes, image_size, steps, anchor_sizes, device)
+        return _make_priors(feature_sizes, image_size, steps, anchor_sizes, device)
     key = tuple(map(tuple, feature_sizes)), tuple(image_size), tuple(steps), tuple(anchor_sizes)
-    return _prior_boxes(*key, torch.device(device or "cpu")).clone()
+    key += (torch.device(device or "cpu"),)
+    made = _MADE.get(key)
+    if made is None or made[0]._version != made[1]:  # new, or changed in place since it was made
+        if len(_MADE) >= _MADE_MAX:
+            del _MADE[next(iter(_MADE))]  # the oldest
+        priors = _make_priors(*key)
+        _MADE[key] = made = priors, priors._version
+    return made[0]
 
 
-@functools.lru_cache(maxsize=16)
-def _prior_boxes(
+def _make_priors(
     feature_sizes: Sequence[tuple[int, int]],
     image_size: tuple[int, int],
     steps: Sequence[int],
