@@ -6,13 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torchvision.models.efficientnet import MBConv, MBConvConfig
+from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock
 
 import leanvision
 from conftest import randomize_
 from leanvision.analysis.measured import measure_peak
-from leanvision.deploy.lean_blocks import BandedBasicBlock, ConvStep, InPlaceConv, _Rows
-from leanvision.deploy.row_runs import BasicBlockRun, ChainRun, PoolIntoBlocks
+from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, _Rows
+from leanvision.deploy.row_runs import ChainRun, PoolIntoBlocks, ResidualRun, RowBlock
 from leanvision.deploy.streamed_rnnpool import StreamedRNNPool
 from leanvision.deploy.streaming import stream
 from leanvision.errors import InvalidArgumentError
@@ -71,18 +73,33 @@ def _basic_block(stride: int, seed: int) -> BasicBlock:
     return randomize_(BasicBlock(8, 12 if down else 8, stride=stride, downsample=down), seed=seed)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
+def _residual_blocks() -> list[nn.Module]:
+    return [
+        _basic_block(1, seed=1),
+        _basic_block(2, seed=2),
+        randomize_(InvertedResidual(8, 8, 1, expand_ratio=6), seed=3),  # shortcut
+        randomize_(InvertedResidual(8, 12, 2, expand_ratio=2), seed=4),
+        randomize_(InvertedResidual(8, 5, 1, expand_ratio=1), seed=5),  # no expansion
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_residual_blocks())))
 @pytest.mark.parametrize("pieces, step", [(1, 1), (1, 2), (2, 3), (3, 1), (17, 2)])
-def test_a_basic_block_run_fed_rows_equals_the_block(stride, pieces, step):
-    block = _basic_block(stride, seed=pieces + step)
+def test_a_residual_run_fed_rows_equals_the_block(index, pieces, step):
+    block = _residual_blocks()[index]
     x = torch.randn(1, 8, 17, 10, generator=torch.Generator().manual_seed(step))
     with torch.no_grad():
-        run = BasicBlockRun(BandedBasicBlock(block, 1), x.shape[2], step)
+        run = ResidualRun(RowBlock.of(block), x.shape[2], step)
         bands = [band for rows in _fed_in_pieces(x, pieces) for band in run.feed(rows)]
         assert max(band.tensor.shape[2] for band in bands) <= step  # the last rows no larger a band
         _close(_stitched(bands), block(x))
         with pytest.raises(AssertionError, match="row 0 of the map is next"):
-            BasicBlockRun(BandedBasicBlock(block, 1), 17, step).feed(_Rows(x[:, :, 1:], 1, 17))
+            ResidualRun(RowBlock.of(block), 17, step).feed(_Rows(x[:, :, 1:], 1, 17))
+
+
+def test_blocks_a_row_run_cannot_compute_are_refused():
+    se = MBConv(MBConvConfig(6, 3, 1, 16, 16, 1), 0.0, nn.BatchNorm2d)  # its SE needs the whole map
+    assert RowBlock.of(se) is None and RowBlock.of(nn.Conv2d(3, 3, 1)) is None
 
 
 def test_pool_into_blocks_equals_the_pool_and_the_blocks():
@@ -92,10 +109,10 @@ def test_pool_into_blocks_equals_the_pool_and_the_blocks():
     x = torch.randn(2, 3, 41, 38, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = nn.Sequential(*prefix, pool, *blocks)(x)
-        fused = PoolIntoBlocks(StreamedRNNPool(prefix, pool, 3), [BandedBasicBlock(b, 1) for b in blocks])
+        fused = PoolIntoBlocks(StreamedRNNPool(prefix, pool, 3), [RowBlock.of(b) for b in blocks])
         _close(fused(x), expected)
     with pytest.raises(InvalidArgumentError, match="step_rows must be >= 1"):
-        PoolIntoBlocks(StreamedRNNPool(prefix, pool, 3), [BandedBasicBlock(blocks[0], 1)], step_rows=0)
+        PoolIntoBlocks(StreamedRNNPool(prefix, pool, 3), [RowBlock.of(blocks[0])], step_rows=0)
 
 
 def test_resnet18_rnnpool_feeds_its_pool_rows_to_layer3():

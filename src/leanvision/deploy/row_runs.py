@@ -2,9 +2,9 @@
 
 - ChainRun: a chain of convolutions fed its input's rows: each convolution computes the output rows the rows
   it holds allow and keeps only the halo rows its next ones read (BandedHead's branches are ChainRuns);
-- PoolIntoBlocks: a StreamedRNNPool whose output rows are fed, as the pool makes them, to the ResNet
-  BasicBlocks after it (BasicBlockRun), each block's rows to the next: the pool's output and the maps
-  between the blocks are never whole (ResNet18-RNNPool's largest maps).
+- PoolIntoBlocks: a StreamedRNNPool whose output rows are fed, as the pool makes them, to the residual
+  blocks after it (RowBlock: ResNet BasicBlocks, inverted residuals; ResidualRun), each block's rows to
+  the next: the pool's output and the maps between the blocks are never whole.
 """
 
 from __future__ import annotations
@@ -14,8 +14,16 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
-from leanvision.deploy.lean_blocks import BandedBasicBlock, InPlaceConv, _conv_rows, _Rows, chain_rows
+from leanvision.deploy.lean_blocks import (
+    BandedBasicBlock,
+    InPlaceConv,
+    _conv_rows,
+    _Rows,
+    bottleneck_parts,
+    chain_rows,
+)
 from leanvision.deploy.regions import Span, conv_out
 from leanvision.errors import InvalidArgumentError
 
@@ -100,15 +108,52 @@ class ChainRun:
         return rows
 
 
-class BasicBlockRun:
-    """One forward of a BandedBasicBlock on a map `height` rows high (of one image), fed the map's rows top
-    to bottom: its main path is a ChainRun, its shortcut reads the rows it needs from those held. It holds
-    the few input rows its next output rows read and the first convolution's halo rows; each feed
-    returns the output rows it completes (once `step_rows` new rows are held, or the last one)."""
+class RowBlock(nn.Module):
+    """A residual block as a row run computes it: a chain of convolutions (InPlaceConvs), plus a shortcut
+    (the block's input, a convolution of it, or none), then an activation."""
 
-    def __init__(self, block: BandedBasicBlock, height: int, step_rows: int) -> None:
+    def __init__(
+        self, convs: Sequence[InPlaceConv], shortcut: InPlaceConv | None, identity: bool, act: nn.Module
+    ) -> None:
+        super().__init__()
+        self.convs, self.shortcut, self.identity, self.act = nn.ModuleList(convs), shortcut, identity, act
+
+    @classmethod
+    def of(cls, module: nn.Module) -> RowBlock | None:
+        """For a torchvision BasicBlock (or its BandedBasicBlock) and an inverted residual / MBConv
+        without squeeze-excite (lean_blocks.bottleneck_parts); None for other modules."""
+        if isinstance(module, BasicBlock):
+            module = BandedBasicBlock(module, 1)
+        if isinstance(module, BandedBasicBlock):
+            return cls(module.convs, module.downsample, module.downsample is None, nn.ReLU(inplace=True))
+        parts = bottleneck_parts(module)
+        if parts is None or parts.get("se") is not None or parts["shortcut"] == "partial":
+            return None
+        convs = [InPlaceConv(parts[step]) for step in ("expand", "depthwise", "project") if parts[step]]
+        return cls(convs, None, parts["shortcut"] == "add", nn.Identity())
+
+    def step_bytes(self, height: int, width: int, step_rows: int) -> int:
+        """fp32 bytes of the maps the chain makes for `step_rows` output rows of the block on a map
+        `height` x `width`, all counted alive: each convolution's rows with the halo the next one reads."""
+        sizes, rows = [(height, width)], step_rows
+        for layer in self.convs:
+            sizes.append(tuple(conv_out(size, layer.conv, axis) for axis, size in enumerate(sizes[-1])))
+        total = 0
+        for layer, (out_height, out_width) in zip(reversed(self.convs), reversed(sizes[1:])):
+            total += layer.conv.out_channels * min(rows, out_height) * out_width
+            rows = Span(0, rows).through_conv(layer.conv).stop
+        return 4 * total
+
+
+class ResidualRun:
+    """One forward of a RowBlock on a map `height` rows high (of one image), fed the map's rows top to
+    bottom: its chain is a ChainRun, its shortcut reads the rows it needs from those held. It holds the
+    few input rows its next output rows read and its convolutions' halo rows; each feed returns the output
+    rows it completes (once `step_rows` new rows are held, or the last one)."""
+
+    def __init__(self, block: RowBlock, height: int, step_rows: int) -> None:
         self.block, self.main, self.step_rows = block, ChainRun(block.convs, height), step_rows
-        self.held: _Rows | None = None  # the input rows the main path and the shortcut still read
+        self.held: _Rows | None = None  # the input rows the chain and the shortcut still read
         self.fed = self.computed = 0  # rows fed; rows fed when the block last computed
 
     @property
@@ -125,50 +170,50 @@ class BasicBlockRun:
         if self.fed < min(self.computed + self.step_rows, held.height):
             self.held = held
             return []
-        self.computed, shortcut, bands = self.fed, self.block.downsample, []
+        self.computed, block, bands = self.fed, self.block, []
         while True:
             done = list(self.main.done)
             y = self.main.feed(held, self.step_rows)
             if y is not None:
                 band = Span(y.start, y.start + y.tensor.shape[2])
-                if shortcut is None:
+                if block.identity:
                     y.tensor.add_(held.tensor[:, :, band.start - held.start : band.stop - held.start])
-                else:
-                    y.tensor.add_(chain_rows([shortcut], held, band))
-                bands.append(_Rows(y.tensor.relu_(), y.start, y.height))
+                elif block.shortcut is not None:
+                    y.tensor.add_(chain_rows([block.shortcut], held, band))
+                bands.append(_Rows(block.act(y.tensor), y.start, y.height))
             if self.main.done == done:
                 break
         next_row = self.main.done[-1]  # the shortcut's first input row for the next output row
-        needed = next_row if shortcut is None else first_read(shortcut.conv, next_row)
+        needed = first_read(block.shortcut.conv, next_row) if block.shortcut is not None else next_row
         self.held = rows_from(held, min(self.main.first_needed, needed))
         return bands
 
 
 class PoolIntoBlocks(nn.Module):
-    """A StreamedRNNPool and the BandedBasicBlocks after it, as one: each output row of the pool is fed
-    to the first block (BasicBlockRun) as the pool makes it, each block's output rows to the next as they
-    are completed, and the last block's are written into its output: the maps between them are never
-    whole (ResNet18-RNNPool's pool output and layer3's maps)."""
+    """A StreamedRNNPool and the RowBlocks after it, as one: each output row of the pool is fed to the
+    first block (ResidualRun) as the pool makes it, each block's output rows to the next as they are
+    completed, and the last block's are written into its output: the maps between them are never whole
+    (ResNet18-RNNPool's pool output and layer3's maps, RNNPool-Face-Quant's pool output). A pool with a
+    head runs it as StreamedRNNPool does, leaving its outputs in the pool's handoff."""
 
     def __init__(
-        self, pool: StreamedRNNPool, blocks: Sequence[BandedBasicBlock], step_rows: int = BLOCK_STEP_ROWS
+        self, pool: StreamedRNNPool, blocks: Sequence[RowBlock], step_rows: int = BLOCK_STEP_ROWS
     ) -> None:
         super().__init__()
-        if pool.head is not None or not blocks:
-            raise InvalidArgumentError(
-                "PoolIntoBlocks takes a StreamedRNNPool without a head and some blocks"
-            )
+        if not blocks:
+            raise InvalidArgumentError("PoolIntoBlocks needs some blocks to feed")
         if step_rows < 1:
             raise InvalidArgumentError(f"step_rows must be >= 1, got {step_rows}")
         self.pool, self.blocks, self.step_rows = pool, nn.ModuleList(blocks), step_rows
 
-    def _one(self, x: torch.Tensor) -> torch.Tensor:
+    def _one(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        head = None if self.pool.head is None else self.pool.head.start(x, *self.pool.prefix_size(x))
         runs, out = [], None
-        for row in self.pool.output_rows(x):
+        for row in self.pool.output_rows(x, head):
             if not runs:
                 for block in self.blocks:  # a later block takes its rows in the earlier one's steps
                     height, step = (runs[-1].out_height, 1) if runs else (row.height, self.step_rows)
-                    runs.append(BasicBlockRun(block, height, step))
+                    runs.append(ResidualRun(block, height, step))
             bands = [row]
             for run in runs:
                 bands = [y for rows in bands for y in run.feed(rows)]
@@ -177,9 +222,16 @@ class PoolIntoBlocks(nn.Module):
                     out = x.new_empty(*rows.tensor.shape[:2], rows.height, rows.tensor.shape[3])
                 out[:, :, rows.start : rows.start + rows.tensor.shape[2]] = rows.tensor
             del row, bands
-        return out
+        return out, None if head is None else head.outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
-            return self._one(x)
-        return torch.cat([self._one(image[None]) for image in x])
+            out, head_outputs = self._one(x)
+        else:
+            parts = [self._one(image[None]) for image in x]
+            out = torch.cat([o for o, _ in parts])
+            head_outputs = (
+                None if self.pool.head is None else tuple(map(torch.cat, zip(*(h for _, h in parts))))
+            )
+        self.pool.handoff.outputs = head_outputs
+        return out

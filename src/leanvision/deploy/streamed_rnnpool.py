@@ -278,6 +278,10 @@ class StreamedRNNPool(nn.Module):
         with torch.no_grad():
             self(x)
 
+    def prefix_size(self, x: torch.Tensor) -> tuple[int, int]:
+        """(H, W) of the prefix's output (the pool's input) for an input x [B, C, H, W]."""
+        return self._sizes(x.shape[2], x.shape[3])[-1]
+
     def _sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """(H, W) of the input of every prefix layer, and of the pool's input last."""
         sizes = [(height, width)]

@@ -14,8 +14,9 @@ in which
   group of the expanded channels, then that group's share of the projection is added into the output. The
   expanded map is never whole: the block holds its input, its output and one group, the layer
   convention's "input + output";
-- the ResNet BasicBlocks of the stage that reads the pool's output are fed its rows as the pool makes them,
-  each block's rows to the next (row_runs.PoolIntoBlocks): the pool's output is never whole;
+- the residual blocks of the stage that reads the pool's output (ResNet BasicBlocks; inverted residuals
+  whose expanded rows fit a band) are fed its rows as the pool makes them, each block's rows to the next
+  (row_runs.PoolIntoBlocks): the pool's output is never whole;
 - other ResNet basic blocks, DenseNet dense blocks and transitions, GoogLeNet inception blocks, max pools: the
   other forms of lean_blocks; a map larger than the input of the layer that makes it and the output of
   the one that reads it is never whole: the two run as one, in row bands (fusion.py);
@@ -33,11 +34,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from torchvision.models.googlenet import BasicConv2d
-from torchvision.models.resnet import BasicBlock
 
 from leanvision.deploy.fold import check_built_model
 from leanvision.deploy.fusion import fused_runs, make_fused
-from leanvision.deploy.lean_blocks import BandedBasicBlock, ChunkedBottleneck, lean_module
+from leanvision.deploy.lean_blocks import ChunkedBottleneck, lean_module
 from leanvision.deploy.rewrite import (
     Chain,
     InferenceOnly,
@@ -50,7 +50,7 @@ from leanvision.deploy.rewrite import (
     module_calls,
     set_module,
 )
-from leanvision.deploy.row_runs import PoolIntoBlocks
+from leanvision.deploy.row_runs import BLOCK_STEP_ROWS, PoolIntoBlocks, RowBlock
 from leanvision.deploy.streamed_rnnpool import HeadOutputs, StreamedRNNPool, patches_per_group
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import RNNPoolLayer
@@ -145,41 +145,30 @@ def _peak_budget(
     return max(pool_bytes, *(held(run) for run in runs if run[-1].output_bytes))
 
 
-def _fed_blocks(calls: list[ModuleCall], first: int) -> list[ModuleCall]:
-    """The calls of the ResNet BasicBlocks of the stage that reads the RNNPoolLayer's (calls[first])
-    output (one after the other, each output the shape of the first's), which the pool then feeds row by
-    row (PoolIntoBlocks); none if another layer reads the pool's output first."""
+def _fed_blocks(
+    calls: list[ModuleCall], first: int, head_call: ModuleCall | None, band_bytes: int
+) -> list[ModuleCall]:
+    """The calls of the residual blocks of the stage that reads the RNNPoolLayer's (calls[first]) output
+    (one after the other, each output the shape of the first's), which the pool then feeds row by row
+    (PoolIntoBlocks): those RowBlock computes whose maps for a step of rows fit `band_bytes` (an inverted
+    residual's expanded rows may not); none if another layer reads the pool's output first."""
     fed, pool_call = [], calls[first]
     for call in calls[first + 1 :]:
-        if call.name.startswith(pool_call.name + ".") or type(call.module) in (nn.Identity, nn.Sequential):
+        if call is head_call or type(call.module) in (nn.Identity, nn.Sequential):
             continue
-        if fed and call.name.startswith(fed[-1].name + "."):
+        if any(call.name.startswith(outer.name + ".") for outer in (pool_call, head_call, *fed) if outer):
             continue
         previous = fed[-1].output_shape if fed else pool_call.output_shape
+        block = RowBlock.of(call.module)
         if (
-            not isinstance(call.module, BasicBlock)
+            block is None
             or call.input_shape != previous
             or (fed and call.output_shape != fed[0].output_shape)
+            or block.step_bytes(*call.input_shape[2:], BLOCK_STEP_ROWS) > band_bytes
         ):
             break
         fed.append(call)
     return fed
-
-
-def _pool_into_blocks(chain: Chain, count: int) -> None:
-    """In a Chain starting with a StreamedRNNPool, the pool and the `count` BandedBasicBlocks after it
-    (with only Identities between) as one PoolIntoBlocks."""
-    blocks = []
-    for i, module in enumerate(chain):
-        if i and len(blocks) < count:
-            if not isinstance(module, (BandedBasicBlock, nn.Identity)):
-                raise AssertionError(
-                    f"expected a BandedBasicBlock after the pool, got {type(module).__name__}"
-                )
-            if isinstance(module, BandedBasicBlock):
-                blocks.append(module)
-                chain[i] = nn.Identity()
-    chain[0] = PoolIntoBlocks(chain[0], blocks)
 
 
 class StreamedModel(InferenceOnly):
@@ -220,14 +209,24 @@ class StreamedModel(InferenceOnly):
         if head_call is not None:
             set_module(net, head_call.name, HeadOutputs(streamed_pool.handoff))
             done.append(head_call)
-        later, replaced = lean_calls([c for c in calls[first + 1 :] if c is not head_call], done, band_bytes)
+        fed = _fed_blocks(calls, first, head_call, band_bytes)
+        if fed:  # PoolIntoBlocks does their work
+            set_module(
+                net, pool_call.name, PoolIntoBlocks(streamed_pool, [RowBlock.of(c.module) for c in fed])
+            )
+            for call in fed:
+                set_module(net, call.name, nn.Identity())
+            done += fed
+        done_ids = {id(call) for call in done}
+        later, replaced = lean_calls(
+            [c for c in calls[first + 1 :] if id(c) not in done_ids], done, band_bytes
+        )
         runs = fused_runs(later, band_bytes)  # the calls that run after the pool, a fused run as one
         fused = {id(call) for run in runs if len(run) > 1 for call in run}
         replaced = [call for call in replaced if id(call) not in fused]
         # A detector keeps maps beside the chain (its sources, its heads' outputs) that a run's input and
         # output do not count: there the budget keeps that slack (no groups counted in it).
         chain_only = isinstance(expected, torch.Tensor)
-        fed = [] if head_call else _fed_blocks(calls, first)
         # what the pool's loop holds whole: its output, or the last fed block's, whose groups may then use
         # the RAM the pool's output would have taken
         pool_bytes = fed[-1].output_bytes if fed else pool_call.output_bytes
@@ -244,9 +243,6 @@ class StreamedModel(InferenceOnly):
         make_lean(net, replaced, band_bytes, budget)
         make_fused(net, runs, band_bytes, budget)
         chained = _chained_after_pool(net, calls, first)
-        if chained is not None and fed:
-            chained = flatten_sequentials(chained)
-            _pool_into_blocks(chained.get_submodule(pool_call.name), len(fed))
         if chained is not None and computes(chained, probe, expected):
             net = chained
         elif not computes(net, probe, expected):  # e.g. a prefix map read after the pool

@@ -1,12 +1,12 @@
 """Detections from the heads' raw outputs: softmax, decode, confidence threshold, top-k, NMS (EdgeML's
-`detect_function`, on torchvision's batched NMS and over the whole batch at once)."""
+`detect_function`, on torchvision's NMS, image by image)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from leanvision.models.face.priors import VARIANCES, decode
 
@@ -30,20 +30,17 @@ def detect(
     first, so only the candidates are ranked and decoded (EdgeML decodes every prior).
     """
     height, width = image_size
-    scores = torch.sigmoid(conf[..., 1] - conf[..., 0])  # the face's softmax probability of two logits
-    image, prior = (scores > score_thresh).nonzero(as_tuple=True)  # by image, then prior
-    scores = scores[image, prior]
-    counts = torch.bincount(image, minlength=len(loc)).tolist()
-    if max(counts, default=0) > pre_nms_top_k:  # an image keeps its pre_nms_top_k best candidates
-        parts = torch.arange(len(image), device=loc.device).split(counts)  # nonzero is by image
-        best = torch.cat([part[scores[part].topk(min(pre_nms_top_k, len(part))).indices] for part in parts])
-        image, prior, scores = image[best], prior[best], scores[best]
     scale = loc.new_tensor([width, height, width, height])
-    boxes = decode(loc[image, prior], priors[prior], variances) * scale  # the candidates' boxes only
-    kept = batched_nms(boxes, scores, image, nms_thresh)  # by decreasing score
     detections = []
-    for i in range(len(loc)):
-        mine = kept[image[kept] == i][:post_nms_top_k]
-        labels = torch.ones(len(mine), dtype=torch.int64, device=loc.device)
-        detections.append({"boxes": boxes[mine], "scores": scores[mine], "labels": labels})
+    for image_loc, image_conf in zip(loc, conf):  # image by image: the candidates' indices are 1-D
+        scores = torch.sigmoid(image_conf[:, 1] - image_conf[:, 0])  # the face's softmax probability
+        prior = (scores > score_thresh).nonzero(as_tuple=True)[0]
+        scores = scores[prior]
+        if len(prior) > pre_nms_top_k:
+            best = scores.topk(pre_nms_top_k).indices
+            prior, scores = prior[best], scores[best]
+        boxes = decode(image_loc[prior], priors[prior], variances) * scale  # the candidates' boxes only
+        kept = nms(boxes, scores, nms_thresh)[:post_nms_top_k]  # by decreasing score
+        labels = torch.ones(len(kept), dtype=torch.int64, device=loc.device)
+        detections.append({"boxes": boxes[kept], "scores": scores[kept], "labels": labels})
     return detections
