@@ -16,9 +16,11 @@ each computes its block's output while holding the block's input, its output and
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,7 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import LinearBottleneck
+from leanvision.layers.rnn_cells import _kernel_applies
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,16 @@ def _norm_affine(
     return bias - bn.running_mean, bn.weight / torch.sqrt(bn.running_var + bn.eps), bn.bias
 
 
+@functools.cache
+def _depthwise_kernels():
+    """The numba kernels module (depthwise_kernels.py), or None where numba is not installed."""
+    try:
+        from leanvision.deploy import depthwise_kernels
+    except ImportError:
+        return None
+    return depthwise_kernels
+
+
 @dataclass
 class _Chunk:
     """One group of expanded channels [start, stop): its slices of the weights and affines."""
@@ -71,6 +84,7 @@ class _Chunk:
     expand: tuple[torch.Tensor, ...] | None  # weight [g, C_in], offset, scale, shift [g, 1]
     depthwise: tuple[torch.Tensor, ...]  # weight [g, 1, k, k], offset, scale, shift [1, g, 1, 1]
     project_weight: torch.Tensor  # [C_out, g]
+    kernel_consts: np.ndarray | None  # the numba kernel's [g, 6 + k * k] (depthwise_kernels.py)
 
 
 class ChunkedBottleneck(nn.Module):
@@ -82,7 +96,11 @@ class ChunkedBottleneck(nn.Module):
     every group, so with an SE the groups run twice (means first, then scale and project), recomputing
     the expansion and the depthwise conv of all but the last group, whose maps the second pass starts
     with. The first pass holds no output yet: its groups are of `mean_group` channels (default `group`).
-    `post_se_act` follows the scaling (ReXNet's dw activation).
+    `post_se_act` follows the scaling (ReXNet's dw activation; without an SE it is not applied).
+    Where numba is installed, a numba kernel runs each group's steps between the GEMMs (expand BN and act,
+    depthwise conv, BN and act, and the SE's means or scaling: depthwise_kernels.py) on CPU float32 and
+    float64 inputs, if it computes the activations; else (and for autograd and the MAdds counter) torch
+    ops do.
     `shortcut`: "none", "add" (input + output) or "partial" (the input added to the first input-width
     output channels, ReXNet's zero-padded shortcut).
     """
@@ -114,13 +132,26 @@ class ChunkedBottleneck(nn.Module):
                 f"need shortcut none/add/partial and group, mean_group >= 1, got {shortcut!r}, {group}, "
                 f"{mean_group}"
             )
+        if post_se_act is not None and se is None:
+            raise InvalidArgumentError("post_se_act follows an SE's scaling: without one, it is the dw act")
         self.shortcut, self.stride, self.padding, self.dilation = shortcut, dw.stride, dw.padding, dw.dilation
         self.expand_act = expand.act if expand else nn.Identity()
         self.dw_act, self.project_act = depthwise.act, project.act
         self.se, self.post_se_act = se, post_se_act or nn.Identity()
+        # the numba kernel's geometry and activations (its config less the sizes), where it computes them
+        self.kernel_config, kernels = None, _depthwise_kernels()
+        if kernels is not None:
+            acts = (kernels.activation(self.expand_act) if expand else -1, kernels.activation(self.dw_act))
+            acts = (*acts, kernels.activation(self.post_se_act))
+            if None not in acts:
+                self.kernel_config = (*dw.kernel_size, *dw.stride, *dw.padding, *dw.dilation, *acts)
         with torch.no_grad():
             self.project_affine = tuple(t[:, None].clone() for t in project.affine())
             dw_affine, ex_affine = depthwise.affine(), expand.affine() if expand else None
+            consts = None
+            if self.kernel_config is not None:  # one row per channel, sliced by the chunks
+                ex = ex_affine or dw.weight.new_zeros(3, dw.in_channels)  # unused without expansion
+                consts = torch.cat((torch.stack((*ex, *dw_affine), 1), dw.weight.flatten(1)), 1).numpy()
 
             def chunk(start: int, stop: int) -> _Chunk:
                 part, expand_part = slice(start, stop), None
@@ -131,7 +162,9 @@ class ChunkedBottleneck(nn.Module):
                     dw.weight[part].clone(),
                     *(t[None, part, None, None].clone() for t in dw_affine),
                 )
-                return _Chunk(start, stop, expand_part, depthwise_part, pw.weight[:, part, 0, 0].clone())
+                project_weight = pw.weight[:, part, 0, 0].clone()
+                kernel_consts = None if consts is None else consts[part]
+                return _Chunk(start, stop, expand_part, depthwise_part, project_weight, kernel_consts)
 
             def chunks(stop: int, size: int) -> list[_Chunk]:
                 return [chunk(start, min(start + size, stop)) for start in range(0, stop, size)]
@@ -144,15 +177,19 @@ class ChunkedBottleneck(nn.Module):
                 self.mean_chunks = [*chunks(tail.start, mean_group), tail]
                 self.chunks = [tail, *chunks(tail.start, group)]
 
+    def _out_size(self, height: int, width: int) -> tuple[int, int]:
+        """The depthwise conv's output size on an input height x width."""
+        kernel = self.chunks[0].depthwise[0].shape[2:]
+        return tuple(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, p, d in zip((height, width), kernel, self.stride, self.padding, self.dilation)
+        )
+
     def group_bytes(self, height: int, width: int) -> int:
         """fp32 bytes beside the input and the output of the largest group's maps on an input height x
         width (its expanded map, unless that is a view of the input, and its depthwise output; a first
         pass group's less the output, which is not made yet) and of the squeeze-excite's scales."""
-        kernel = self.chunks[0].depthwise[0].shape[2:]
-        out_h, out_w = (
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, k, s, p, d in zip((height, width), kernel, self.stride, self.padding, self.dilation)
-        )
+        out_h, out_w = self._out_size(height, width)
         per_channel = (height * width if self.chunks[0].expand is not None else 0) + out_h * out_w
         group = max(chunk.stop - chunk.start for chunk in self.chunks)
         mean_group = max((chunk.stop - chunk.start for chunk in self.mean_chunks), default=0)
@@ -160,45 +197,85 @@ class ChunkedBottleneck(nn.Module):
         scales = self.chunks[0].stop if self.se is not None else 0
         return 4 * (max(group * per_channel, mean_group * per_channel - output) + scales)
 
-    def _depthwise(self, chunk: _Chunk, x: torch.Tensor) -> torch.Tensor:
-        """The chunk's expanded channels after the depthwise conv, BN and act: [1, group, H', W']."""
-        if chunk.expand is None:
-            e = x[:, chunk.start : chunk.stop]
-        else:
-            weight, offset, scale, shift = chunk.expand
-            e = torch.mm(weight, x.view(x.shape[1], -1)).add_(offset).mul_(scale).add_(shift)
-            e = self.expand_act(e).view(1, -1, *x.shape[2:])
+    def _depthwise(
+        self,
+        chunk: _Chunk,
+        x: torch.Tensor,
+        x2d: torch.Tensor,
+        config: np.ndarray | None,
+        means: torch.Tensor | None = None,
+        scales: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The chunk's expanded channels after the depthwise conv, BN and act: [group, H' * W'], from x
+        [1, C, H, W] (x2d its view [C, H * W]); by the numba kernel after the expand GEMM where its
+        `config` is given. With the chunk's slice of `means`, writes the maps' channel means there; with
+        its `scales`, the maps are scaled by them, then post_se_act."""
+        group = chunk.stop - chunk.start
+        e = x2d[chunk.start : chunk.stop] if chunk.expand is None else torch.mm(chunk.expand[0], x2d)
+        if config is not None:
+            d = x.new_empty(group, int(config[-2] * config[-1]))
+            _depthwise_kernels().expand_depthwise(
+                e.numpy(),
+                d.numpy(),
+                chunk.kernel_consts,
+                config,
+                None if means is None else means.numpy(),
+                None if scales is None else scales.numpy(),
+            )
+            return d
+        if chunk.expand is not None:
+            _, offset, scale, shift = chunk.expand
+            e = self.expand_act(e.add_(offset).mul_(scale).add_(shift))
         weight, offset, scale, shift = chunk.depthwise
-        d = F.conv2d(e, weight, None, self.stride, self.padding, self.dilation, len(weight))
-        return self.dw_act(d.add_(offset).mul_(scale).add_(shift))
+        d = F.conv2d(
+            e.view(1, group, *x.shape[2:]), weight, None, self.stride, self.padding, self.dilation, group
+        )
+        d = self.dw_act(d.add_(offset).mul_(scale).add_(shift)).view(group, -1)
+        if means is not None:
+            means.copy_(d.mean(1))
+        return d if scales is None else self._scale(d, scales)
+
+    def _scale(self, d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """A group's maps [group, H' * W'] scaled by its SE scales [group], then post_se_act."""
+        return self.post_se_act(d.mul_(scales[:, None]))
+
+    def _config(self, x: torch.Tensor) -> np.ndarray | None:
+        """The numba kernel's config on x [1, C, H, W] (contiguous), or None where it does not run: see
+        rnn_cells._kernel_applies (and not for autograd)."""
+        if (
+            self.kernel_config is None
+            or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and x.requires_grad)
+            or not _kernel_applies(self.chunks[0].depthwise[0], x)
+        ):
+            return None
+        return np.array((*self.kernel_config, *x.shape[2:], *self._out_size(*x.shape[2:])), np.int64)
 
     def _one(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
+        x2d, config, out_size = x.view(x.shape[1], -1), self._config(x), self._out_size(*x.shape[2:])
         scales, d = None, None
         if self.se is not None:  # first pass: the channel means the squeeze-excite needs
-            means = x.new_empty(1, self.mean_chunks[-1].stop, 1, 1)
+            means = x.new_empty(self.mean_chunks[-1].stop)
             for chunk in self.mean_chunks:
                 d = None  # not alive while the next chunk's maps are made
-                d = self._depthwise(chunk, x)
-                means[:, chunk.start : chunk.stop] = d.mean((2, 3), keepdim=True)
-            scales = self.se(means)
+                d = self._depthwise(chunk, x, x2d, config, means=means[chunk.start : chunk.stop])
+            scales = self.se(means.view(1, -1, 1, 1)).view(-1)
             del means
+            tail = self.chunks[0]  # d holds its maps: the second pass starts with them
+            d = self._scale(d, scales[tail.start : tail.stop])
         out = None
-        for chunk in self.chunks:  # with an SE, d holds the first chunk's maps
+        for chunk in self.chunks:
             if d is None:
-                d = self._depthwise(chunk, x)
-            if scales is not None:
-                d = d.mul_(scales[:, chunk.start : chunk.stop])
-            d = self.post_se_act(d)
+                chunk_scales = None if scales is None else scales[chunk.start : chunk.stop]
+                d = self._depthwise(chunk, x, x2d, config, scales=chunk_scales)
             if out is None:
-                out_size = d.shape[2:]
-                out = torch.mm(chunk.project_weight, d.view(d.shape[1], -1))
+                out = torch.mm(chunk.project_weight, d)
             else:
-                out.addmm_(chunk.project_weight, d.view(d.shape[1], -1))
+                out.addmm_(chunk.project_weight, d)
             d = None
         offset, scale, shift = self.project_affine
         out = self.project_act(out.add_(offset).mul_(scale).add_(shift))
-        x2d = x.view(x.shape[1], -1)
         if self.shortcut == "add":
             out += x2d
         elif self.shortcut == "partial":
@@ -583,13 +660,14 @@ def bottleneck_parts(block: nn.Module) -> dict | None:
         shortcut = "none"
         if block.use_shortcut:
             shortcut = "add" if block.in_channels == block.out_channels else "partial"
+        se = None if block.se is None else block.se.scale
         return dict(
             expand=None if exp is None else ConvStep(exp.conv, exp.bn, exp.act),
-            depthwise=ConvStep(dw.conv, dw.bn, nn.Identity()),  # the SE (if any) and act_dw follow
+            depthwise=ConvStep(dw.conv, dw.bn, nn.Identity() if se else block.act_dw),  # [SE,] act_dw
             project=ConvStep(pwl.conv, pwl.bn, nn.Identity()),
             shortcut=shortcut,
-            se=None if block.se is None else block.se.scale,
-            post_se_act=block.act_dw,
+            se=se,
+            post_se_act=block.act_dw if se else None,
         )
     if isinstance(block, DepthwiseSeparable):
         dw, pw = block.conv_dw, block.conv_pw
