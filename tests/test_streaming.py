@@ -340,9 +340,9 @@ LAYER_RATIO = [  # streamed peak / layer figure at the paper input size (224, Re
     ("googlenet_rnnpool", (3, 224, 224), 1.25),  # inceptions in row bands, 4e fused with its max pool
     ("densenet121_rnnpool", (3, 224, 224), 1.25),  # dense block 3's input + output, when it copies one in
     ("rexnet_100_lowres_rnnpool", (3, 32, 32), 1.3),
-    # the pool's rows fed to layer3 (PoolIntoBlocks): layer3.1's output beside the pool's group and the
-    # blocks' held rows (was 2.04: the pool's output beside layer3.0's)
-    ("resnet18_rnnpool", (3, 224, 224), 1.36),
+    # the pool's rows fed to layer3 (PoolIntoBlocks; was 2.04: the pool's output beside layer3.0's); 1.25:
+    # layer4.0's input + output + band
+    ("resnet18_rnnpool", (3, 224, 224), 1.3),
 ]
 
 

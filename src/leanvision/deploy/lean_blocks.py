@@ -322,12 +322,19 @@ def _out_height(layer: InPlaceConv | nn.MaxPool2d, height: int) -> int:
 def _conv_rows(layer: InPlaceConv, rows: _Rows, out: Span, out_height: int) -> _Rows:
     """Rows `out` (inside [0, out_height)) of layer(map), from the rows of the map that `rows` holds."""
     inside, top, bottom = out.through_conv(layer.conv).clip(rows.height)
-    x, conv = pad_zeros(_held(rows, inside), (0, 0, top, bottom)), layer.conv
+    x, conv = _held(rows, inside), layer.conv
     if x.shape[0] == 1 and conv.kernel_size == conv.stride == (1, 1) and conv.groups == 1:
         # a pointwise conv of a band runs ~2x faster as a matrix product, which reads the rows in place
         y = torch.mm(conv.weight.view(conv.out_channels, -1), x.view(x.shape[1], -1))
         return _Rows(layer.finish(y.view(1, -1, *x.shape[2:])), out.start, out_height)
-    return _Rows(layer(x, padding=(0, conv.padding[1])), out.start, out_height)
+    # The zero rows beyond the map's edge: the conv's own padding, not a padded copy of the band; padding
+    # both sides by the larger amount makes extra output rows at the other side, which are dropped.
+    pad = max(top, bottom)
+    skip, uneven = divmod(pad - top, conv.stride[0])
+    if uneven:  # the output rows would not line up with the ones asked for: a padded copy
+        x, pad, skip = pad_zeros(x, (0, 0, top, bottom)), 0, 0
+    y = layer(x, padding=(pad, conv.padding[1]))
+    return _Rows(y[:, :, skip : skip + out.stop - out.start], out.start, out_height)
 
 
 POOL_GROUPS = 8  # _pool_rows pools channel group by group: int64 indices and padded copies of 1/8 of a band

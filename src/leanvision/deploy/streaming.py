@@ -227,9 +227,13 @@ class StreamedModel(InferenceOnly):
         # A detector keeps maps beside the chain (its sources, its heads' outputs) that a run's input and
         # output do not count: there the budget keeps that slack (no groups counted in it).
         chain_only = isinstance(expected, torch.Tensor)
-        # what the pool's loop holds whole: its output, or the last fed block's, whose groups may then use
-        # the RAM the pool's output would have taken
-        pool_bytes = fed[-1].output_bytes if fed else pool_call.output_bytes
+        # what the pool's loop holds beside its groups: its output, or the last fed block's output and the
+        # fed blocks' steps of rows; the groups may then use the RAM the pool's output would have taken
+        pool_bytes = pool_call.output_bytes
+        if fed:
+            pool_bytes = fed[-1].output_bytes + sum(
+                RowBlock.of(c.module).step_bytes(*c.input_shape[2:], BLOCK_STEP_ROWS) for c in fed
+            )
         budget = _peak_budget(runs, {id(call) for call in replaced}, band_bytes, pool_bytes, chain_only, fed)
         budget = max(budget, pool_call.output_bytes)
         valid_width = pool_call.module.output_size(*pool_call.input_shape[2:])[1]
