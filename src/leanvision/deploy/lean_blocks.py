@@ -208,10 +208,10 @@ class ChunkedBottleneck(nn.Module):
     ) -> torch.Tensor:
         """The chunk's expanded channels after the depthwise conv, BN and act: [group, H' * W'], from x
         [1, C, H, W] (x2d its view [C, H * W]); by the numba kernel after the expand GEMM where its
-        `config` is given. With the chunk's slice of `means`, writes the maps' channel means there; with
-        its `scales`, the maps are scaled by them, then post_se_act."""
-        group = chunk.stop - chunk.start
-        e = x2d[chunk.start : chunk.stop] if chunk.expand is None else torch.mm(chunk.expand[0], x2d)
+        `config` is given. With the SE's `means` [C], writes the maps' channel means into the chunk's
+        slice; with its `scales` [C], the maps are scaled by the chunk's slice, then post_se_act."""
+        part, group = slice(chunk.start, chunk.stop), chunk.stop - chunk.start
+        e = x2d[part] if chunk.expand is None else torch.mm(chunk.expand[0], x2d)
         if config is not None:
             d = x.new_empty(group, int(config[-2] * config[-1]))
             _depthwise_kernels().expand_depthwise(
@@ -219,8 +219,8 @@ class ChunkedBottleneck(nn.Module):
                 d.numpy(),
                 chunk.kernel_consts,
                 config,
-                None if means is None else means.numpy(),
-                None if scales is None else scales.numpy(),
+                None if means is None else means.numpy()[part],
+                None if scales is None else scales.numpy()[part],
             )
             return d
         if chunk.expand is not None:
@@ -232,8 +232,8 @@ class ChunkedBottleneck(nn.Module):
         )
         d = self.dw_act(d.add_(offset).mul_(scale).add_(shift)).view(group, -1)
         if means is not None:
-            means.copy_(d.mean(1))
-        return d if scales is None else self._scale(d, scales)
+            means[part] = d.mean(1)
+        return d if scales is None else self._scale(d, scales[part])
 
     def _scale(self, d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """A group's maps [group, H' * W'] scaled by its SE scales [group], then post_se_act."""
@@ -259,7 +259,7 @@ class ChunkedBottleneck(nn.Module):
             means = x.new_empty(self.mean_chunks[-1].stop)
             for chunk in self.mean_chunks:
                 d = None  # not alive while the next chunk's maps are made
-                d = self._depthwise(chunk, x, x2d, config, means=means[chunk.start : chunk.stop])
+                d = self._depthwise(chunk, x, x2d, config, means=means)
             scales = self.se(means.view(1, -1, 1, 1)).view(-1)
             del means
             tail = self.chunks[0]  # d holds its maps: the second pass starts with them
@@ -267,8 +267,7 @@ class ChunkedBottleneck(nn.Module):
         out = None
         for chunk in self.chunks:
             if d is None:
-                chunk_scales = None if scales is None else scales[chunk.start : chunk.stop]
-                d = self._depthwise(chunk, x, x2d, config, scales=chunk_scales)
+                d = self._depthwise(chunk, x, x2d, config, scales=scales)
             if out is None:
                 out = torch.mm(chunk.project_weight, d)
             else:
