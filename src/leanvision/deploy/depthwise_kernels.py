@@ -95,7 +95,7 @@ def _affine_as(row, offset, scale, shift, act):  # pragma: no cover
         row[i] = _activation((row[i] + offset) * scale + shift, act)
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _affine(row, offset, scale, shift, act):  # pragma: no cover
     """row = act((row + offset) * scale + shift), in place: one loop per activation, each with its
     activation a constant (LLVM does not vectorise a loop that switches on it)."""
