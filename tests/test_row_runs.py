@@ -3,8 +3,11 @@ rows are cut, and ResNet18-RNNPool's pool feeds its layer3 row by row."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.efficientnet import MBConv, MBConvConfig
 from torchvision.models.mobilenetv2 import InvertedResidual
@@ -13,7 +16,7 @@ from torchvision.models.resnet import BasicBlock
 import leanvision
 from conftest import randomize_
 from leanvision.analysis.measured import measure_peak
-from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, _Rows
+from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, _Rows, conv_zero_padded
 from leanvision.deploy.row_runs import ChainRun, PoolIntoBlocks, ResidualRun, RowBlock
 from leanvision.deploy.streamed_rnnpool import StreamedRNNPool
 from leanvision.deploy.streaming import stream
@@ -124,3 +127,12 @@ def test_resnet18_rnnpool_feeds_its_pool_rows_to_layer3():
     assert len(fused) == 1 and len(fused[0].blocks) == 2
     measured = measure_peak(streamed, torch.randn(1, 3, 224, 224))
     assert max(t.nbytes for t in measured.live_at_peak) == 256 * 14 * 14 * 4
+
+
+@pytest.mark.parametrize("kernel, stride, dilation", [(1, 1, 1), (3, 1, 1), (3, 2, 1), (4, 3, 2), (3, 2, 2)])
+def test_a_conv_zero_padded_by_its_own_padding_equals_one_of_a_padded_copy(kernel, stride, dilation):
+    layer = InPlaceConv(ConvStep(nn.Conv2d(3, 4, kernel, stride=stride, dilation=dilation), None, nn.ReLU()))
+    x = torch.randn(1, 3, 11, 12, generator=torch.Generator().manual_seed(kernel))
+    with torch.no_grad():
+        for pads in itertools.product((0, 1, 2), repeat=4):
+            _close(conv_zero_padded(layer, x, pads), layer(F.pad(x, pads), padding=(0, 0)))

@@ -326,14 +326,23 @@ def _conv_rows(layer: InPlaceConv, rows: _Rows, out: Span, out_height: int) -> _
         # a pointwise conv of a band runs ~2x faster as a matrix product, which reads the rows in place
         y = torch.mm(conv.weight.view(conv.out_channels, -1), x.view(x.shape[1], -1))
         return _Rows(layer.finish(y.view(1, -1, *x.shape[2:])), out.start, out_height)
-    # The zero rows beyond the map's edge: the conv's own padding, not a padded copy of the band; padding
-    # both sides by the larger amount makes extra output rows at the other side, which are dropped.
-    pad = max(top, bottom)
-    skip, uneven = divmod(pad - top, conv.stride[0])
-    if uneven:  # the output rows would not line up with the ones asked for: a padded copy
-        x, pad, skip = pad_zeros(x, (0, 0, top, bottom)), 0, 0
-    y = layer(x, padding=(pad, conv.padding[1]))
-    return _Rows(y[:, :, skip : skip + out.stop - out.start], out.start, out_height)
+    pads = (conv.padding[1], conv.padding[1], top, bottom)
+    return _Rows(conv_zero_padded(layer, x, pads), out.start, out_height)
+
+
+def conv_zero_padded(layer: InPlaceConv, x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """layer(F.pad(x, pads), padding=0) (pads: left, right, top, bottom zeros) with the conv's own padding
+    where it can, not a padded copy of x: padding both sides of an axis by the larger amount makes extra
+    outputs at the other side, which are dropped (a view); a padded copy where they would not line up."""
+    conv, padding, kept = layer.conv, [], []
+    for axis, size, (before, after) in ((0, x.shape[2], pads[2:]), (1, x.shape[3], pads[:2])):
+        skip, uneven = divmod(max(before, after) - before, conv.stride[axis])
+        if uneven:
+            return layer(pad_zeros(x, pads), padding=(0, 0))
+        reach = conv.dilation[axis] * (conv.kernel_size[axis] - 1) + 1
+        padding.append(max(before, after))
+        kept.append(slice(skip, skip + (size + before + after - reach) // conv.stride[axis] + 1))
+    return layer(x, padding=tuple(padding))[:, :, kept[0], kept[1]]
 
 
 POOL_GROUPS = 8  # _pool_rows pools channel group by group: int64 indices and padded copies of 1/8 of a band
