@@ -2,8 +2,9 @@
 
 For each group of neighbouring patches of one patch row, the stem layers compute only the input region
 those patches read (receptive fields, recomputing the overlap of neighbouring groups), RNN1 and RNN2 pool
-it in place (the cells' inference_sweep), and the pooled values are written into the output map. No map of
-the stem's resolution is ever whole.
+it in place in one call of the fused numba kernel (PatchRowPool; the cells' sweep_indexed where it does not
+apply), and the pooled values are written into the output map. No map of the stem's resolution is ever
+whole.
 
 A detection head that also reads the stem's output (RNNPool-Face-Quant's first head) runs inside the same
 loop (BandedHead, RNNPool Appendix E.2.3): each patch row's stem rows are computed once at full width, the
@@ -22,14 +23,14 @@ from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, _conv_rows, _Ro
 from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ImageNormalize, RNNPoolLayer
-from leanvision.layers.rnn_cells import INDEXED_LANES
-from leanvision.layers.rnnpool import IndexedSweep, rnnpool_indices
+from leanvision.layers.rnnpool import IndexedSweep, PatchRowPool, rnnpool_indices
 from leanvision.models.face.nets import DetectionHead
 
 # A BandedHead computes once this many new rows are held (or the last row): fewer, larger calls of its small
 # convolutions, whose per-call cost dominates when they run row by row (4x faster than every 4 rows).
 HEAD_STEP_ROWS = 16
 
+_Read = tuple[Span, int, int]  # a span inside a map and the zero padding before and after it
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh)
 ELEMENTWISE = (
     *ACTIVATIONS,
@@ -74,13 +75,6 @@ def _by_length(indices: list[torch.Tensor]) -> list[torch.Tensor]:
         else:
             joined.append(index)
     return joined
-
-
-def _scratch_floats(inputs: int, hidden: int, sequences: int) -> int:
-    """Floats of the scratch of one inference sweep of `sequences` sequences: FastGRNNCell's kernel takes
-    (inputs + 4 hidden) x lanes per thread, with fewer lanes and threads for few sequences."""
-    lanes = min(INDEXED_LANES, sequences)
-    return min(torch.get_num_threads(), -(-sequences // lanes)) * lanes * (inputs + 4 * hidden)
 
 
 def _checked_group(patches_per_group: int) -> int:
@@ -267,12 +261,13 @@ class StreamedRNNPool(nn.Module):
         self.prefix, self.pool = nn.ModuleList(_fused(prefix)), pool
         self.patches_per_group = _checked_group(patches_per_group)
         self._index_cache: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self._sweeps = pool.pool.rnn1.inference_sweep(), pool.pool.rnn2.inference_sweep()
+        self._kernel: PatchRowPool | None = None
         self.head, self.handoff = None if head is None else BandedHead(head), HeadHandoff()
 
     def regroup(self, patches_per_group: int, x: torch.Tensor) -> None:
-        """Run `patches_per_group` patches a group from now on, with the index tables of x's groups made
-        here: they are state like the weights, so a meter of the next forward does not count them."""
+        """Run `patches_per_group` patches a group from now on, with what a forward on x caches (the fused
+        kernel's packed parameters, the reference path's index tables) made here: it is state like the
+        weights, so a meter of the next forward does not count it."""
         self.patches_per_group = _checked_group(patches_per_group)
         self._index_cache.clear()
         with torch.no_grad():
@@ -294,17 +289,10 @@ class StreamedRNNPool(nn.Module):
     def group_bytes(self, patches: int) -> int:
         """fp32 bytes alive while a group of `patches` neighbouring patches runs (its input region is
         computed, then pooled): the largest input + output region of a prefix layer, or the pool's region
-        with RNN1's summaries, RNN2's states and the per-thread scratch of the sweeps."""
+        with the fused kernel's scratch (PatchRowPool.plan: RNN1's summaries and the threads' blocks)."""
         (kh, kw), (_, sw) = self.pool.patch_size, self.pool.stride
-        rnn1, h1, h2 = self.pool.pool.rnn1, self.pool.pool.hidden1, self.pool.pool.hidden2
-        rows, cols, channels = Span(0, kh), Span(0, (patches - 1) * sw + kw), rnn1.input_size
-        width = cols.stop
-        rnn1_index, rnn2_index = self._indices(width)
-        scratch = max(
-            *(_scratch_floats(channels, h1, index.shape[1]) for index in rnn1_index),
-            *(_scratch_floats(h1, h2, index.shape[1]) for index in rnn2_index),
-        )
-        floats = channels * kh * width + h1 * (kh * patches + width) + 4 * h2 * patches + scratch
+        rows, cols = Span(0, kh), Span(0, (patches - 1) * sw + kw)
+        floats = self.pool.in_channels * kh * cols.stop + PatchRowPool.plan(self.pool, patches)[2]
         for layer in reversed(self.prefix):
             if isinstance(layer, InPlaceConv):
                 out_area, conv = (rows.stop - rows.start) * (cols.stop - cols.start), layer.conv
@@ -313,19 +301,40 @@ class StreamedRNNPool(nn.Module):
                 floats = max(floats, conv.in_channels * in_area + conv.out_channels * out_area)
         return 4 * floats
 
-    def _region(self, x: torch.Tensor, depth: int, rows: Span, cols: Span, sizes) -> torch.Tensor:
-        """Output of the first `depth` prefix layers on rows x cols (inside that output's bounds)."""
-        if depth == 0:
-            return x[:, :, rows.start : rows.stop, cols.start : cols.stop]
-        layer = self.prefix[depth - 1]
-        if not isinstance(layer, InPlaceConv):
-            return layer(self._region(x, depth - 1, rows, cols, sizes))
-        (in_rows, top, bottom), (in_cols, left, right) = (
-            span.through_conv(layer.conv, axis).clip(size)
-            for axis, (span, size) in enumerate(zip((rows, cols), sizes[depth - 1]))
-        )
-        inner = pad_zeros(self._region(x, depth - 1, in_rows, in_cols, sizes), (left, right, top, bottom))
-        return layer(inner, padding=(0, 0))
+    def _reads(self, span: Span, axis: int, sizes: list[tuple[int, int]]) -> list[_Read]:
+        """What the prefix layers read to make `span` of the pool's input along `axis` (0 rows, 1 columns):
+        the span (inside the map) at each layer's input, first to last, with the zero padding the layer
+        adds around it, then `span` itself."""
+        reads = [(span, 0, 0)]
+        for layer, size in zip(reversed(self.prefix), reversed(sizes[:-1])):
+            if isinstance(layer, InPlaceConv):
+                span, before, after = span.through_conv(layer.conv, axis).clip(size[axis])
+                reads.append((span, before, after))
+            else:
+                reads.append((span, 0, 0))
+        return reads[::-1]
+
+    def _region(self, x: torch.Tensor, rows: list[_Read], cols: list[_Read]) -> torch.Tensor:
+        """Output of the prefix layers on the span that `rows` and `cols` (_reads) end with."""
+        (first_rows, _, _), (first_cols, _, _) = rows[0], cols[0]
+        region = x[:, :, first_rows.start : first_rows.stop, first_cols.start : first_cols.stop]
+        for layer, (_, top, bottom), (_, left, right) in zip(self.prefix, rows, cols):
+            if isinstance(layer, InPlaceConv):
+                region = pad_zeros(region, (left, right, top, bottom))  # the unpadded one freed
+                region = layer(region, padding=(0, 0))
+            else:
+                region = layer(region)
+        return region
+
+    def _fused(self, x: torch.Tensor) -> PatchRowPool | None:
+        """The fused kernel for x, started (None where it does not apply); its parameters are packed once
+        per dtype, state like the weights."""
+        if not PatchRowPool.applies(self.pool, x):
+            return None
+        if self._kernel is None or self._kernel.dtype != x.dtype:
+            self._kernel = PatchRowPool(self.pool)
+        self._kernel.start()
+        return self._kernel
 
     def _indices(self, width: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Where the sweeps of one patch row's region [C, kh, width] read their steps (rnnpool_indices of
@@ -340,11 +349,16 @@ class StreamedRNNPool(nn.Module):
 
     def _pool_patches(self, region: torch.Tensor, out: torch.Tensor) -> None:
         """RNNPool of the patches side by side in one patch row's region [1, C, kh, width], written into
-        `out` [4 h2, n].
+        `out` [4 h2, n], with the cells' sweep_indexed: the reference path, where PatchRowPool does not
+        apply.
 
         As rnnpool_map, RNN1 runs once over every row segment and every column of the region; the sweeps
-        read their inputs in place (sweep_indexed), so nothing but the region and the states is alive."""
-        (rnn1, rnn2), h2 = self._sweeps, self.pool.pool.hidden2
+        read their inputs in place, so nothing but the region and the states is alive."""
+        rnn1, rnn2, h2 = (
+            self.pool.pool.rnn1.sweep_indexed,
+            self.pool.pool.rnn2.sweep_indexed,
+            self.pool.pool.hidden2,
+        )
         rnn1_index, rnn2_index = self._indices(region.shape[3])
         summaries = _sweep_indexed(rnn1, region.reshape(region.shape[1], -1), rnn1_index)
         pooled = _sweep_indexed(rnn2, summaries, rnn2_index)  # [h2, 4 n]: rows fwd, bwd, cols fwd, bwd
@@ -386,28 +400,36 @@ class StreamedRNNPool(nn.Module):
         top = left = 0
         if pool.padding == "same":  # the zero padding RNNPoolLayer adds: evenly, extra at the bottom/right
             top, left = max((oh - 1) * sh + kh - height, 0) // 2, max((ow - 1) * sw + kw - width, 0) // 2
-        valid_h, valid_w, depth = oh - extra, ow - extra, len(self.prefix)
+        valid_h, valid_w = oh - extra, ow - extra
         run, row = head_run, None
+        kernel = self._fused(x)
+        groups = []  # each group's patches, columns and their padding, and what the prefix reads for them
+        for j0 in range(0, valid_w, self.patches_per_group):
+            j1 = min(j0 + self.patches_per_group, valid_w)
+            in_cols, pad_l, pad_r = Span(j0 * sw - left, (j1 - 1) * sw - left + kw).clip(width)
+            groups.append((j0, j1, in_cols, pad_l, pad_r, self._reads(in_cols, 1, sizes)))
+        whole_width = self._reads(Span(0, width), 1, sizes)
         for i in range(valid_h):
             row = x.new_empty(1, pool.out_channels, 1, ow) if out is None else out[:, :, i : i + 1]
             in_rows, pad_t, pad_b = Span(i * sh - top, i * sh - top + kh).clip(height)
+            row_reads = self._reads(in_rows, 0, sizes)
             if run is not None:  # the patch row's rows at full width, from the first one the head lacks
                 band_rows = Span(min(in_rows.start, run.fed), in_rows.stop)
-                band = _Rows(
-                    self._region(x, depth, band_rows, Span(0, width), sizes), band_rows.start, height
-                )
-            for j0 in range(0, valid_w, self.patches_per_group):
-                j1 = min(j0 + self.patches_per_group, valid_w)
-                in_cols, pad_l, pad_r = Span(j0 * sw - left, (j1 - 1) * sw - left + kw).clip(width)
+                band_reads = self._reads(band_rows, 0, sizes)
+                band = _Rows(self._region(x, band_reads, whole_width), band_rows.start, height)
+            for j0, j1, in_cols, pad_l, pad_r, col_reads in groups:
                 if run is None:
-                    region = self._region(x, depth, in_rows, in_cols, sizes)
+                    region = self._region(x, row_reads, col_reads)
                 else:
                     first = in_rows.start - band.start
                     region = band.tensor[
                         :, :, first : first + in_rows.stop - in_rows.start, in_cols.start : in_cols.stop
                     ]
-                region = pad_zeros(region, (pad_l, pad_r, pad_t, pad_b))  # the unpadded one freed
-                self._pool_patches(region, row[0, :, 0, j0:j1])
+                if kernel is not None:  # it reads the zero padding without a padded copy
+                    kernel(region, row[0, :, 0, j0:j1], pad_t, pad_l)
+                else:
+                    region = pad_zeros(region, (pad_l, pad_r, pad_t, pad_b))  # the unpadded one freed
+                    self._pool_patches(region, row[0, :, 0, j0:j1])
                 del region  # not alive while the next group's region is computed
             if run is not None:
                 run.feed(band)
@@ -417,12 +439,14 @@ class StreamedRNNPool(nn.Module):
             yield _Rows(row, i, oh)
         if run is not None and run.fed < height:  # the rows below the last patch row that the head reads
             rest = Span(run.fed, height)
-            run.feed(_Rows(self._region(x, depth, rest, Span(0, width), sizes), rest.start, height))
+            run.feed(_Rows(self._region(x, self._reads(rest, 0, sizes), whole_width), rest.start, height))
         if extra:  # and one replicated row at the bottom
             last = row.clone() if out is None else out[:, :, valid_h : valid_h + 1].copy_(row)
             yield _Rows(last, valid_h, oh)
 
 
 def patches_per_group(pool: StreamedRNNPool, valid_width: int, budget: int) -> int:
-    """The most patches of one patch row (at most `valid_width`) whose group_bytes fit `budget`, or 1."""
-    return max([n for n in range(1, valid_width + 1) if pool.group_bytes(n) <= budget], default=1)
+    """Patches per group: as few groups per patch row (of `valid_width` patches) as fit `budget`, as even as
+    they can be (no more patches than those groups need: less RAM and balanced work for the same calls)."""
+    most = max([n for n in range(1, valid_width + 1) if pool.group_bytes(n) <= budget], default=1)
+    return -(-valid_width // -(-valid_width // most))

@@ -8,6 +8,11 @@ independent of scheduling).
 
 float32 uses a rational tanh (Eigen's, |error| < 3e-7) that vectorises; float64 uses libm, so that float64
 gradcheck sees exact nonlinearities.
+
+`rnnpool_patches` is RNNPool inference of one patch row's region (RNN1, then RNN2 on its summaries) in one
+call, for streaming: each cell's parameters come packed as one array [h, C + h + 4] (`pack_params`'s layout:
+[W; U]^T, then bias_gate, bias_update, sigmoid(zeta) and sigmoid(nu) as columns), and its scratch as one
+array that the caller allocates (streaming counts it).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from types import FunctionType
 
 import numba
 import numpy as np
@@ -85,10 +91,21 @@ def parallel(threads: int) -> Iterator[int]:
     Tasks (contiguous runs of blocks) are handed out dynamically, a few per thread: on a shared machine a
     thread that loses its core then holds up less of the work.
     """
-    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
+    threads = set_threads(threads)
     with numba.parallel_chunksize(1):
         yield TASKS_PER_THREAD * threads
+
+
+def usable_threads(threads: int) -> int:
+    """`threads`, at least 1 and at most numba's pool."""
+    return max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def set_threads(threads: int) -> int:
+    """Run parallel kernels on usable_threads(threads) threads; returns how many."""
+    threads = usable_threads(threads)
+    numba.set_num_threads(threads)
+    return threads
 
 
 @njit(**JIT)
@@ -133,15 +150,34 @@ def _step(weight_t, bias_gate, bias_update, coef, xh, pre, zc, h_out, width):  #
     """
     channels, zeta, nu = xh.shape[0] - len(pre), coef[0], coef[1]
     _matmul(weight_t, xh, pre, width)
-    # Loops over few arrays each: LLVM vectorises a loop only below a few run-time aliasing checks.
     for j in range(len(pre)):
-        bg, bu, p, z, c = bias_gate[j], bias_update[j], pre[j], zc[0, j], zc[1, j]
-        for lane in range(width):
-            z[lane] = _sigmoid(p[lane] + bg)
-            c[lane] = _tanh(p[lane] + bu)
-        h_in, h = xh[channels + j], h_out[j]
-        for lane in range(width):
-            h[lane] = z[lane] * h_in[lane] + (zeta - zeta * z[lane] + nu) * c[lane]
+        z, c, h_in = zc[0, j], zc[1, j], xh[channels + j]
+        _update_row(pre[j], bias_gate[j], bias_update[j], zeta, nu, z, c, h_in, h_out[j], width)
+
+
+@njit(**JIT)
+def _advance(params, xh, pre, zc, width):  # pragma: no cover
+    """`_step` for inference, on packed params [h, C + h + 4]: the state rows of xh [C + h, lanes] (below
+    the step's inputs) become the next state; zc [2, lanes] holds one row's gate and update at a time."""
+    hidden, rows = len(pre), xh.shape[0]
+    _matmul(params[:, :rows], xh, pre, width)
+    zeta, nu = params[0, rows + 2], params[0, rows + 3]
+    for j in range(hidden):
+        h = xh[rows - hidden + j]
+        _update_row(pre[j], params[j, rows], params[j, rows + 1], zeta, nu, zc[0], zc[1], h, h, width)
+
+
+@njit(**JIT)
+def _update_row(p, bg, bu, zeta, nu, z, c, h_in, h, width):  # pragma: no cover
+    """One state row of a step from its pre-activations p: gate z, update c, and h from h_in (may be h)."""
+    # Loops over few arrays each: LLVM vectorises a loop only below a few run-time aliasing checks. z and c
+    # go through memory: in one loop LLVM rewrites the products with them (fastmath), which rounds
+    # differently (~20% faster, but the streamed networks' outputs then move from eager's beyond the tests').
+    for lane in range(width):
+        z[lane] = _sigmoid(p[lane] + bg)
+        c[lane] = _tanh(p[lane] + bu)
+    for lane in range(width):
+        h[lane] = z[lane] * h_in[lane] + (zeta - zeta * z[lane] + nu) * c[lane]
 
 
 @njit(parallel=True, **JIT)
@@ -170,13 +206,12 @@ def sweep_forward(x, weight_t, bias_gate, bias_update, coef, final, tasks):  # p
 
 
 @njit(parallel=True, **JIT)
-def sweep_forward_indexed(
-    x, index, weight_t, bias_gate, bias_update, coef, final, xh, pre, zc
-):  # pragma: no cover
-    """sweep_forward over sequences read in place from x [C, S]: step t of sequence n is x[:, index[t, n]].
+def sweep_forward_indexed(x, index, params, final, xh, pre, zc):  # pragma: no cover
+    """sweep_forward over sequences read in place from x [C, S]: step t of sequence n is x[:, index[t, n]],
+    for inference (params packed, `_advance`).
 
-    The caller's scratch is one task's per thread: xh [tasks, C + h, lanes], pre [tasks, h, lanes] and
-    zc [tasks, 2, h, lanes], so that the kernel allocates nothing (streaming inference counts it).
+    The caller's scratch is one task's per thread: xh [tasks, C + h, lanes], pre [tasks, h, lanes] and zc
+    [tasks, 2, lanes], so that the kernel allocates nothing (streaming inference counts it).
     """
     steps, n = index.shape
     channels, lanes = len(x), xh.shape[2]
@@ -195,9 +230,121 @@ def sweep_forward_indexed(
                     src, dst = x[c], block_xh[c]
                     for lane in range(width):
                         dst[lane] = src[columns[lane]]
-                state = block_xh[channels:]
-                _step(weight_t, bias_gate, bias_update, coef, block_xh, block_pre, block_zc, state, width)
+                _advance(params, block_xh, block_pre, block_zc, width)
             _copy(final[:, lo : lo + width], block_xh[channels:, :width])
+
+
+@njit(**JIT)
+def _pool_sweep(
+    params, src, dst, first, last, steps, second, geometry, block, lanes, task, tasks
+):  # pragma: no cover
+    """Sequences first .. last - 1 (of `steps` steps each) of RNN1 (`second` False) or RNN2 of
+    `rnnpool_patches`: task `task`'s share of them, cut into blocks of at most `lanes`, the same number per
+    task, advanced in `block` (the task's scratch); final states into dst, RNN1's summaries [h1, kh n + W]
+    or RNN2's out [4 h2, n].
+
+    RNN1's sequence k n + j is, for k < kh, the segment of row k of patch j (step t reads src[:, k, j sw +
+    t]), else column (k - kh) n + j (src[:, t, column]); RNN2's, patch j's row summaries forwards (k = 0)
+    and backwards (1), then its column summaries forwards (2) and backwards (3), read from src =
+    summaries [h1, 1, kh n + W]. Steps outside src (geometry's top and left offsets place src in the
+    region) read zeros: the region's zero padding."""
+    kh, kw, sw, n, top, left = geometry
+    hidden, channels = len(params), len(src)
+    rows = channels + hidden
+    xh = block[: rows * lanes].reshape(rows, lanes)
+    pre = block[rows * lanes : (rows + hidden) * lanes].reshape(hidden, lanes)
+    zc = block[(rows + hidden) * lanes : (rows + hidden + 2) * lanes].reshape(2, lanes)
+    height, width_in = src.shape[1], src.shape[2]
+    count = last - first
+    blocks = tasks * -(-count // (tasks * lanes))
+    start, stop = _chunk(task, tasks, blocks)
+    for index in range(start, stop):
+        lo, hi = _chunk(index, blocks, count)
+        lo, width = first + lo, hi - lo
+        padded = min(lanes, -(-width // 8) * 8)  # whole vectors: a loop's scalar remainder costs ~1.4x
+        xh[:, width:padded] = 0
+        xh[channels:, :width] = 0
+        for t in range(steps):
+            k, j = lo // n, lo % n
+            for lane in range(width):
+                if second:
+                    y = 0
+                    if k < 2:
+                        col = (t if k == 0 else kh - 1 - t) * n + j
+                    else:
+                        col = kh * n + j * sw + (t if k == 2 else kw - 1 - t)
+                elif k < kh:
+                    y, col = k - top, j * sw + t - left
+                else:
+                    y, col = t - top, (k - kh) * n + j - left
+                if 0 <= y < height and 0 <= col < width_in:
+                    for c in range(channels):
+                        xh[c, lane] = src[c, y, col]
+                else:
+                    for c in range(channels):
+                        xh[c, lane] = 0
+                j += 1
+                if j == n:
+                    k, j = k + 1, 0
+            _advance(params, xh, pre, zc, padded)
+        if second:
+            k, j = lo // n, lo % n
+            for lane in range(width):
+                for r in range(hidden):
+                    dst[k * hidden + r, j] = xh[channels + r, lane]
+                j += 1
+                if j == n:
+                    k, j = k + 1, 0
+        else:
+            _copy(dst[:, lo : lo + width], xh[channels:, :width])
+
+
+def _rnnpool_patches(x, out, params1, params2, geometry, lanes, tasks, scratch):  # pragma: no cover
+    """RNNPool of the n patches side by side in one patch row's region [C, kh, (n - 1) sw + kw] (patch j
+    in its columns j sw .. j sw + kw - 1) -> out [4 h2, n]: rows forwards, backwards, columns forwards,
+    backwards, as rnnpool_map. geometry = (kh, kw, sw, n, top, left): x holds the region from its row
+    `top` and column `left` on (the rest is zero padding).
+
+    RNN1 runs once over every row segment and column of the region, RNN2 over each patch's summaries, both
+    reading their steps in place, in blocks of `lanes` sequences cut into `tasks` runs (one per thread).
+    scratch: RNN1's summaries [h1, kh n + W], then each task's block, of the larger cell: [C + h, lanes] (a
+    step's inputs above the state), [h, lanes] (pre-activations) and [2, lanes] (a row's gate and update)."""
+    kh, kw, sw, n = geometry[0], geometry[1], geometry[2], geometry[3]
+    h1 = len(params1)
+    rows, sequences = kh * n, kh * n + (n - 1) * sw + kw
+    summaries = scratch[: h1 * sequences].reshape(h1, sequences)
+    per_task = (len(scratch) - h1 * sequences) // tasks
+    for task in prange(tasks):
+        block = scratch[h1 * sequences + task * per_task : h1 * sequences + (task + 1) * per_task]
+        if kh == kw:
+            _pool_sweep(params1, x, summaries, 0, sequences, kh, False, geometry, block, lanes, task, tasks)
+        else:
+            _pool_sweep(params1, x, summaries, 0, rows, kw, False, geometry, block, lanes, task, tasks)
+            _pool_sweep(
+                params1, x, summaries, rows, sequences, kh, False, geometry, block, lanes, task, tasks
+            )
+    pooled = summaries.reshape(h1, 1, sequences)
+    for task in prange(tasks):
+        block = scratch[h1 * sequences + task * per_task : h1 * sequences + (task + 1) * per_task]
+        if kh == kw:
+            _pool_sweep(params2, pooled, out, 0, 4 * n, kh, True, geometry, block, lanes, task, tasks)
+        else:
+            _pool_sweep(params2, pooled, out, 0, 2 * n, kh, True, geometry, block, lanes, task, tasks)
+            _pool_sweep(params2, pooled, out, 2 * n, 4 * n, kw, True, geometry, block, lanes, task, tasks)
+
+
+def _named(fn, name: str):
+    """`fn` as a function called `name`: numba caches compilations by a function's name and first line, not
+    by its flags, so that two compilations of one function need two names (else each loads the other's)."""
+    named = FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    named.__qualname__ = name
+    return named
+
+
+# The same kernel on numba's threads (the second pass reads what all threads of the first wrote: no fusion
+# of the two), and serially for work of one task, which a parallel launch would only delay.
+rnnpool_patches = njit(parallel={"fusion": False}, **JIT)(_rnnpool_patches)
+rnnpool_patches_serial = njit(**JIT)(_named(_rnnpool_patches, "_rnnpool_patches_serial"))
 
 
 @njit(parallel=True, **JIT)

@@ -59,8 +59,8 @@ def _split_like(final: torch.Tensor, sequences: Sequence[torch.Tensor]) -> list[
     return [f.view(*seq.shape[1:-1], -1) for f, seq in zip(finals, sequences)]
 
 
-# Sequences per block of sweep_forward_indexed: narrower than the training kernel's, as its scratch
-# (threads x (C + 4h) x lanes floats) counts against the RAM of streaming inference.
+# Sequences per block of sweep_forward_indexed by default (streaming's reference path, where its scratch,
+# threads x (C + 2h + 2) x lanes floats, counts against the RAM); the whole-map path takes more.
 INDEXED_LANES = 32
 
 
@@ -112,11 +112,6 @@ class RecurrentCell(nn.Module):
         for columns in index:
             state = self.step(self.project(x[:, columns].t()), state)
         return self.output(state).t()
-
-    def inference_sweep(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """`sweep_indexed` for frozen, inference-only weights: it may prepare what it needs of them once
-        (streaming sweeps every patch group, where that preparation would cost more than the sweep)."""
-        return self.sweep_indexed
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """One step from raw input x [..., input_size]; returns the new state."""
@@ -251,19 +246,6 @@ class FastGRNNCell(RecurrentCell):
     def kernel_weights(self) -> list[torch.Tensor]:
         """What the numba kernels compute with: W and U (effective), the two biases, zeta and nu."""
         return [self.weight_w(), self.weight_u(), self.bias_gate, self.bias_update, self.zeta, self.nu]
-
-    def inference_sweep(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        if not self._sigmoid_pair or _numba_kernels() is None:
-            return self.sweep_indexed
-        with torch.no_grad():
-            fused = kernel_sweep(self.kernel_weights())
-
-        def sweep(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            if torch.compiler.is_compiling() or not _kernel_applies(self.bias_gate, x):
-                return self.sweep_indexed(x, index)
-            return fused(x, index)
-
-        return sweep
 
     def sweep(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if not self._sigmoid_pair or torch.compiler.is_compiling():  # compilers trace the plain steps
@@ -426,16 +408,25 @@ def _kernel_inputs(
     )
 
 
-def _indexed_kernel(
-    x: torch.Tensor,
-    index: torch.Tensor,
-    inputs: tuple[np.ndarray, ...],
-    hidden: int,
-    lanes: int,
-) -> torch.Tensor:
-    """The numba sweep_forward_indexed -> final states [hidden, N], with the per-thread scratch allocated
-    here as torch tensors (so that memory meters see it)."""
+def pack_params(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """FastGRNNCell.kernel_weights as fastgrnn_kernels.rnnpool_patches takes a cell: one array [h, C + h + 4],
+    [W; U]^T, then bias_gate, bias_update, sigmoid(zeta) and sigmoid(nu) as columns."""
+    w, u, bias_gate, bias_update, zeta, nu = weights
+    hidden = w.shape[1]
+    coef = torch.sigmoid(torch.cat((zeta, nu), 1)).expand(hidden, 2)
+    return torch.cat((torch.cat((w, u)).T, bias_gate.view(hidden, 1), bias_update.view(hidden, 1), coef), 1)
+
+
+def kernel_threads() -> int:
+    """The threads a numba kernel runs on: torch's, at most numba's pool (torch's where numba is missing)."""
     kernels = _numba_kernels()
+    return torch.get_num_threads() if kernels is None else kernels.usable_threads(torch.get_num_threads())
+
+
+def _indexed_kernel(x: torch.Tensor, index: torch.Tensor, params: np.ndarray, lanes: int) -> torch.Tensor:
+    """The numba sweep_forward_indexed on packed `params` (pack_params) -> final states [h, N], with the
+    per-thread scratch allocated here as torch tensors (so that memory meters see it)."""
+    kernels, hidden = _numba_kernels(), len(params)
     final = x.new_empty(hidden, index.shape[1])
     with kernels.parallel(torch.get_num_threads()) as tasks:
         lanes = min(lanes, index.shape[1])  # few sequences: less scratch
@@ -443,10 +434,10 @@ def _indexed_kernel(
         scratch = (
             x.new_empty(threads, len(x) + hidden, lanes),  # a step's inputs above its state
             x.new_empty(threads, hidden, lanes),  # pre-activations
-            x.new_empty(threads, 2, hidden, lanes),  # gate and update
+            x.new_empty(threads, 2, lanes),  # a row's gate and update
         )
         kernels.sweep_forward_indexed(
-            _numpy(x), index.numpy(), *inputs, final.numpy(), *(t.numpy() for t in scratch)
+            _numpy(x), index.numpy(), params, final.numpy(), *(t.numpy() for t in scratch)
         )
     return final
 
@@ -456,9 +447,7 @@ def kernel_sweep(
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """FastGRNN's numba sweep_indexed on `weights` (FastGRNNCell.kernel_weights), prepared once: a
     function (x [C, S], index [T, N]) -> final states [h, N]. Inference only."""
-    w, u, bias_gate, bias_update, zeta, nu = weights
-    inputs = _kernel_inputs(w, u, bias_gate, bias_update, torch.sigmoid(zeta), torch.sigmoid(nu))
-    return functools.partial(_indexed_kernel, inputs=inputs, hidden=w.shape[1], lanes=lanes)
+    return functools.partial(_indexed_kernel, params=_numpy(pack_params(weights)), lanes=lanes)
 
 
 def _kernel_sweep(

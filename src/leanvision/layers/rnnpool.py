@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from leanvision.errors import InvalidArgumentError
-from leanvision.layers.rnn_cells import FastGRNNCell, RecurrentCell, create_cell, kernel_sweep
+from leanvision.layers import rnn_cells
+from leanvision.layers.rnn_cells import (
+    FastGRNNCell,
+    RecurrentCell,
+    create_cell,
+    kernel_sweep,
+    kernel_threads,
+    pack_params,
+)
 
 PADDINGS = ("edgeml", "valid", "same")
 
@@ -34,8 +42,12 @@ PADDINGS = ("edgeml", "valid", "same")
 TILE_PATCHES = 2048
 FUSED_TILE_PATCHES = 8192
 # Sequences per block of the in-place inference sweeps over a whole map: its scratch is small beside the
-# map, and 128 runs RNNPool-Face-Quant's layer 15% faster than streaming's 32.
+# map, and 128 runs RNNPool-Face-Quant's layer 15% faster than 32.
 MAP_LANES = 128
+# Sequences per block of the streaming kernel (PatchRowPool), whose scratch counts against streaming RAM:
+# at C = 32, h = 16, 64 runs within 5% of 128 and 32 is 20-30% slower; at C = 64, h = 32 64 is the
+# fastest (a block of 128 no longer fits in L1).
+PATCH_LANES = 64
 IndexedSweep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [C, S], index [T, N]) -> [h, N]
 
 
@@ -346,3 +358,58 @@ class RNNPoolLayer(nn.Module):
         layer = cls(pool.in_channels, pool.hidden1, pool.hidden2, patch_size, stride)
         layer.pool = pool
         return layer
+
+
+class PatchRowPool:
+    """RNNPool of the patches side by side in one patch row's region, for inference: RNN1 and RNN2 (both
+    FastGRNN with sigmoid and tanh) in one call of the fused numba kernel (fastgrnn_kernels.
+    rnnpool_patches) that reads the region in place. The cells' parameters are packed when it is made,
+    in their dtype (frozen weights: make it once); `start` sets numba's threads to torch's before a
+    forward."""
+
+    def __init__(self, layer: RNNPoolLayer) -> None:
+        self.layer, self.dtype, self.threads = layer, layer.pool.rnn1.bias_gate.dtype, 1
+        self.plans: dict[int, tuple[int, int, int]] = {}  # plan() by patches, for self.threads
+        with torch.no_grad():
+            self.params = [
+                pack_params(cell.kernel_weights()).numpy() for cell in (layer.pool.rnn1, layer.pool.rnn2)
+            ]
+
+    def start(self) -> None:
+        """Run on torch's threads from now on (numba's set to as many)."""
+        threads = rnn_cells._numba_kernels().set_threads(torch.get_num_threads())
+        if threads != self.threads:
+            self.threads, self.plans = threads, {}
+
+    @staticmethod
+    def applies(layer: RNNPoolLayer, x: torch.Tensor) -> bool:
+        """Whether the kernel can pool regions of x (FastGRNN cells, see FastGRNNCell.fused_sweep)."""
+        return layer.pool.rnn1.fused_sweep(x) and layer.pool.rnn2.fused_sweep(x)
+
+    @staticmethod
+    def plan(layer: RNNPoolLayer, patches: int, threads: int | None = None) -> tuple[int, int, int]:
+        """(lanes, tasks, scratch floats) of the kernel on `patches` patches with up to `threads` threads
+        (default kernel_threads()): a task per thread where there are more sequences than PATCH_LANES,
+        blocks of at most `lanes` (a multiple of 8) sequences, and RNN1's summaries beside the tasks'
+        blocks."""
+        threads = kernel_threads() if threads is None else threads
+        (kh, kw), sw, pool = layer.patch_size, layer.stride[1], layer.pool
+        rnn1 = kh * patches + (patches - 1) * sw + kw  # row segments, then columns
+        sequences = max(rnn1, 4 * patches)
+        tasks = min(threads, -(-sequences // PATCH_LANES))
+        lanes = min(PATCH_LANES, -(-sequences // (8 * tasks)) * 8)  # whole vectors (the kernel pads blocks)
+        per_lane = max(pool.in_channels + 2 * pool.hidden1, pool.hidden1 + 2 * pool.hidden2) + 2
+        return lanes, tasks, pool.hidden1 * rnn1 + tasks * lanes * per_lane
+
+    def __call__(self, region: torch.Tensor, out: torch.Tensor, top: int = 0, left: int = 0) -> None:
+        """Pool the patches of a region [1, C, kh, W] into out [4 h2, n]; `region` holds its rows from `top`
+        and its columns from `left` on, the others are its zero padding."""
+        (kh, kw), sw, patches = self.layer.patch_size, self.layer.stride[1], out.shape[1]
+        if patches not in self.plans:
+            self.plans[patches] = self.plan(self.layer, patches, self.threads)
+        lanes, tasks, floats = self.plans[patches]
+        scratch = region.new_empty(floats)
+        kernels = rnn_cells._numba_kernels()
+        kernel = kernels.rnnpool_patches if tasks > 1 else kernels.rnnpool_patches_serial
+        geometry = (kh, kw, sw, patches, top, left)
+        kernel(region[0].numpy(), out.numpy(), *self.params, geometry, lanes, tasks, scratch.numpy())

@@ -1,0 +1,94 @@
+"""The streaming pool's fused kernel (PatchRowPool): the same numbers as the cells' sweep_indexed, the slow
+reference path, and StreamedRNNPool's groups hold exactly what group_bytes says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import randomize_
+from leanvision.analysis.measured import measure_peak
+from leanvision.deploy.streamed_rnnpool import StreamedRNNPool
+from leanvision.layers import RNNPoolLayer, rnn_cells
+from leanvision.layers.rnnpool import PatchRowPool
+
+pytest.importorskip("numba")
+
+# (C, h1, h2, patch, stride, patches): square and rectangular patches (one RNN1 sweep, or rows and columns
+# apart), stride below, at and above the patch, one patch and more sequences than a block
+GEOMETRIES = [
+    (8, 6, 5, (4, 4), (2, 2), 9),
+    (3, 4, 6, (5, 4), (3, 2), 7),
+    (4, 5, 3, (3, 5), (3, 6), 4),
+    (32, 16, 16, (6, 6), (4, 4), 1),
+    (16, 8, 8, (6, 6), (4, 4), 27),
+]
+
+
+def _reference(layer: RNNPoolLayer, region: torch.Tensor, patches: int) -> torch.Tensor:
+    """The pooled [4 h2, n] of a padded region through StreamedRNNPool's reference path (sweep_indexed)."""
+    out = region.new_empty(layer.out_channels, patches)
+    StreamedRNNPool([], layer, patches)._pool_patches(region, out)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels, h1, h2, patch, stride, patches", GEOMETRIES)
+def test_the_kernel_computes_the_reference_sweeps(channels, h1, h2, patch, stride, patches, dtype):
+    """Bit for bit the numba sweep_indexed (the same step); the torch steps to rounding."""
+    layer = randomize_(RNNPoolLayer(channels, h1, h2, patch, stride)).to(dtype)
+    width = (patches - 1) * stride[1] + patch[1]
+    region = torch.randn(1, channels, patch[0], width, generator=torch.Generator().manual_seed(3)).to(dtype)
+    out = torch.full((layer.out_channels, patches + 2), float("nan"), dtype=dtype)
+    with torch.no_grad():
+        kernel = PatchRowPool(layer)
+        kernel.start()
+        kernel(region, out[:, 1:-1])  # a strided view, as a row of the pool's output
+        assert torch.equal(out[:, 1:-1], _reference(layer, region, patches))
+        assert out[:, [0, -1]].isnan().all()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(rnn_cells, "_numba_kernels", lambda: None)
+            torch.testing.assert_close(out[:, 1:-1], _reference(layer, region, patches))
+
+
+@pytest.mark.parametrize("top, left, rows, cols", [(1, 0, 3, 12), (0, 2, 4, 10), (2, 1, 2, 9), (0, 0, 4, 11)])
+def test_the_kernel_reads_the_zero_padding_around_a_region(top, left, rows, cols):
+    """A region that holds the rows from `top` and the columns from `left` on, the rest zeros."""
+    layer = randomize_(RNNPoolLayer(3, 4, 5, 4, 2))
+    patches = 5
+    padded = torch.zeros(1, 3, 4, (patches - 1) * 2 + 4)
+    inner = torch.randn(1, 3, rows, cols)
+    padded[:, :, top : top + rows, left : left + cols] = inner
+    out = torch.empty(layer.out_channels, patches)
+    with torch.no_grad():
+        kernel = PatchRowPool(layer)
+        kernel.start()
+        kernel(inner, out, top, left)
+        assert torch.equal(out, _reference(layer, padded, patches))
+
+
+@pytest.mark.parametrize("padding", ["edgeml", "same"])
+def test_the_streamed_pool_equals_its_reference_path(monkeypatch, padding):
+    prefix = [nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU()]
+    layer = randomize_(RNNPoolLayer(8, 6, 5, patch_size=(5, 4), stride=(3, 2), padding=padding))
+    x = torch.randn(1, 3, 41, 50, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        streamed = StreamedRNNPool(prefix, layer, patches_per_group=4)
+        fused = streamed(x)
+        monkeypatch.setattr(PatchRowPool, "applies", staticmethod(lambda layer, x: False))
+        assert torch.equal(fused, streamed(x))
+
+
+@pytest.mark.parametrize("patches", [2, 7, 15])
+def test_a_group_holds_exactly_its_group_bytes(patches):
+    """A group away from the map's edges holds the group_bytes bound itself (the kernel's scratch
+    included): its region, RNN1's summaries and the threads' blocks."""
+    prefix = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6()]
+    layer = randomize_(RNNPoolLayer(8, 6, 5, patch_size=(4, 4), stride=(2, 2), padding="valid"))
+    x = torch.randn(1, 3, 20, 2 * 2 * patches + 2, generator=torch.Generator().manual_seed(patches))
+    streamed = StreamedRNNPool(prefix, layer, patches_per_group=patches)
+    streamed.regroup(patches, x)
+    with torch.no_grad():
+        out_bytes = streamed(x).numel() * 4
+        assert measure_peak(streamed, x).peak_bytes == out_bytes + streamed.group_bytes(patches)
