@@ -411,6 +411,7 @@ class StreamedRNNPool(nn.Module):
         whole_width = self._reads(Span(0, width), 1, sizes)
         for i in range(valid_h):
             row = x.new_empty(1, pool.out_channels, 1, ow) if out is None else out[:, :, i : i + 1]
+            pooled = row[0, :, 0]  # [C', W'], each group's patches written into its columns
             in_rows, pad_t, pad_b = Span(i * sh - top, i * sh - top + kh).clip(height)
             row_reads = self._reads(in_rows, 0, sizes)
             if run is not None:  # the patch row's rows at full width, from the first one the head lacks
@@ -426,10 +427,10 @@ class StreamedRNNPool(nn.Module):
                         :, :, first : first + in_rows.stop - in_rows.start, in_cols.start : in_cols.stop
                     ]
                 if kernel is not None:  # it reads the zero padding without a padded copy
-                    kernel(region, row[0, :, 0, j0:j1], pad_t, pad_l)
+                    kernel(region, pooled[:, j0:j1], pad_t, pad_l)
                 else:
                     region = pad_zeros(region, (pad_l, pad_r, pad_t, pad_b))  # the unpadded one freed
-                    self._pool_patches(region, row[0, :, 0, j0:j1])
+                    self._pool_patches(region, pooled[:, j0:j1])
                 del region  # not alive while the next group's region is computed
             if run is not None:
                 run.feed(band)

@@ -45,9 +45,9 @@ FUSED_TILE_PATCHES = 8192
 # map, and 128 runs RNNPool-Face-Quant's layer 15% faster than 32.
 MAP_LANES = 128
 # Sequences per block of the streaming kernel (PatchRowPool), whose scratch counts against streaming RAM:
-# at C = 32, h = 16, 64 runs within 5% of 128 and 32 is 20-30% slower; at C = 64, h = 32 64 is the
-# fastest (a block of 128 no longer fits in L1).
-PATCH_LANES = 64
+# wider blocks run faster (a step of 64 sequences costs 15% more per sequence than one of 128 at C = 32,
+# h = 16, of 32 50% more), and a block per thread from 64 sequences on.
+PATCH_LANES = 128
 IndexedSweep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [C, S], index [T, N]) -> [h, N]
 
 
@@ -369,6 +369,7 @@ class PatchRowPool:
 
     def __init__(self, layer: RNNPoolLayer) -> None:
         self.layer, self.dtype, self.threads = layer, layer.pool.rnn1.bias_gate.dtype, 1
+        (self.kh, self.kw), self.sw = layer.patch_size, layer.stride[1]
         self.plans: dict[int, tuple[int, int, int]] = {}  # plan() by patches, for self.threads
         with torch.no_grad():
             self.params = [
@@ -389,14 +390,13 @@ class PatchRowPool:
     @staticmethod
     def plan(layer: RNNPoolLayer, patches: int, threads: int | None = None) -> tuple[int, int, int]:
         """(lanes, tasks, scratch floats) of the kernel on `patches` patches with up to `threads` threads
-        (default kernel_threads()): a task per thread where there are more sequences than PATCH_LANES,
-        blocks of at most `lanes` (a multiple of 8) sequences, and RNN1's summaries beside the tasks'
-        blocks."""
+        (default kernel_threads()): a task per thread with 64 sequences or more each, blocks of at most
+        `lanes` (a multiple of 8) sequences, and RNN1's summaries beside the tasks' blocks."""
         threads = kernel_threads() if threads is None else threads
         (kh, kw), sw, pool = layer.patch_size, layer.stride[1], layer.pool
         rnn1 = kh * patches + (patches - 1) * sw + kw  # row segments, then columns
         sequences = max(rnn1, 4 * patches)
-        tasks = min(threads, -(-sequences // PATCH_LANES))
+        tasks = max(1, min(threads, sequences // (PATCH_LANES // 2)))
         lanes = min(PATCH_LANES, -(-sequences // (8 * tasks)) * 8)  # whole vectors (the kernel pads blocks)
         per_lane = max(pool.in_channels + 2 * pool.hidden1, pool.hidden1 + 2 * pool.hidden2) + 2
         return lanes, tasks, pool.hidden1 * rnn1 + tasks * lanes * per_lane
@@ -404,12 +404,12 @@ class PatchRowPool:
     def __call__(self, region: torch.Tensor, out: torch.Tensor, top: int = 0, left: int = 0) -> None:
         """Pool the patches of a region [1, C, kh, W] into out [4 h2, n]; `region` holds its rows from `top`
         and its columns from `left` on, the others are its zero padding."""
-        (kh, kw), sw, patches = self.layer.patch_size, self.layer.stride[1], out.shape[1]
+        patches = out.shape[1]
         if patches not in self.plans:
             self.plans[patches] = self.plan(self.layer, patches, self.threads)
         lanes, tasks, floats = self.plans[patches]
         scratch = region.new_empty(floats)
         kernels = rnn_cells._numba_kernels()
         kernel = kernels.rnnpool_patches if tasks > 1 else kernels.rnnpool_patches_serial
-        geometry = (kh, kw, sw, patches, top, left)
+        geometry = (self.kh, self.kw, self.sw, patches, top, left)
         kernel(region[0].numpy(), out.numpy(), *self.params, geometry, lanes, tasks, scratch.numpy())
