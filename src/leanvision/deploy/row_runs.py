@@ -93,8 +93,10 @@ class ChainRun:
         convolutions compute from the rows they hold). With `max_rows`, each convolution computes at most
         that many rows: call again until `done` stays the same."""
         for level, layer in enumerate(self.convs):
-            if level:
-                rows = self.held[level] if rows is None else extended(self.held[level], rows)
+            if level:  # the rows held before are not kept beside the extended ones
+                held, self.held[level] = self.held[level], None
+                rows = held if rows is None else extended(held, rows)
+                del held
             if rows is None:
                 continue
             start, stop = self.done[level], rows_allowed(layer.conv, rows, self.heights[level + 1])

@@ -19,16 +19,18 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, _conv_rows, _Rows
+from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, _Rows, conv_zero_padded
 from leanvision.deploy.regions import Span, conv_out, pad_zeros
+from leanvision.deploy.row_runs import ChainRun, extended, rows_from
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ImageNormalize, RNNPoolLayer
 from leanvision.layers.rnnpool import IndexedSweep, PatchRowPool, rnnpool_indices
 from leanvision.models.face.nets import DetectionHead
 
 # A BandedHead computes once this many new rows are held (or the last row): fewer, larger calls of its small
-# convolutions, whose per-call cost dominates when they run row by row (4x faster than every 4 rows).
-HEAD_STEP_ROWS = 16
+# convolutions, whose per-call cost dominates when they run row by row (~3x faster than every 4 rows), but
+# every row held is RAM (16: RNNPool-Face-Quant's streamed peak 1172 KiB, 8: 1166, its layer figure 900).
+HEAD_STEP_ROWS = 8
 
 _Read = tuple[Span, int, int]  # a span inside a map and the zero padding before and after it
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh)
@@ -83,71 +85,26 @@ def _checked_group(patches_per_group: int) -> int:
     return patches_per_group
 
 
-def _first_read(conv: nn.Conv2d, row: int) -> int:
-    """The first input row that output row `row` of `conv` reads (negative in the zero padding)."""
-    return Span(row, row + 1).through_conv(conv).start
-
-
-def _rows_from(rows: _Rows | None, first: int) -> _Rows | None:
-    """The rows `rows` holds from row `first` of the map on, or None if none: a copy, so that the rows
-    before them are freed."""
-    if rows is None or first >= rows.start + rows.tensor.shape[2]:
-        return None
-    first = max(first, rows.start)
-    return _Rows(rows.tensor[:, :, first - rows.start :].clone(), first, rows.height)
-
-
-def _extended(held: _Rows | None, new: _Rows) -> _Rows:
-    """The rows of `held` above those of `new`, then `new`'s: rows of one map, no gap between them."""
-    if held is None or held.start >= new.start:
-        return new
-    if held.start + held.tensor.shape[2] < new.start:
-        raise AssertionError(f"rows {held.start + held.tensor.shape[2]}..{new.start} were never computed")
-    above = held.tensor[:, :, : new.start - held.start]
-    return _Rows(torch.cat([above, new.tensor], 2), held.start, new.height)
-
-
-def _rows_allowed(conv: nn.Conv2d, rows: _Rows, out_height: int) -> int:
-    """How many of conv's output rows (from the top) the input rows up to the last that `rows` holds
-    allow: all of them once `rows` reaches the input's last row."""
-    stop = rows.start + rows.tensor.shape[2]
-    if stop >= rows.height:
-        return out_height
-    k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
-    return min(max((stop + p - d * (k - 1) - 1) // s + 1, 0), out_height)
-
-
 class _BranchRun:
-    """One forward of a branch of a BandedHead: the input rows each of its convolutions still holds (the
-    first's are the head's), the next output row each computes, and the map its last one writes. With
-    `maxout` > 1 the first `maxout` channels of the last convolution are background logits whose max is
-    written (DetectionHead's max-out background)."""
+    """One forward of a branch of a BandedHead: its convolutions as a ChainRun, whose last rows go into the
+    map `out`. With `maxout` > 1 the first `maxout` channels of the last convolution are background logits
+    whose max is written (DetectionHead's max-out background)."""
 
-    def __init__(self, convs: nn.ModuleList, heights: list[int], out: torch.Tensor, maxout: int) -> None:
-        self.convs, self.heights, self.out, self.maxout = convs, heights, out, maxout
-        self.held: list[_Rows | None] = [None] * len(convs)
-        self.done = [0] * len(convs)
+    def __init__(self, chain: ChainRun, out: torch.Tensor, maxout: int) -> None:
+        self.chain, self.out, self.maxout = chain, out, maxout
 
     def feed(self, rows: _Rows) -> int:
         """Compute what the input rows held so far (`rows`: up to the last one fed) allow; returns the
         first input row still needed."""
-        for level, layer in enumerate(self.convs):
-            if level:
-                rows = _extended(self.held[level], rows)
-            start, stop = self.done[level], _rows_allowed(layer.conv, rows, self.heights[level + 1])
-            if level:
-                self.held[level] = _rows_from(rows, _first_read(layer.conv, max(start, stop)))
-            if stop <= start:
-                break
-            rows, self.done[level] = _conv_rows(layer, rows, Span(start, stop), self.heights[level + 1]), stop
-        else:
-            y, written = rows.tensor, slice(rows.start, rows.start + rows.tensor.shape[2])
+        y = self.chain.feed(rows)
+        if y is not None:
+            written = slice(y.start, y.start + y.tensor.shape[2])
             if self.maxout > 1:
-                self.out[:, :1, written] = y[:, : self.maxout].amax(1, keepdim=True)
-                self.out[:, 1:, written] = y[:, self.maxout :]
+                self.out[:, :1, written] = y.tensor[:, : self.maxout].amax(1, keepdim=True)
+                self.out[:, 1:, written] = y.tensor[:, self.maxout :]
             else:
-                self.out[:, :, written] = y
-        return _first_read(self.convs[0].conv, self.done[0])
+                self.out[:, :, written] = y.tensor
+        return self.chain.first_needed
 
 
 class _HeadRun:
@@ -160,12 +117,11 @@ class _HeadRun:
         self.held: _Rows | None = None  # the L2-normalised rows the branches still read
         self.branches = []
         for convs, maxout in zip(head.branches, (1, head.background_maxout)):
-            heights, widths = [height], [width]
+            chain, out_width = ChainRun(convs, height), width
             for layer in convs:
-                heights.append(conv_out(heights[-1], layer.conv, 0))
-                widths.append(conv_out(widths[-1], layer.conv, 1))
-            out = like.new_empty(1, convs[-1].conv.out_channels - maxout + 1, heights[-1], widths[-1])
-            self.branches.append(_BranchRun(convs, heights, out, maxout))
+                out_width = conv_out(out_width, layer.conv, 1)
+            out = like.new_empty(1, convs[-1].conv.out_channels - maxout + 1, chain.heights[-1], out_width)
+            self.branches.append(_BranchRun(chain, out, maxout))
 
     @property
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,13 +136,13 @@ class _HeadRun:
         if skip >= rows.tensor.shape[2]:
             return
         new = _Rows(self.l2norm(rows.tensor[:, :, skip:]), self.fed, self.height)
-        held = _extended(self.held, new)
+        held, self.held = extended(self.held, new), None  # the rows held before are not kept beside
         self.fed = held.start + held.tensor.shape[2]
         if self.fed < min(self.computed + self.step_rows, self.height):
             self.held = held
             return
         self.computed = self.fed
-        self.held = _rows_from(held, min(branch.feed(held) for branch in self.branches))
+        self.held = rows_from(held, min(branch.feed(held) for branch in self.branches))
 
 
 class BandedHead(nn.Module):
@@ -320,8 +276,7 @@ class StreamedRNNPool(nn.Module):
         region = x[:, :, first_rows.start : first_rows.stop, first_cols.start : first_cols.stop]
         for layer, (_, top, bottom), (_, left, right) in zip(self.prefix, rows, cols):
             if isinstance(layer, InPlaceConv):
-                region = pad_zeros(region, (left, right, top, bottom))  # the unpadded one freed
-                region = layer(region, padding=(0, 0))
+                region = conv_zero_padded(layer, region, (left, right, top, bottom))
             else:
                 region = layer(region)
         return region
