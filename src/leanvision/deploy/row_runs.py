@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -227,13 +227,19 @@ class PoolIntoBlocks(nn.Module):
         return out, None if head is None else head.outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            out, head_outputs = self._one(x)
-        else:
-            parts = [self._one(image[None]) for image in x]
-            out = torch.cat([o for o, _ in parts])
-            head_outputs = (
-                None if self.pool.head is None else tuple(map(torch.cat, zip(*(h for _, h in parts))))
-            )
-        self.pool.handoff.outputs = head_outputs
+        out, self.pool.handoff.outputs = per_image(self._one, x)
         return out
+
+
+def per_image(
+    one: Callable[[torch.Tensor], tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]], x: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """one(x) of a batch-1 executor (an output and a head's outputs or None) for a batch x: image by image
+    where it holds more than one, the outputs concatenated."""
+    if x.shape[0] == 1:
+        return one(x)
+    parts = [one(image[None]) for image in x]
+    heads = [head for _, head in parts]
+    return torch.cat([out for out, _ in parts]), None if heads[0] is None else tuple(
+        map(torch.cat, zip(*heads))
+    )

@@ -21,7 +21,7 @@ from torch import nn
 
 from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, _Rows, conv_zero_padded
 from leanvision.deploy.regions import Span, conv_out, pad_zeros
-from leanvision.deploy.row_runs import ChainRun, extended, rows_from
+from leanvision.deploy.row_runs import ChainRun, extended, per_image, rows_from
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ImageNormalize, RNNPoolLayer
 from leanvision.layers.rnnpool import IndexedSweep, PatchRowPool, rnnpool_indices
@@ -321,13 +321,7 @@ class StreamedRNNPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The pool's output; with a head, the head's outputs are left in `handoff`."""
-        if x.shape[0] == 1:
-            out, head_outputs = self._one(x)
-        else:
-            parts = [self._one(image[None]) for image in x]
-            out = torch.cat([pooled for pooled, _ in parts])
-            head_outputs = None if self.head is None else tuple(map(torch.cat, zip(*(h for _, h in parts))))
-        self.handoff.outputs = head_outputs
+        out, self.handoff.outputs = per_image(self._one, x)
         return out
 
     def _one(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
