@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import randomize_
 from leanvision.analysis.measured import measure_peak
-from leanvision.deploy.streamed_rnnpool import StreamedRNNPool
+from leanvision.deploy.streamed_rnnpool import StreamedRNNPool, patches_per_group
 from leanvision.layers import RNNPoolLayer, rnn_cells
 from leanvision.layers.rnnpool import PatchRowPool
 
@@ -92,3 +92,43 @@ def test_a_group_holds_exactly_its_group_bytes(patches):
     with torch.no_grad():
         out_bytes = streamed(x).numel() * 4
         assert measure_peak(streamed, x).peak_bytes == out_bytes + streamed.group_bytes(patches)
+
+
+@pytest.mark.parametrize(
+    "patch, stride, padding",
+    [
+        ((6, 6), (4, 4), "edgeml"),  # two patch rows share rows: their columns advance in one band
+        ((5, 4), (2, 3), "same"),  # three share rows; rectangular; zero rows at the top and bottom
+        ((3, 5), (4, 2), "valid"),  # rows between the patch rows that no patch reads
+    ],
+)
+def test_whole_patch_rows_in_bands_equal_the_regions(patch, stride, padding):
+    """A whole-row group whose stem rows run in bands, each computed once (RNN1's states kept between
+    them), computes what the same group computes from each patch row's recomputed region, bit for bit."""
+    prefix = [nn.Conv2d(3, 8, 3, stride=1, padding=1), nn.ReLU6()]
+    layer = randomize_(RNNPoolLayer(8, 6, 5, patch_size=patch, stride=stride, padding=padding))
+    x = torch.randn(1, 3, 37, 45, generator=torch.Generator().manual_seed(2))
+    streamed = StreamedRNNPool(prefix, layer, patches_per_group=100)
+    with torch.no_grad():
+        regions = streamed(x)
+        for rows in range(1, min(patch[0], stride[0]) + 1):
+            streamed.banded = 100, rows
+            assert torch.equal(streamed(x), regions)
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_a_banded_row_holds_exactly_its_group_bytes(stride):
+    """patches_per_group picks whole rows in bands where they fit; a band then holds what group_bytes
+    says: RNN1's states, the band's rows and the kernel's scratch."""
+    prefix = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6()]
+    layer = randomize_(RNNPoolLayer(8, 6, 5, patch_size=(4, 4), stride=(stride, 2), padding="valid"))
+    x = torch.randn(1, 3, 20, 31, generator=torch.Generator().manual_seed(stride))  # 14 patches a row
+    streamed = StreamedRNNPool(prefix, layer, patches_per_group=1)
+    streamed.banded = 14, stride
+    budget = streamed.group_bytes(14)
+    assert patches_per_group(streamed, 14, budget) == 14 and streamed.banded == (14, stride)
+    streamed.regroup(14, x)
+    with torch.no_grad():
+        out_bytes = streamed(x).numel() * 4
+        assert measure_peak(streamed, x).peak_bytes == out_bytes + streamed.group_bytes(14)
+    assert patches_per_group(streamed, 14, budget // 4) < 14 and streamed.banded is None

@@ -14,6 +14,7 @@ only the few halo rows its next rows need; its outputs are handed to the HeadOut
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -218,6 +219,10 @@ class StreamedRNNPool(nn.Module):
         self.patches_per_group = _checked_group(patches_per_group)
         self._index_cache: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._kernel: PatchRowPool | None = None
+        # (patches per group, rows per band): groups of that many patches are whole patch rows whose stem
+        # rows run in bands (see patches_per_group), each computed once; None: each group's patch rows
+        # recompute their regions
+        self.banded: tuple[int, int] | None = None
         self.head, self.handoff = None if head is None else BandedHead(head), HeadHandoff()
 
     def regroup(self, patches_per_group: int, x: torch.Tensor) -> None:
@@ -245,17 +250,28 @@ class StreamedRNNPool(nn.Module):
     def group_bytes(self, patches: int) -> int:
         """fp32 bytes alive while a group of `patches` neighbouring patches runs (its input region is
         computed, then pooled): the largest input + output region of a prefix layer, or the pool's region
-        with the fused kernel's scratch (PatchRowPool.plan: RNN1's summaries and the threads' blocks)."""
-        (kh, kw), (_, sw) = self.pool.patch_size, self.pool.stride
-        rows, cols = Span(0, kh), Span(0, (patches - 1) * sw + kw)
-        floats = self.pool.in_channels * kh * cols.stop + PatchRowPool.plan(self.pool, patches)[2]
-        for layer in reversed(self.prefix):
-            if isinstance(layer, InPlaceConv):
-                out_area, conv = (rows.stop - rows.start) * (cols.stop - cols.start), layer.conv
-                rows, cols = rows.through_conv(conv, 0), cols.through_conv(conv, 1)
-                in_area = (rows.stop - rows.start) * (cols.stop - cols.start)
-                floats = max(floats, conv.in_channels * in_area + conv.out_channels * out_area)
-        return 4 * floats
+        with what RNN1 keeps for RNN2 and the fused kernel's scratch (PatchRowPool.held_shape, .plan). A
+        whole patch row in bands (`banded`) holds RNN1's states throughout, beside a band of rows at a time
+        instead of the patch row's region."""
+        (kh, kw), (sh, sw) = self.pool.patch_size, self.pool.stride
+        banded = self.banded is not None and patches == self.banded[0]
+        height = self.banded[1] if banded else kh
+        held = math.prod(PatchRowPool.held_shape(self.pool, patches, -(-kh // sh) if banded else 1))
+        scratch = PatchRowPool.plan(self.pool, patches, rows=height if banded else None)[2]
+        convs = [layer.conv for layer in self.prefix if isinstance(layer, InPlaceConv)]
+        # the outputs beyond a region's that conv_zero_padded keeps alive (at the map's edges)
+        kept = [(0, 0)] + [
+            (conv.padding[0] // conv.stride[0], conv.padding[1] // conv.stride[1]) for conv in convs
+        ]
+        rows, cols = Span(0, height + kept[-1][0]), Span(0, (patches - 1) * sw + kw + kept[-1][1])
+        floats = self.pool.in_channels * rows.stop * cols.stop + scratch + (0 if banded else held)
+        rows, cols = Span(0, height), Span(0, (patches - 1) * sw + kw)
+        for conv, (out_rows, out_cols), (in_rows, in_cols) in zip(reversed(convs), kept[:0:-1], kept[-2::-1]):
+            out_area = (rows.stop - rows.start + out_rows) * (cols.stop - cols.start + out_cols)
+            rows, cols = rows.through_conv(conv, 0), cols.through_conv(conv, 1)
+            in_area = (rows.stop - rows.start + in_rows) * (cols.stop - cols.start + in_cols)
+            floats = max(floats, conv.in_channels * in_area + conv.out_channels * out_area)
+        return 4 * (floats + (held if banded else 0))
 
     def _reads(self, span: Span, axis: int, sizes: list[tuple[int, int]]) -> list[_Read]:
         """What the prefix layers read to make `span` of the pool's input along `axis` (0 rows, 1 columns):
@@ -280,6 +296,33 @@ class StreamedRNNPool(nn.Module):
             else:
                 region = layer(region)
         return region
+
+    def _bands(
+        self,
+        x: torch.Tensor,
+        kernel: PatchRowPool,
+        out: torch.Tensor,
+        rows: Span,
+        patch_rows: tuple[int, int],
+        padding: tuple[int, int],
+        col_reads: list[_Read],
+        held: torch.Tensor,
+        sizes: list[tuple[int, int]],
+    ) -> None:
+        """Patch row patch_rows[0] of a whole-row group into out [4 h2, n] from its stem rows `rows` (of the
+        zero-padded map; those before are pooled), band by band (PatchRowPool.band), the columns of the
+        patch rows up to patch_rows[1] advanced with them; `padding` (top, left) is the pool's own."""
+        sh, height = self.pool.stride[0], sizes[-1][0]
+        for y0 in range(rows.start, rows.stop, self.banded[1]):
+            y1 = min(y0 + self.banded[1], rows.stop)
+            in_rows, pad_t, _ = Span(y0 - padding[0], y1 - padding[0]).clip(height)
+            if in_rows.stop > in_rows.start:
+                region = self._region(x, self._reads(in_rows, 0, sizes), col_reads)
+            else:  # all in the pool's zero padding
+                region = x.new_empty(1, self.pool.in_channels, 0, 0)
+            last = min((y1 - 1) // sh, patch_rows[1])
+            kernel.band(region, out, pad_t, padding[1], (y0, y1), (patch_rows[0], last), held)
+            del region
 
     def _fused(self, x: torch.Tensor) -> PatchRowPool | None:
         """The fused kernel for x, started (None where it does not apply); its parameters are packed once
@@ -358,32 +401,27 @@ class StreamedRNNPool(nn.Module):
             in_cols, pad_l, pad_r = Span(j0 * sw - left, (j1 - 1) * sw - left + kw).clip(width)
             groups.append((j0, j1, in_cols, pad_l, pad_r, self._reads(in_cols, 1, sizes)))
         whole_width = self._reads(Span(0, width), 1, sizes)
+        banded = (
+            kernel is not None
+            and run is None
+            and self.banded is not None
+            and self.banded[0] == self.patches_per_group >= valid_w
+        )
+        if banded:  # RNN1's states, kept from band to band
+            held = x.new_empty(PatchRowPool.held_shape(pool, valid_w, -(-kh // sh)))
+            done = 0  # the rows (of the zero-padded map) pooled so far
         for i in range(valid_h):
             row = x.new_empty(1, pool.out_channels, 1, ow) if out is None else out[:, :, i : i + 1]
             pooled = row[0, :, 0]  # [C', W'], each group's patches written into its columns
-            in_rows, pad_t, pad_b = Span(i * sh - top, i * sh - top + kh).clip(height)
-            row_reads = self._reads(in_rows, 0, sizes)
-            if run is not None:  # the patch row's rows at full width, from the first one the head lacks
-                band_rows = Span(min(in_rows.start, run.fed), in_rows.stop)
-                band_reads = self._reads(band_rows, 0, sizes)
-                band = _Rows(self._region(x, band_reads, whole_width), band_rows.start, height)
-            for j0, j1, in_cols, pad_l, pad_r, col_reads in groups:
-                if run is None:
-                    region = self._region(x, row_reads, col_reads)
-                else:
-                    first = in_rows.start - band.start
-                    region = band.tensor[
-                        :, :, first : first + in_rows.stop - in_rows.start, in_cols.start : in_cols.stop
-                    ]
-                if kernel is not None:  # it reads the zero padding without a padded copy
-                    kernel(region, pooled[:, j0:j1], pad_t, pad_l)
-                else:
-                    region = pad_zeros(region, (pad_l, pad_r, pad_t, pad_b))  # the unpadded one freed
-                    self._pool_patches(region, pooled[:, j0:j1])
-                del region  # not alive while the next group's region is computed
-            if run is not None:
-                run.feed(band)
-                del band
+            if banded:
+                rows = Span(max(done, i * sh), i * sh + kh)
+                patch_rows, col_reads = (i, valid_h - 1), groups[0][5]
+                self._bands(
+                    x, kernel, pooled[:, :valid_w], rows, patch_rows, (top, left), col_reads, held, sizes
+                )
+                done = rows.stop
+            else:
+                self._groups(x, kernel, pooled, i, run, groups, whole_width, (top, left), sizes)
             if extra:  # "edgeml": one replicated column at the right
                 row[:, :, :, valid_w] = row[:, :, :, valid_w - 1]
             yield _Rows(row, i, oh)
@@ -394,9 +432,56 @@ class StreamedRNNPool(nn.Module):
             last = row.clone() if out is None else out[:, :, valid_h : valid_h + 1].copy_(row)
             yield _Rows(last, valid_h, oh)
 
+    def _groups(
+        self,
+        x: torch.Tensor,
+        kernel: PatchRowPool | None,
+        out: torch.Tensor,
+        i: int,
+        run: _HeadRun | None,
+        groups: list[tuple],
+        whole_width: list[_Read],
+        padding: tuple[int, int],
+        sizes: list[tuple[int, int]],
+    ) -> None:
+        """Patch row i into out [4 h2, W'], group by group, each from its region of the patch row's stem rows
+        (computed for it, or, with the head's `run`, cut from the rows computed at full width for both, which
+        the run is then fed); `padding` (top, left) is the pool's own."""
+        (kh, _), (sh, _), height = self.pool.patch_size, self.pool.stride, sizes[-1][0]
+        in_rows, pad_t, pad_b = Span(i * sh - padding[0], i * sh - padding[0] + kh).clip(height)
+        row_reads = self._reads(in_rows, 0, sizes)
+        if run is not None:  # the patch row's rows at full width, from the first one the head lacks
+            band_rows = Span(min(in_rows.start, run.fed), in_rows.stop)
+            band_reads = self._reads(band_rows, 0, sizes)
+            band = _Rows(self._region(x, band_reads, whole_width), band_rows.start, height)
+        for j0, j1, in_cols, pad_l, pad_r, col_reads in groups:
+            if run is None:
+                region = self._region(x, row_reads, col_reads)
+            else:
+                first = in_rows.start - band.start
+                region = band.tensor[
+                    :, :, first : first + in_rows.stop - in_rows.start, in_cols.start : in_cols.stop
+                ]
+            if kernel is not None:  # it reads the zero padding without a padded copy
+                kernel(region, out[:, j0:j1], pad_t, pad_l)
+            else:
+                region = pad_zeros(region, (pad_l, pad_r, pad_t, pad_b))  # the unpadded one freed
+                self._pool_patches(region, out[:, j0:j1])
+            del region  # not alive while the next group's region is computed
+        if run is not None:
+            run.feed(band)
+
 
 def patches_per_group(pool: StreamedRNNPool, valid_width: int, budget: int) -> int:
-    """Patches per group: as few groups per patch row (of `valid_width` patches) as fit `budget`, as even as
-    they can be (no more patches than those groups need: less RAM and balanced work for the same calls)."""
+    """Patches per group for `budget`: a whole patch row (of `valid_width` patches) whose stem rows run in
+    bands, the rows each patch row adds (set as pool.banded: each stem row computed once) where that fits,
+    else as few groups per patch row as fit, as even as they can be (no more patches than those groups
+    need: less RAM and balanced work for the same calls). Narrower bands would take more calls than two
+    groups per patch row do (slower, measured)."""
+    (kh, _), (sh, _) = pool.pool.patch_size, pool.pool.stride
+    pool.banded = valid_width, min(kh, sh)
+    if pool.group_bytes(valid_width) <= budget:
+        return valid_width
+    pool.banded = None
     most = max([n for n in range(1, valid_width + 1) if pool.group_bytes(n) <= budget], default=1)
     return -(-valid_width // -(-valid_width // most))

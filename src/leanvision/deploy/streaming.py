@@ -236,7 +236,8 @@ class StreamedModel(InferenceOnly):
             )
         budget = _peak_budget(runs, {id(call) for call in replaced}, band_bytes, pool_bytes, chain_only, fed)
         budget = max(budget, pool_call.output_bytes)
-        valid_width = pool_call.module.output_size(*pool_call.input_shape[2:])[1]
+        pool = pool_call.module  # patches a patch row: "edgeml"'s last column replicates the one before
+        valid_width = pool.output_size(*pool_call.input_shape[2:])[1] - (pool.padding == "edgeml")
         if head_call:  # each patch row's stem rows are computed whole anyway: one group per patch row
             groups = valid_width
         else:

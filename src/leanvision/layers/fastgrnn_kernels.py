@@ -9,10 +9,10 @@ independent of scheduling).
 float32 uses a rational tanh (Eigen's, |error| < 3e-7) that vectorises; float64 uses libm, so that float64
 gradcheck sees exact nonlinearities.
 
-`rnnpool_patches` is RNNPool inference of one patch row's region (RNN1, then RNN2 on its summaries) in one
-call, for streaming: each cell's parameters come packed as one array [h, C + h + 4] (`pack_params`'s layout:
-[W; U]^T, then bias_gate, bias_update, sigmoid(zeta) and sigmoid(nu) as columns), and its scratch as one
-array that the caller allocates (streaming counts it).
+`rnnpool_rows` is RNNPool inference of a band of rows of a group of patches (RNN1, then RNN2 on its
+summaries) in one call, for streaming: each cell's parameters come packed as one array [h, C + h + 4]
+(`pack_params`'s layout: [W; U]^T, then bias_gate, bias_update, sigmoid(zeta) and sigmoid(nu) as columns),
+and its scratch as arrays that the caller allocates (streaming counts them).
 """
 
 from __future__ import annotations
@@ -236,25 +236,29 @@ def sweep_forward_indexed(x, index, params, final, xh, pre, zc):  # pragma: no c
 
 @njit(**JIT)
 def _pool_sweep(
-    params, src, dst, first, last, steps, second, geometry, block, lanes, task, tasks
+    params, src, dst, first, last, rows, patch_row, t0, t1, second, geometry, block, lanes, task, tasks
 ):  # pragma: no cover
-    """Sequences first .. last - 1 (of `steps` steps each) of RNN1 (`second` False) or RNN2 of
-    `rnnpool_patches`: task `task`'s share of them, cut into blocks of at most `lanes`, the same number per
-    task, advanced in `block` (the task's scratch); final states into dst, RNN1's summaries [h1, kh n + W]
-    or RNN2's out [4 h2, n].
+    """Task `task`'s share of sequences first .. last - 1 of `rnnpool_rows` (blocks of at most `lanes`, as
+    many per task), advanced over steps t0 .. t1 - 1 in `block` (the task's scratch).
 
-    RNN1's sequence k n + j is, for k < kh, the segment of row k of patch j (step t reads src[:, k, j sw +
-    t]), else column (k - kh) n + j (src[:, t, column]); RNN2's, patch j's row summaries forwards (k = 0)
-    and backwards (1), then its column summaries forwards (2) and backwards (3), read from src =
-    summaries [h1, 1, kh n + W]. Steps outside src (geometry's top and left offsets place src in the
-    region) read zeros: the region's zero padding."""
-    kh, kw, sw, n, top, left = geometry
+    RNN1 (`second` False, src the band): the first `rows` sequences are row segments, k n + j that of the
+    band's row k and patch j (step t reads src[:, k - top, j sw + t - left], final state into held's ring
+    slot of that row), the others the columns c of patch row `patch_row` (step t reads its row t, column
+    c - left; the state comes from and goes back to its column slot, zeros at step 0); src is zero outside.
+    RNN2 (src held [h1, 1, kh n + slots W]): sequence k n + j reads patch j's row summaries of patch row
+    `patch_row` forwards (k = 0) and backwards (1), then its column summaries forwards (2) and backwards
+    (3), the final state into dst = out[k h2 : (k + 1) h2, j]."""
+    kh, kw, sh, sw, n, y0, top, left, slots = geometry
     hidden, channels = len(params), len(src)
-    rows = channels + hidden
-    xh = block[: rows * lanes].reshape(rows, lanes)
-    pre = block[rows * lanes : (rows + hidden) * lanes].reshape(hidden, lanes)
-    zc = block[(rows + hidden) * lanes : (rows + hidden + 2) * lanes].reshape(2, lanes)
+    width_p = (n - 1) * sw + kw
+    columns = kh * n + patch_row % slots * width_p  # the patch row's column states in held
+    ring_rows = patch_row * sh  # its first row
+    h_rows = channels + hidden
+    xh = block[: h_rows * lanes].reshape(h_rows, lanes)
+    pre = block[h_rows * lanes : (h_rows + hidden) * lanes].reshape(hidden, lanes)
+    zc = block[(h_rows + hidden) * lanes : (h_rows + hidden + 2) * lanes].reshape(2, lanes)
     height, width_in = src.shape[1], src.shape[2]
+    state = xh[channels:]
     count = last - first
     blocks = tasks * -(-count // (tasks * lanes))
     start, stop = _chunk(task, tasks, blocks)
@@ -263,20 +267,23 @@ def _pool_sweep(
         lo, width = first + lo, hi - lo
         padded = min(lanes, -(-width // 8) * 8)  # whole vectors: a loop's scalar remainder costs ~1.4x
         xh[:, width:padded] = 0
-        xh[channels:, :width] = 0
-        for t in range(steps):
+        state[:, :width] = 0
+        if not second and t0 > 0:  # columns carried over from the last band (a sweep of columns alone)
+            _copy(state[:, :width], dst[:, columns + lo : columns + lo + width])
+        for t in range(t0, t1):
             k, j = lo // n, lo % n
+            forwards, backwards = (ring_rows + t) % kh * n, (ring_rows + kh - 1 - t) % kh * n
             for lane in range(width):
                 if second:
                     y = 0
                     if k < 2:
-                        col = (t if k == 0 else kh - 1 - t) * n + j
+                        col = (forwards if k == 0 else backwards) + j
                     else:
-                        col = kh * n + j * sw + (t if k == 2 else kw - 1 - t)
-                elif k < kh:
+                        col = columns + j * sw + (t if k == 2 else kw - 1 - t)
+                elif lo + lane < rows:
                     y, col = k - top, j * sw + t - left
                 else:
-                    y, col = t - top, (k - kh) * n + j - left
+                    y, col = ring_rows + t - y0 - top, lo + lane - rows - left
                 if 0 <= y < height and 0 <= col < width_in:
                     for c in range(channels):
                         xh[c, lane] = src[c, y, col]
@@ -287,50 +294,69 @@ def _pool_sweep(
                 if j == n:
                     k, j = k + 1, 0
             _advance(params, xh, pre, zc, padded)
-        if second:
-            k, j = lo // n, lo % n
-            for lane in range(width):
-                for r in range(hidden):
-                    dst[k * hidden + r, j] = xh[channels + r, lane]
-                j += 1
-                if j == n:
-                    k, j = k + 1, 0
-        else:
-            _copy(dst[:, lo : lo + width], xh[channels:, :width])
+        lane = 0
+        while lane < width:  # the final states, in runs of lanes whose places are side by side
+            k, j = (lo + lane) // n, (lo + lane) % n
+            if second:
+                run = min(n - j, width - lane)
+                _copy(dst[k * hidden : (k + 1) * hidden, j : j + run], state[:, lane : lane + run])
+            elif lo + lane < rows:
+                run, place = min(n - j, width - lane), (y0 + k) % kh * n + j
+                _copy(dst[:, place : place + run], state[:, lane : lane + run])
+            else:
+                run, place = width - lane, columns + lo + lane - rows
+                _copy(dst[:, place : place + run], state[:, lane : lane + run])
+            lane += run
 
 
-def _rnnpool_patches(x, out, params1, params2, geometry, lanes, tasks, scratch):  # pragma: no cover
-    """RNNPool of the n patches side by side in one patch row's region [C, kh, (n - 1) sw + kw] (patch j
-    in its columns j sw .. j sw + kw - 1) -> out [4 h2, n]: rows forwards, backwards, columns forwards,
-    backwards, as rnnpool_map. geometry = (kh, kw, sw, n, top, left): x holds the region from its row
-    `top` and column `left` on (the rest is zero padding).
+def _rnnpool_rows(x, out, params1, params2, geometry, held, lanes, tasks, scratch):  # pragma: no cover
+    """RNNPool of a group of n patches side by side (patch j in columns j sw .. j sw + kw - 1), band by
+    band of rows: RNN1 over the band's rows y0 .. y1 - 1 (of the zero-padded map), then, once they end a
+    patch row, RNN2 of that row into out [4 h2, n] (rows forwards, backwards, columns forwards, backwards,
+    as rnnpool_map). geometry = (kh, kw, sh, sw, n, y0, y1, top, left, first, last, slots): x holds the
+    band [C, rows, columns] from its row `top` and column `left` on (zeros elsewhere).
 
-    RNN1 runs once over every row segment and column of the region, RNN2 over each patch's summaries, both
-    reading their steps in place, in blocks of `lanes` sequences cut into `tasks` runs (one per thread).
-    scratch: RNN1's summaries [h1, kh n + W], then each task's block, of the larger cell: [C + h, lanes] (a
-    step's inputs above the state), [h, lanes] (pre-activations) and [2, lanes] (a row's gate and update)."""
-    kh, kw, sw, n = geometry[0], geometry[1], geometry[2], geometry[3]
-    h1 = len(params1)
-    rows, sequences = kh * n, kh * n + (n - 1) * sw + kw
-    summaries = scratch[: h1 * sequences].reshape(h1, sequences)
-    per_task = (len(scratch) - h1 * sequences) // tasks
+    RNN1 runs over every row segment of the band, the summaries kept in held [h1, kh n + slots W], in a
+    ring of kh rows (row y in slot y % kh), and over the columns of patch rows first .. last across the
+    band's rows, their states kept in held's column slots (patch row p in slot p % slots) from band to
+    band; the band ends patch row `first` where first sh + kh = y1. A band of one patch row's kh rows
+    with a fresh `held` pools it alone. Blocks of `lanes` sequences are cut into `tasks` runs (one per
+    thread); scratch holds each task's block of the larger cell: [C + h, lanes] (a step's inputs above
+    the state), [h, lanes] (pre-activations) and [2, lanes] (a row's gate and update)."""
+    kh, kw, sh, sw, n, y0, y1, top, left, first, last, slots = geometry
+    cells = (kh, kw, sh, sw, n, y0, top, left, slots)
+    rows, width = (y1 - y0) * n, (n - 1) * sw + kw
+    per_task = len(scratch) // tasks
     for task in prange(tasks):
-        block = scratch[h1 * sequences + task * per_task : h1 * sequences + (task + 1) * per_task]
+        block = scratch[task * per_task : (task + 1) * per_task]
+        for p in range(first, last + 1):
+            t0, t1 = max(y0, p * sh) - p * sh, min(y1, p * sh + kh) - p * sh
+            if p == first and t0 == 0 and t1 == kw:  # the row segments' steps: one sweep
+                _pool_sweep(
+                    params1, x, held, 0, rows + width, rows, p, 0, kw, False, cells, block, lanes, task, tasks
+                )
+                continue
+            if p == first:
+                _pool_sweep(
+                    params1, x, held, 0, rows, rows, p, 0, kw, False, cells, block, lanes, task, tasks
+                )
+            _pool_sweep(params1, x, held, 0, width, 0, p, t0, t1, False, cells, block, lanes, task, tasks)
+    if first * sh + kh != y1:
+        return
+    pooled = held.reshape(len(held), 1, held.shape[1])
+    for task in prange(tasks):
+        block = scratch[task * per_task : (task + 1) * per_task]
         if kh == kw:
-            _pool_sweep(params1, x, summaries, 0, sequences, kh, False, geometry, block, lanes, task, tasks)
-        else:
-            _pool_sweep(params1, x, summaries, 0, rows, kw, False, geometry, block, lanes, task, tasks)
             _pool_sweep(
-                params1, x, summaries, rows, sequences, kh, False, geometry, block, lanes, task, tasks
+                params2, pooled, out, 0, 4 * n, 0, first, 0, kh, True, cells, block, lanes, task, tasks
             )
-    pooled = summaries.reshape(h1, 1, sequences)
-    for task in prange(tasks):
-        block = scratch[h1 * sequences + task * per_task : h1 * sequences + (task + 1) * per_task]
-        if kh == kw:
-            _pool_sweep(params2, pooled, out, 0, 4 * n, kh, True, geometry, block, lanes, task, tasks)
         else:
-            _pool_sweep(params2, pooled, out, 0, 2 * n, kh, True, geometry, block, lanes, task, tasks)
-            _pool_sweep(params2, pooled, out, 2 * n, 4 * n, kw, True, geometry, block, lanes, task, tasks)
+            _pool_sweep(
+                params2, pooled, out, 0, 2 * n, 0, first, 0, kh, True, cells, block, lanes, task, tasks
+            )
+            _pool_sweep(
+                params2, pooled, out, 2 * n, 4 * n, 0, first, 0, kw, True, cells, block, lanes, task, tasks
+            )
 
 
 def _named(fn, name: str):
@@ -343,8 +369,8 @@ def _named(fn, name: str):
 
 # The same kernel on numba's threads (the second pass reads what all threads of the first wrote: no fusion
 # of the two), and serially for work of one task, which a parallel launch would only delay.
-rnnpool_patches = njit(parallel={"fusion": False}, **JIT)(_rnnpool_patches)
-rnnpool_patches_serial = njit(**JIT)(_named(_rnnpool_patches, "_rnnpool_patches_serial"))
+rnnpool_rows = njit(parallel={"fusion": False}, **JIT)(_rnnpool_rows)
+rnnpool_rows_serial = njit(**JIT)(_named(_rnnpool_rows, "_rnnpool_rows_serial"))
 
 
 @njit(parallel=True, **JIT)

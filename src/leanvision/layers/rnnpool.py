@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -361,16 +362,17 @@ class RNNPoolLayer(nn.Module):
 
 
 class PatchRowPool:
-    """RNNPool of the patches side by side in one patch row's region, for inference: RNN1 and RNN2 (both
-    FastGRNN with sigmoid and tanh) in one call of the fused numba kernel (fastgrnn_kernels.
-    rnnpool_patches) that reads the region in place. The cells' parameters are packed when it is made,
-    in their dtype (frozen weights: make it once); `start` sets numba's threads to torch's before a
-    forward."""
+    """RNNPool of patches side by side in a patch row, for inference: RNN1 and RNN2 (both FastGRNN with
+    sigmoid and tanh) in one call of the fused numba kernel (fastgrnn_kernels.rnnpool_rows) that reads the
+    stem rows in place, either one patch row's region at a time (`__call__`) or a whole patch row's stem
+    rows band by band, each computed once, RNN1's states kept between them (`band`). The cells'
+    parameters are packed when it is made, in their dtype (frozen weights: make it once); `start` sets
+    numba's threads to torch's before a forward."""
 
     def __init__(self, layer: RNNPoolLayer) -> None:
         self.layer, self.dtype, self.threads = layer, layer.pool.rnn1.bias_gate.dtype, 1
-        (self.kh, self.kw), self.sw = layer.patch_size, layer.stride[1]
-        self.plans: dict[int, tuple[int, int, int]] = {}  # plan() by patches, for self.threads
+        (self.kh, self.kw), (self.sh, self.sw) = layer.patch_size, layer.stride
+        self.plans: dict[tuple, tuple] = {}  # plan() and held_shape() by (patches, rows), for self.threads
         with torch.no_grad():
             self.params = [
                 pack_params(cell.kernel_weights()).numpy() for cell in (layer.pool.rnn1, layer.pool.rnn2)
@@ -388,28 +390,70 @@ class PatchRowPool:
         return layer.pool.rnn1.fused_sweep(x) and layer.pool.rnn2.fused_sweep(x)
 
     @staticmethod
-    def plan(layer: RNNPoolLayer, patches: int, threads: int | None = None) -> tuple[int, int, int]:
-        """(lanes, tasks, scratch floats) of the kernel on `patches` patches with up to `threads` threads
-        (default kernel_threads()): a task per thread with 64 sequences or more each, blocks of at most
-        `lanes` (a multiple of 8) sequences, and RNN1's summaries beside the tasks' blocks."""
+    def plan(
+        layer: RNNPoolLayer, patches: int, threads: int | None = None, rows: int | None = None
+    ) -> tuple[int, int, int]:
+        """(lanes, tasks, scratch floats) of a call on `patches` patches with up to `threads` threads
+        (default kernel_threads()), on a patch row's kh rows or, with `rows`, on a band of that many: a
+        task per thread with 64 sequences or more each, blocks of at most `lanes` (a multiple of 8)."""
         threads = kernel_threads() if threads is None else threads
         (kh, kw), sw, pool = layer.patch_size, layer.stride[1], layer.pool
-        rnn1 = kh * patches + (patches - 1) * sw + kw  # row segments, then columns
-        sequences = max(rnn1, 4 * patches)
+        width = (patches - 1) * sw + kw
+        if rows is None:  # the row segments and columns run in one sweep
+            sequences = max(kh * patches + width, 4 * patches)
+        else:  # a band's row segments apart from each patch row's columns
+            sequences = max(rows * patches, width, 4 * patches)
         tasks = max(1, min(threads, sequences // (PATCH_LANES // 2)))
         lanes = min(PATCH_LANES, -(-sequences // (8 * tasks)) * 8)  # whole vectors (the kernel pads blocks)
         per_lane = max(pool.in_channels + 2 * pool.hidden1, pool.hidden1 + 2 * pool.hidden2) + 2
-        return lanes, tasks, pool.hidden1 * rnn1 + tasks * lanes * per_lane
+        return lanes, tasks, tasks * lanes * per_lane
+
+    @staticmethod
+    def held_shape(layer: RNNPoolLayer, patches: int, slots: int = 1) -> tuple[int, int]:
+        """Shape of what RNN1 keeps for RNN2 of `patches` patches, [h1, kh n + slots W]: kh rows of row
+        summaries, and `slots` patch rows' column states (one for a region; for bands ceil(kh / sh), the
+        patch rows that a row belongs to)."""
+        (kh, kw), sw = layer.patch_size, layer.stride[1]
+        return layer.pool.hidden1, kh * patches + slots * ((patches - 1) * sw + kw)
 
     def __call__(self, region: torch.Tensor, out: torch.Tensor, top: int = 0, left: int = 0) -> None:
-        """Pool the patches of a region [1, C, kh, W] into out [4 h2, n]; `region` holds its rows from `top`
-        and its columns from `left` on, the others are its zero padding."""
+        """Pool the patches of one patch row's region [1, C, kh, W] into out [4 h2, n]; `region` holds its
+        rows from `top` and its columns from `left` on, the others are its zero padding."""
+        self._run(region, out, (0, self.kh, top, left, 0, 0, 1), None, None)
+
+    def band(
+        self,
+        region: torch.Tensor,
+        out: torch.Tensor,
+        top: int,
+        left: int,
+        rows: tuple[int, int],
+        patch_rows: tuple[int, int],
+        held: torch.Tensor,
+    ) -> None:
+        """RNN1 over the band of a whole patch row's stem rows rows[0] .. rows[1] - 1 (of the zero-padded
+        map, `region` [1, C, r, W] holding them from its row `top` and column `left` on) and the columns of
+        patch rows patch_rows[0] .. patch_rows[1] (those with rows in the band, the first not ended yet),
+        then, if the band ends patch row patch_rows[0], RNN2 of its patches into out [4 h2, n]. `held`
+        (held_shape with ceil(kh / sh) slots) carries RNN1's states from band to band."""
+        slots = -(-self.kh // self.sh)
+        self._run(region, out, (*rows, top, left, *patch_rows, slots), held.numpy(), rows[1] - rows[0])
+
+    def _run(self, region, out, band: tuple[int, ...], held: np.ndarray | None, rows: int | None) -> None:
+        """The kernel on a band (y0, y1, top, left, first, last, slots), with a region's own `held` (None)
+        allocated beside the scratch, in one tensor."""
         patches = out.shape[1]
-        if patches not in self.plans:
-            self.plans[patches] = self.plan(self.layer, patches, self.threads)
-        lanes, tasks, floats = self.plans[patches]
-        scratch = region.new_empty(floats)
+        if (patches, rows) not in self.plans:
+            shape = self.held_shape(self.layer, patches)
+            self.plans[patches, rows] = *self.plan(self.layer, patches, self.threads, rows), shape
+        lanes, tasks, floats, shape = self.plans[patches, rows]
+        if held is None:
+            work = region.new_empty(floats + shape[0] * shape[1]).numpy()
+            scratch, held = work[:floats], work[floats:].reshape(shape)
+        else:
+            scratch = region.new_empty(floats).numpy()
         kernels = rnn_cells._numba_kernels()
-        kernel = kernels.rnnpool_patches if tasks > 1 else kernels.rnnpool_patches_serial
-        geometry = (self.kh, self.kw, self.sw, patches, top, left)
-        kernel(region[0].numpy(), out.numpy(), *self.params, geometry, lanes, tasks, scratch.numpy())
+        kernel = kernels.rnnpool_rows if tasks > 1 else kernels.rnnpool_rows_serial
+        y0, y1, top, left, first, last, slots = band
+        geometry = (self.kh, self.kw, self.sh, self.sw, patches, y0, y1, top, left, first, last, slots)
+        kernel(region[0].numpy(), out.numpy(), *self.params, geometry, held, lanes, tasks, scratch)
