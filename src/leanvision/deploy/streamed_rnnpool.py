@@ -3,8 +3,9 @@
 For each group of neighbouring patches of one patch row, the stem layers compute only the input region
 those patches read (receptive fields, recomputing the overlap of neighbouring groups), RNN1 and RNN2 pool
 it in place in one call of the fused numba kernel (PatchRowPool; the cells' sweep_indexed where it does not
-apply), and the pooled values are written into the output map. No map of the stem's resolution is ever
-whole.
+apply), and the pooled values are written into the output map. Where a whole patch row fits the RAM, its
+stem rows are computed once instead, band by band (the rows each patch row adds), and the kernel carries
+RNN1's states from band to band. No map of the stem's resolution is ever whole.
 
 A detection head that also reads the stem's output (RNNPool-Face-Quant's first head) runs inside the same
 loop (BandedHead, RNNPool Appendix E.2.3): each patch row's stem rows are computed once at full width, the

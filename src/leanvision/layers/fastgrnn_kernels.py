@@ -171,8 +171,8 @@ def _advance(params, xh, pre, zc, width):  # pragma: no cover
 def _update_row(p, bg, bu, zeta, nu, z, c, h_in, h, width):  # pragma: no cover
     """One state row of a step from its pre-activations p: gate z, update c, and h from h_in (may be h)."""
     # Loops over few arrays each: LLVM vectorises a loop only below a few run-time aliasing checks. z and c
-    # go through memory: in one loop LLVM rewrites the products with them (fastmath), which rounds
-    # differently (~20% faster, but the streamed networks' outputs then move from eager's beyond the tests').
+    # go through memory: in one loop (~20% faster) LLVM rewrites the products with them (fastmath), which
+    # rounds differently, enough to move a streamed network's output past its exactness test.
     for lane in range(width):
         z[lane] = _sigmoid(p[lane] + bg)
         c[lane] = _tanh(p[lane] + bu)
