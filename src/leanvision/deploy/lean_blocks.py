@@ -34,7 +34,7 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import LinearBottleneck
-from leanvision.layers.rnn_cells import _kernel_applies
+from leanvision.layers.rnn_cells import kernel_applies
 
 
 @dataclass(frozen=True)
@@ -241,12 +241,12 @@ class ChunkedBottleneck(nn.Module):
 
     def _config(self, x: torch.Tensor) -> np.ndarray | None:
         """The numba kernel's config on x [1, C, H, W] (contiguous), or None where it does not run: see
-        rnn_cells._kernel_applies (and not for autograd)."""
+        rnn_cells.kernel_applies (and not for autograd)."""
         if (
             self.kernel_config is None
             or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and x.requires_grad)
-            or not _kernel_applies(self.chunks[0].depthwise[0], x)
+            or not kernel_applies(self.chunks[0].depthwise[0], x)
         ):
             return None
         return np.array((*self.kernel_config, *x.shape[2:], *self._out_size(*x.shape[2:])), np.int64)

@@ -30,7 +30,7 @@ from leanvision.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from leanvision.deploy.streamed_rnnpool import StreamedRNNPool
 
-# A BasicBlockRun computes once this many new input rows are held (or the last one), in bands of at most
+# A ResidualRun computes once this many new input rows are held (or the last one), in bands of at most
 # this many rows: a band of a wide convolution costs about a pass over its weights (~0.25 ms for ResNet's
 # 256-channel 3x3 convs) however few its rows, and every row of a band is RAM.
 BLOCK_STEP_ROWS = 2

@@ -128,13 +128,12 @@ def _peak_budget(
     once, and with `groups` a ChunkedBottleneck one group of about band_bytes beside them (counted as it
     is made; other forms' groups are not counted). The groups of every executor may use the headroom
     below it at no cost. The pool's input is never whole: its output alone counts (`pool_bytes`), or with
-    `fed`, the blocks fed the pool's rows, what the pool's loop holds: their runs (and their containers)
+    `fed`, the blocks fed the pool's rows, what the pool's loop holds: the containers of those blocks
     hold nothing more."""
-    fed_names = tuple(call.name for call in fed)
 
     def held(run: list[ModuleCall]) -> int:
         call, group = run[0], 0
-        if call.name in fed_names or any(name.startswith(call.name + ".") for name in fed_names):
+        if any(fed_call.name.startswith(call.name + ".") for fed_call in fed):
             return 0
         if groups and len(run) == 1 and id(call) in replaced:
             lean = lean_module(call.module, call.input_shape, band_bytes)
@@ -147,27 +146,29 @@ def _peak_budget(
 
 def _fed_blocks(
     calls: list[ModuleCall], first: int, head_call: ModuleCall | None, band_bytes: int
-) -> list[ModuleCall]:
+) -> list[tuple[ModuleCall, RowBlock]]:
     """The calls of the residual blocks of the stage that reads the RNNPoolLayer's (calls[first]) output
     (one after the other, each output the shape of the first's), which the pool then feeds row by row
     (PoolIntoBlocks): those RowBlock computes whose maps for a step of rows fit `band_bytes` (an inverted
-    residual's expanded rows may not); none if another layer reads the pool's output first."""
+    residual's expanded rows may not), with their RowBlocks; none if another layer reads the pool's
+    output first."""
     fed, pool_call = [], calls[first]
     for call in calls[first + 1 :]:
         if call is head_call or type(call.module) in (nn.Identity, nn.Sequential):
             continue
-        if any(call.name.startswith(outer.name + ".") for outer in (pool_call, head_call, *fed) if outer):
+        outers = (pool_call, head_call, *(fed_call for fed_call, _ in fed))
+        if any(call.name.startswith(outer.name + ".") for outer in outers if outer):
             continue
-        previous = fed[-1].output_shape if fed else pool_call.output_shape
+        previous = fed[-1][0].output_shape if fed else pool_call.output_shape
         block = RowBlock.of(call.module)
         if (
             block is None
             or call.input_shape != previous
-            or (fed and call.output_shape != fed[0].output_shape)
+            or (fed and call.output_shape != fed[0][0].output_shape)
             or block.step_bytes(*call.input_shape[2:], BLOCK_STEP_ROWS) > band_bytes
         ):
             break
-        fed.append(call)
+        fed.append((call, block))
     return fed
 
 
@@ -209,11 +210,10 @@ class StreamedModel(InferenceOnly):
         if head_call is not None:
             set_module(net, head_call.name, HeadOutputs(streamed_pool.handoff))
             done.append(head_call)
-        fed = _fed_blocks(calls, first, head_call, band_bytes)
+        fed_blocks = _fed_blocks(calls, first, head_call, band_bytes)
+        fed = [call for call, _ in fed_blocks]
         if fed:  # PoolIntoBlocks does their work
-            set_module(
-                net, pool_call.name, PoolIntoBlocks(streamed_pool, [RowBlock.of(c.module) for c in fed])
-            )
+            set_module(net, pool_call.name, PoolIntoBlocks(streamed_pool, [block for _, block in fed_blocks]))
             for call in fed:
                 set_module(net, call.name, nn.Identity())
             done += fed
@@ -232,7 +232,7 @@ class StreamedModel(InferenceOnly):
         pool_bytes = pool_call.output_bytes
         if fed:
             pool_bytes = fed[-1].output_bytes + sum(
-                RowBlock.of(c.module).step_bytes(*c.input_shape[2:], BLOCK_STEP_ROWS) for c in fed
+                block.step_bytes(*call.input_shape[2:], BLOCK_STEP_ROWS) for call, block in fed_blocks
             )
         budget = _peak_budget(runs, {id(call) for call in replaced}, band_bytes, pool_bytes, chain_only, fed)
         budget = max(budget, pool_call.output_bytes)

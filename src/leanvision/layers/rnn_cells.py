@@ -219,7 +219,7 @@ class FastGRNNCell(RecurrentCell):
         return _fastgrnn_update(z, c, state, zeta, zeta + torch.sigmoid(self.nu))
 
     def fused_sweep(self, x: torch.Tensor) -> bool:
-        return self._sigmoid_pair and not torch.compiler.is_compiling() and _kernel_applies(self.bias_gate, x)
+        return self._sigmoid_pair and not torch.compiler.is_compiling() and kernel_applies(self.bias_gate, x)
 
     def sweep_indexed(self, x: torch.Tensor, index: torch.Tensor, lanes: int = INDEXED_LANES) -> torch.Tensor:
         """As RecurrentCell.sweep_indexed; with the numba kernel where it applies (and no gradient is
@@ -252,7 +252,7 @@ class FastGRNNCell(RecurrentCell):
             return super().sweep(sequences)
         zeta, nu = torch.sigmoid(self.zeta), torch.sigmoid(self.nu)
         w, u = self.weight_w(), self.weight_u()
-        if _kernel_applies(w, *sequences):
+        if kernel_applies(w, *sequences):
             args = (w, u, self.bias_gate, self.bias_update, zeta, nu, *sequences)
             if torch.is_grad_enabled() and any(a.requires_grad for a in args):
                 final = _FastGRNNKernelSweep.apply(*args)
@@ -372,7 +372,7 @@ def _numba_kernels():
     return fastgrnn_kernels
 
 
-def _kernel_applies(weight: torch.Tensor, *sequences: torch.Tensor) -> bool:
+def kernel_applies(weight: torch.Tensor, *sequences: torch.Tensor) -> bool:
     """Whether the numba sweep can run: numba installed, CPU tensors of one float32/float64 dtype.
 
     Not under a TorchDispatchMode that must see the aten operators, which the kernel bypasses (e.g. the
