@@ -88,11 +88,18 @@ def _residual_blocks() -> list[nn.Module]:
 
 @pytest.mark.parametrize("index", range(len(_residual_blocks())))
 @pytest.mark.parametrize("pieces, step", [(1, 1), (1, 2), (2, 3), (3, 1), (17, 2)])
-def test_a_residual_run_fed_rows_equals_the_block(index, pieces, step):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_residual_run_fed_rows_equals_the_block(index, pieces, step, kernel):
+    """Inverted residuals run as one fused step (ChunkedBottleneck.rows), by the numba kernel or (kernel
+    False) by its torch path, which pads the band's edge rows itself."""
     block = _residual_blocks()[index]
     x = torch.randn(1, 8, 17, 10, generator=torch.Generator().manual_seed(step))
+    row_block = RowBlock.of(block)
+    assert (row_block.fused is not None) == isinstance(block, InvertedResidual)
+    if not kernel and row_block.fused is not None:
+        row_block.fused.kernel_config = None
     with torch.no_grad():
-        run = ResidualRun(RowBlock.of(block), x.shape[2], step)
+        run = ResidualRun(row_block, x.shape[2], step)
         bands = [band for rows in _fed_in_pieces(x, pieces) for band in run.feed(rows)]
         assert max(band.tensor.shape[2] for band in bands) <= step  # the last rows no larger a band
         _close(_stitched(bands), block(x))

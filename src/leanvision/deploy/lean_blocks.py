@@ -205,11 +205,13 @@ class ChunkedBottleneck(nn.Module):
         config: np.ndarray | None,
         means: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
+        band: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The chunk's expanded channels after the depthwise conv, BN and act: [group, H' * W'], from x
         [1, C, H, W] (x2d its view [C, H * W]); by the numba kernel after the expand GEMM where its
         `config` is given. With the SE's `means` [C], writes the maps' channel means into the chunk's
-        slice; with its `scales` [C], the maps are scaled by the chunk's slice, then post_se_act."""
+        slice; with its `scales` [C], the maps are scaled by the chunk's slice, then post_se_act. With
+        `band` (top, rows), x is a band of a map's rows: see `rows`."""
         part, group = slice(chunk.start, chunk.stop), chunk.stop - chunk.start
         e = x2d[part] if chunk.expand is None else torch.mm(chunk.expand[0], x2d)
         if config is not None:
@@ -227,9 +229,14 @@ class ChunkedBottleneck(nn.Module):
             _, offset, scale, shift = chunk.expand
             e = self.expand_act(e.add_(offset).mul_(scale).add_(shift))
         weight, offset, scale, shift = chunk.depthwise
-        d = F.conv2d(
-            e.view(1, group, *x.shape[2:]), weight, None, self.stride, self.padding, self.dilation, group
-        )
+        e, padding = e.view(1, group, *x.shape[2:]), self.padding
+        if band is not None:  # the band's zero rows above and, at the map's bottom, below
+            (top, rows), reach = band, self.dilation[0] * (weight.shape[2] - 1) + 1
+            below = max((rows - 1) * self.stride[0] + reach - top - e.shape[2], 0)
+            e, padding = pad_zeros(e, (0, 0, top, below)), (0, self.padding[1])
+        d = F.conv2d(e, weight, None, self.stride, padding, self.dilation, group)
+        if band is not None:
+            d = d[:, :, : band[1]].contiguous()
         d = self.dw_act(d.add_(offset).mul_(scale).add_(shift)).view(group, -1)
         if means is not None:
             means[part] = d.mean(1)
@@ -239,8 +246,9 @@ class ChunkedBottleneck(nn.Module):
         """A group's maps [group, H' * W'] scaled by its SE scales [group], then post_se_act."""
         return self.post_se_act(d.mul_(scales[:, None]))
 
-    def _config(self, x: torch.Tensor) -> np.ndarray | None:
-        """The numba kernel's config on x [1, C, H, W] (contiguous), or None where it does not run: see
+    def _config(self, x: torch.Tensor, out_size: tuple[int, int], top: int | None) -> np.ndarray | None:
+        """The numba kernel's config on x [1, C, H, W] (contiguous) for an output of out_size, with `top`
+        rows of zero padding above x (None: the conv's own), or None where it does not run: see
         rnn_cells.kernel_applies (and not for autograd)."""
         if (
             self.kernel_config is None
@@ -249,11 +257,27 @@ class ChunkedBottleneck(nn.Module):
             or not kernel_applies(self.chunks[0].depthwise[0], x)
         ):
             return None
-        return np.array((*self.kernel_config, *x.shape[2:], *self._out_size(*x.shape[2:])), np.int64)
+        config = np.array((*self.kernel_config, *x.shape[2:], *out_size), np.int64)
+        if top is not None:
+            config[4] = top  # the depthwise conv's padding: rows, then columns
+        return config
 
-    def _one(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        x2d, config, out_size = x.view(x.shape[1], -1), self._config(x), self._out_size(*x.shape[2:])
+    def rows(self, x: torch.Tensor, top: int, rows: int) -> torch.Tensor:
+        """`rows` output rows [1, C', rows, W'] of the block on a band x [1, C, r, W] of its input map's rows
+        that holds (from its top) the rows they read, less `top` rows of zero padding above it (the
+        depthwise conv's at the map's top edge, else 0) and those below the map's bottom edge; the
+        columns are whole. The shortcut, if any, is left to the caller."""
+        if self.se is not None or self.shortcut != "none":
+            raise InvalidArgumentError("ChunkedBottleneck.rows computes blocks without an SE or a shortcut")
+        return self._one(x, (top, rows))
+
+    def _one(self, x: torch.Tensor, band: tuple[int, int] | None = None) -> torch.Tensor:
+        if band is None or self.chunks[0].expand is None:
+            x = x.contiguous()  # else the expand GEMM reads a band of a map's rows in place
+        out_size = self._out_size(*x.shape[2:])
+        if band is not None:
+            out_size = (band[1], out_size[1])
+        x2d, config = x[0].flatten(1), self._config(x, out_size, None if band is None else band[0])
         scales, d = None, None
         if self.se is not None:  # first pass: the channel means the squeeze-excite needs
             means = x.new_empty(self.mean_chunks[-1].stop)
@@ -267,7 +291,7 @@ class ChunkedBottleneck(nn.Module):
         out = None
         for chunk in self.chunks:
             if d is None:
-                d = self._depthwise(chunk, x, x2d, config, scales=scales)
+                d = self._depthwise(chunk, x, x2d, config, scales=scales, band=band)
             if out is None:
                 out = torch.mm(chunk.project_weight, d)
             else:

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +18,7 @@ from torchvision.models.resnet import BasicBlock
 
 from leanvision.deploy.lean_blocks import (
     BandedBasicBlock,
+    ChunkedBottleneck,
     InPlaceConv,
     _conv_rows,
     _Rows,
@@ -112,13 +113,25 @@ class ChainRun:
 
 class RowBlock(nn.Module):
     """A residual block as a row run computes it: a chain of convolutions (InPlaceConvs), plus a shortcut
-    (the block's input, a convolution of it, or none), then an activation."""
+    (the block's input, a convolution of it, or none), then an activation.
+
+    An inverted residual's chain (1x1 expand, depthwise, 1x1 project) runs as one step where the numba
+    kernel computes it (`fused`, a ChunkedBottleneck of one group: two GEMMs around one kernel call on a
+    band of input rows, the expansion of the depthwise conv's halo rows recomputed, instead of three
+    convolutions each keeping its halo rows: a row of 16-64 channels is too little work for the ~20 torch
+    calls the chain takes)."""
 
     def __init__(
-        self, convs: Sequence[InPlaceConv], shortcut: InPlaceConv | None, identity: bool, act: nn.Module
+        self,
+        convs: Sequence[InPlaceConv],
+        shortcut: InPlaceConv | None,
+        identity: bool,
+        act: nn.Module,
+        fused: ChunkedBottleneck | None = None,
     ) -> None:
         super().__init__()
         self.convs, self.shortcut, self.identity, self.act = nn.ModuleList(convs), shortcut, identity, act
+        self.fused = fused
 
     @classmethod
     def of(cls, module: nn.Module) -> RowBlock | None:
@@ -131,12 +144,32 @@ class RowBlock(nn.Module):
         parts = bottleneck_parts(module)
         if parts is None or parts.get("se") is not None or parts["shortcut"] == "partial":
             return None
-        convs = [InPlaceConv(parts[step]) for step in ("expand", "depthwise", "project") if parts[step]]
-        return cls(convs, None, parts["shortcut"] == "add", nn.Identity())
+        steps = [parts[step] for step in ("expand", "depthwise", "project")]
+        fused = ChunkedBottleneck(*steps, "none", parts["depthwise"].conv.in_channels)
+        convs = [InPlaceConv(step) for step in steps if step]
+        fused = fused if fused.kernel_config is not None else None
+        return cls(convs, None, parts["shortcut"] == "add", nn.Identity(), fused)
 
-    def step_bytes(self, height: int, width: int, step_rows: int) -> int:
-        """fp32 bytes of the maps the chain makes for `step_rows` output rows of the block on a map
-        `height` x `width`, all counted alive: each convolution's rows with the halo the next one reads."""
+    @property
+    def rows_conv(self) -> nn.Conv2d:
+        """The convolution whose rows the fused step computes: the depthwise one (the others are 1x1)."""
+        return next(layer.conv for layer in self.convs if layer.conv.kernel_size != (1, 1))
+
+    def step_bytes(self, height: int, width: int, step_rows: int) -> tuple[int, int]:
+        """fp32 bytes (held, work) of a run of the block on a map `height` x `width` computing `step_rows`
+        output rows a step: held from step to step (the chain's: each convolution's rows with the halo the
+        next one reads; the fused step's: its band of input rows) and alive during a step only (the fused
+        step's expansion of the band, unless it reads the input rows themselves, and its depthwise and
+        projected rows)."""
+        if self.fused is not None:
+            conv, (dw, project) = self.rows_conv, (layer.conv for layer in self.convs[-2:])
+            rows = min(step_rows, conv_out(height, conv, 0))
+            band, out = Span(0, rows).through_conv(conv).stop * width, rows * conv_out(width, conv, 1)
+            channels = self.convs[0].conv.in_channels
+            work = (
+                dw.in_channels * band if len(self.convs) == 3 else channels * band
+            )  # the expansion or a copy
+            return 4 * channels * band, 4 * (work + (dw.out_channels + project.out_channels) * out)
         sizes, rows = [(height, width)], step_rows
         for layer in self.convs:
             sizes.append(tuple(conv_out(size, layer.conv, axis) for axis, size in enumerate(sizes[-1])))
@@ -144,7 +177,7 @@ class RowBlock(nn.Module):
         for layer, (out_height, out_width) in zip(reversed(self.convs), reversed(sizes[1:])):
             total += layer.conv.out_channels * min(rows, out_height) * out_width
             rows = Span(0, rows).through_conv(layer.conv).stop
-        return 4 * total
+        return 4 * total, 0
 
 
 class ResidualRun:
@@ -173,22 +206,43 @@ class ResidualRun:
             self.held = held
             return []
         self.computed, block, bands = self.fed, self.block, []
+        for y in self._fused_rows(held) if block.fused is not None else self._chain_rows(held):
+            band = Span(y.start, y.start + y.tensor.shape[2])
+            if block.identity:
+                y.tensor.add_(held.tensor[:, :, band.start - held.start : band.stop - held.start])
+            elif block.shortcut is not None:
+                y.tensor.add_(chain_rows([block.shortcut], held, band))
+            bands.append(_Rows(block.act(y.tensor), y.start, y.height))
+        next_row = self.main.done[-1]  # the shortcut's first input row for the next output row
+        needed = first_read(block.shortcut.conv, next_row) if block.shortcut is not None else next_row
+        if block.fused is not None:
+            needed = min(needed, first_read(block.rows_conv, next_row))
+        else:
+            needed = min(needed, self.main.first_needed)
+        self.held = rows_from(held, needed)
+        return bands
+
+    def _chain_rows(self, held: _Rows) -> Iterator[_Rows]:
+        """The chain's output rows that `held` newly allows, in bands of at most step_rows rows."""
         while True:
             done = list(self.main.done)
             y = self.main.feed(held, self.step_rows)
             if y is not None:
-                band = Span(y.start, y.start + y.tensor.shape[2])
-                if block.identity:
-                    y.tensor.add_(held.tensor[:, :, band.start - held.start : band.stop - held.start])
-                elif block.shortcut is not None:
-                    y.tensor.add_(chain_rows([block.shortcut], held, band))
-                bands.append(_Rows(block.act(y.tensor), y.start, y.height))
+                yield y
             if self.main.done == done:
-                break
-        next_row = self.main.done[-1]  # the shortcut's first input row for the next output row
-        needed = first_read(block.shortcut.conv, next_row) if block.shortcut is not None else next_row
-        self.held = rows_from(held, min(self.main.first_needed, needed))
-        return bands
+                return
+
+    def _fused_rows(self, held: _Rows) -> Iterator[_Rows]:
+        """The fused step's output rows that `held` newly allows, in bands of at most step_rows rows (the
+        chain's `done` kept as the step's, every level's the same)."""
+        conv, done = self.block.rows_conv, self.main.done[-1]
+        stop = rows_allowed(conv, held, self.out_height)
+        for start in range(done, stop, self.step_rows):
+            out = Span(start, min(start + self.step_rows, stop))
+            inside, top, _ = out.through_conv(conv).clip(held.height)
+            x = held.tensor[:, :, inside.start - held.start : inside.stop - held.start]
+            self.main.done = [out.stop] * len(self.main.done)
+            yield _Rows(self.block.fused.rows(x, top, out.stop - out.start), out.start, self.out_height)
 
 
 class PoolIntoBlocks(nn.Module):

@@ -165,7 +165,7 @@ def _fed_blocks(
             block is None
             or call.input_shape != previous
             or (fed and call.output_shape != fed[0][0].output_shape)
-            or block.step_bytes(*call.input_shape[2:], BLOCK_STEP_ROWS) > band_bytes
+            or sum(block.step_bytes(*call.input_shape[2:], BLOCK_STEP_ROWS)) > band_bytes
         ):
             break
         fed.append((call, block))
@@ -227,12 +227,14 @@ class StreamedModel(InferenceOnly):
         # A detector keeps maps beside the chain (its sources, its heads' outputs) that a run's input and
         # output do not count: there the budget keeps that slack (no groups counted in it).
         chain_only = isinstance(expected, torch.Tensor)
-        # what the pool's loop holds beside its groups: its output, or the last fed block's output and the
-        # fed blocks' steps of rows; the groups may then use the RAM the pool's output would have taken
+        # what the pool's loop holds beside its groups: its output, or the last fed block's output, the
+        # rows the fed blocks hold and one block's step; the groups may then use the RAM the pool's output
+        # would have taken
         pool_bytes = pool_call.output_bytes
         if fed:
-            pool_bytes = fed[-1].output_bytes + sum(
-                block.step_bytes(*call.input_shape[2:], BLOCK_STEP_ROWS) for call, block in fed_blocks
+            steps = [block.step_bytes(*call.input_shape[2:], BLOCK_STEP_ROWS) for call, block in fed_blocks]
+            pool_bytes = (
+                fed[-1].output_bytes + sum(held for held, _ in steps) + max(work for _, work in steps)
             )
         budget = _peak_budget(runs, {id(call) for call in replaced}, band_bytes, pool_bytes, chain_only, fed)
         budget = max(budget, pool_call.output_bytes)

@@ -47,8 +47,10 @@ FUSED_TILE_PATCHES = 8192
 MAP_LANES = 128
 # Sequences per block of the streaming kernel (PatchRowPool), whose scratch counts against streaming RAM:
 # wider blocks run faster (a step of 64 sequences costs 15% more per sequence than one of 128 at C = 32,
-# h = 16, of 32 50% more), and a block per thread from 64 sequences on.
+# h = 16, of 32 50% more), and a block per thread from 32 sequences on (ResNet18-RNNPool's 5-patch groups,
+# 64 sequences, run 1.2x faster on two threads than on one).
 PATCH_LANES = 128
+TASK_SEQUENCES = 32
 IndexedSweep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [C, S], index [T, N]) -> [h, N]
 
 
@@ -403,7 +405,7 @@ class PatchRowPool:
             sequences = max(kh * patches + width, 4 * patches)
         else:  # a band's row segments apart from each patch row's columns
             sequences = max(rows * patches, width, 4 * patches)
-        tasks = max(1, min(threads, sequences // (PATCH_LANES // 2)))
+        tasks = max(1, min(threads, sequences // TASK_SEQUENCES))
         lanes = min(PATCH_LANES, -(-sequences // (8 * tasks)) * 8)  # whole vectors (the kernel pads blocks)
         per_lane = max(pool.in_channels + 2 * pool.hidden1, pool.hidden1 + 2 * pool.hidden2) + 2
         return lanes, tasks, tasks * lanes * per_lane

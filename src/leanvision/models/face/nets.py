@@ -78,7 +78,8 @@ class L2Norm(nn.Module):
         self.weight: nn.Parameter | None = nn.Parameter(torch.full((channels,), float(scale)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(self.eps)
+        # not torch.linalg.vector_norm(x, dim=1): on CPU it is 20-40x slower over the channel dimension
+        x = x / x.square().sum(1, keepdim=True).sqrt_().clamp_min(self.eps)
         if self.weight is None:  # folded into a conv
             return x
         weight = self.weight.view(1, -1, 1, 1)
