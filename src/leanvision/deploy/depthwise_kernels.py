@@ -4,7 +4,9 @@ channel means, or its scaling and the activation after it), in one call.
 
 One call replaces about ten small torch calls (each 3-8 us on small maps, 35-55 us for a small depthwise
 F.conv2d), whose arithmetic is tiny. The GEMMs stay with torch: MKL is far faster at them than numba
-loops. Channels run serially: a group is a few microseconds of work, less than a parallel launch costs.
+loops. A group of PARALLEL_TAPS multiply-adds or more runs its channels on the threads
+(expand_depthwise_parallel); a smaller one serially: its few microseconds of work cost less than a
+parallel launch.
 
 BN is applied as (y + offset) * scale + shift, the order of ConvStep.affine. float32 activations use a
 vectorisable exp (Cephes' expf, within 1 ulp); float64 uses libm's.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import overload
 from torch import nn
 
@@ -124,6 +126,43 @@ def _inside(first, stride, size, out_size):  # pragma: no cover
     return lo, hi
 
 
+# Depthwise multiply-adds of a group from which its channels run on several threads: at 50k a group takes
+# ~40 us serially, the ~10 us a parallel launch costs then repaid.
+PARALLEL_TAPS = 50_000
+
+
+@njit(inline="always", **JIT)
+def _expand_depthwise_channel(c, e, d, consts, config, means, scales):  # pragma: no cover
+    """Channel c of expand_depthwise."""
+    kh, kw, sh, sw, ph, pw, dh, dw, expand_act, dw_act, post_act, height, width, out_height, out_width = (
+        config
+    )
+    zero = d.dtype.type(0)
+    k, src, dst = consts[c], e[c], d[c]
+    if expand_act >= 0:
+        _affine(src, k[EXPAND], k[EXPAND + 1], k[EXPAND + 2], expand_act)
+    dst[:] = 0
+    for ky in range(kh):  # tap by tap over the outputs it reaches: each output sums in (ky, kx) order
+        y0 = ky * dh - ph  # the input row of output row 0
+        top, bottom = _inside(y0, sh, height, out_height)
+        for kx in range(kw):
+            x0 = kx * dw - pw
+            left, right = _inside(x0, sw, width, out_width)
+            tap = k[TAPS + ky * kw + kx]
+            for oy in range(top, bottom):
+                out, at = oy * out_width + left, (oy * sh + y0) * width + left * sw + x0
+                for j in range(right - left):
+                    dst[np.uint64(out + j)] += tap * src[np.uint64(at + j * sw)]
+    _affine(dst, k[DEPTHWISE], k[DEPTHWISE + 1], k[DEPTHWISE + 2], dw_act)
+    if means is not None:
+        total = zero
+        for i in range(len(dst)):
+            total += dst[i]
+        means[c] = total / len(dst)
+    if scales is not None:
+        _affine(dst, zero, scales[c], zero, post_act)
+
+
 @njit(**JIT)
 def expand_depthwise(e, d, consts, config, means, scales):  # pragma: no cover
     """One group: e [g, H * W] the expand GEMM's output (BN and activation applied here, in place) or the
@@ -137,31 +176,17 @@ def expand_depthwise(e, d, consts, config, means, scales):  # pragma: no cover
     Zero padding by bounds, no padded copy. Indices known >= 0 are cast to unsigned: numba's wraparound
     of negative ones would keep LLVM from vectorising.
     """
-    kh, kw, sh, sw, ph, pw, dh, dw, expand_act, dw_act, post_act, height, width, out_height, out_width = (
-        config
-    )
-    zero = d.dtype.type(0)
     for c in range(len(e)):
-        k, src, dst = consts[c], e[c], d[c]
-        if expand_act >= 0:
-            _affine(src, k[EXPAND], k[EXPAND + 1], k[EXPAND + 2], expand_act)
-        dst[:] = 0
-        for ky in range(kh):  # tap by tap over the outputs it reaches: each output sums in (ky, kx) order
-            y0 = ky * dh - ph  # the input row of output row 0
-            top, bottom = _inside(y0, sh, height, out_height)
-            for kx in range(kw):
-                x0 = kx * dw - pw
-                left, right = _inside(x0, sw, width, out_width)
-                tap = k[TAPS + ky * kw + kx]
-                for oy in range(top, bottom):
-                    out, at = oy * out_width + left, (oy * sh + y0) * width + left * sw + x0
-                    for j in range(right - left):
-                        dst[np.uint64(out + j)] += tap * src[np.uint64(at + j * sw)]
-        _affine(dst, k[DEPTHWISE], k[DEPTHWISE + 1], k[DEPTHWISE + 2], dw_act)
-        if means is not None:
-            total = zero
-            for i in range(len(dst)):
-                total += dst[i]
-            means[c] = total / len(dst)
-        if scales is not None:
-            _affine(dst, zero, scales[c], zero, post_act)
+        _expand_depthwise_channel(c, e, d, consts, config, means, scales)
+
+
+@njit(parallel=True, **JIT)
+def expand_depthwise_parallel(e, d, consts, config, means, scales):  # pragma: no cover
+    """expand_depthwise with its channels on numba's threads."""
+    for c in prange(len(e)):
+        _expand_depthwise_channel(c, e, d, consts, config, means, scales)
+
+
+def taps(group: int, config: np.ndarray) -> int:
+    """The depthwise multiply-adds of a group of `group` channels with `config` (expand_depthwise's)."""
+    return group * int(config[0] * config[1] * config[-2] * config[-1])

@@ -34,7 +34,7 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import LinearBottleneck
-from leanvision.layers.rnn_cells import kernel_applies
+from leanvision.layers.rnn_cells import kernel_applies, kernel_threads
 
 
 @dataclass(frozen=True)
@@ -215,8 +215,9 @@ class ChunkedBottleneck(nn.Module):
         part, group = slice(chunk.start, chunk.stop), chunk.stop - chunk.start
         e = x2d[part] if chunk.expand is None else torch.mm(chunk.expand[0], x2d)
         if config is not None:
-            d = x.new_empty(group, int(config[-2] * config[-1]))
-            _depthwise_kernels().expand_depthwise(
+            d, kernels = x.new_empty(group, int(config[-2] * config[-1])), _depthwise_kernels()
+            parallel = kernels.taps(group, config) >= kernels.PARALLEL_TAPS and kernel_threads() > 1
+            (kernels.expand_depthwise_parallel if parallel else kernels.expand_depthwise)(
                 e.numpy(),
                 d.numpy(),
                 chunk.kernel_consts,
