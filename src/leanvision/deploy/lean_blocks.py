@@ -458,38 +458,42 @@ class BandedBasicBlock(nn.Module):
 
 class BandedInception(nn.Module):
     """An inception block (torchvision's GoogLeNet Inception: parallel paths of convolutions and max pools
-    whose outputs are concatenated) band of output rows by band, each path's rows written into one
-    preallocated output, so neither a path's output nor a concatenation is ever whole: the block holds
-    its input, its output and one band of one path. With `pool` (a max pool after the block), the block's
-    rows are made band by band of `pool_rows_per_band` of the pool's output rows, so the block's output
-    is never whole either."""
+    whose outputs are concatenated) path by path, band of output rows by band, each path's rows written
+    into one preallocated output, so neither a path's output nor a concatenation is ever whole: the block
+    holds its input, its output and one band of one path. `rows_per_band` is one per path (or one for
+    all): a path whose band takes little RAM (few channels, no max pool of the input) runs in taller
+    bands, fewer passes over its weights. With `pool` (a max pool after the block), the block's rows are
+    made band by band of `pool_rows_per_band` of the pool's output rows, so the block's output is never
+    whole either."""
 
     def __init__(
         self,
         paths: Sequence[Sequence[nn.Module]],
-        rows_per_band: int,
+        rows_per_band: int | Sequence[int],
         pool: nn.MaxPool2d | None = None,
         pool_rows_per_band: int = 1,
     ) -> None:
         super().__init__()
-        if min(rows_per_band, pool_rows_per_band) < 1:
+        rows = [rows_per_band] * len(paths) if isinstance(rows_per_band, int) else list(rows_per_band)
+        if len(rows) != len(paths) or min(*rows, pool_rows_per_band) < 1:
             raise InvalidArgumentError(
-                f"rows_per_band, pool_rows_per_band must be >= 1, got {rows_per_band}, {pool_rows_per_band}"
+                f"need rows_per_band (one, or one per path) and pool_rows_per_band >= 1, got "
+                f"{rows_per_band}, {pool_rows_per_band} for {len(paths)} paths"
             )
         self.paths = nn.ModuleList(nn.ModuleList(path) for path in paths)
         self.out_channels = sum(path[-1].conv.out_channels for path in self.paths)
-        self.rows_per_band, self.pool, self.pool_rows_per_band = rows_per_band, pool, pool_rows_per_band
+        self.rows_per_band, self.pool, self.pool_rows_per_band = rows, pool, pool_rows_per_band
 
     def _write(self, held: _Rows, span: Span, dest: torch.Tensor) -> None:
         """Rows `span` of the block's output into dest, whose row 0 is the span's first."""
-        for r0 in range(span.start, span.stop, self.rows_per_band):
-            band = Span(r0, min(r0 + self.rows_per_band, span.stop))
-            rows, start = slice(band.start - span.start, band.stop - span.start), 0
-            for path in self.paths:
+        start = 0
+        for path, rows_per_band in zip(self.paths, self.rows_per_band):
+            for r0 in range(span.start, span.stop, rows_per_band):
+                band = Span(r0, min(r0 + rows_per_band, span.stop))
                 y = chain_rows(path, held, band)
-                dest[:, start : start + y.shape[1], rows] = y
-                start += y.shape[1]
+                dest[:, start : start + y.shape[1], band.start - span.start : band.stop - span.start] = y
                 del y
+            start += path[-1].conv.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > 1:
@@ -776,18 +780,21 @@ def banded_inception(
     def most_rows(bytes_of: Callable[[int], int], budget: int) -> int:
         return max([r for r in range(1, input_shape[2] + 1) if bytes_of(r) <= budget], default=1)
 
-    def paths_bytes(rows: int) -> int:  # the largest path's maps for a band of `rows` block output rows
-        return max(_band_bytes(path, rows, input_shape[1], width) for path in paths)
+    def path_rows(budget: int) -> list[int]:  # each path's band that fits budget
+        return [
+            most_rows(functools.partial(_band_bytes, path, in_channels=input_shape[1], width=width), budget)
+            for path in paths
+        ]
 
     if pool is None:
-        return BandedInception(paths, most_rows(paths_bytes, band_bytes))
+        return BandedInception(paths, path_rows(band_bytes))
 
     def pool_bytes(rows: int) -> int:  # the block's rows that `rows` pool output rows read, and the pool's
         block_rows = _reads(pool, Span(0, rows)).stop
         return 4 * channels * block_rows * width + _band_bytes([pool], rows, channels, width)
 
     half = band_bytes // 2
-    return BandedInception(paths, most_rows(paths_bytes, half), pool, most_rows(pool_bytes, half))
+    return BandedInception(paths, path_rows(half), pool, most_rows(pool_bytes, half))
 
 
 def _band_bytes(layers: Sequence[nn.Module], rows: int, in_channels: int, width: int) -> int:
