@@ -208,3 +208,60 @@ def test_group_bytes_stays_exact_with_the_kernel(kernel_calls):
             out_bytes = lean(x).numel() * 4
             assert measure_peak(lean, x).peak_bytes == out_bytes + lean.group_bytes(13, 11)
     assert kernel_calls
+
+
+@pytest.mark.parametrize("expand", [True, False])
+def test_the_parallel_kernel_equals_the_serial_one(monkeypatch, expand):
+    """A group of PARALLEL_TAPS depthwise multiply-adds or more runs its channels on the threads: the same
+    sums per channel, so the same output bit for bit."""
+    lean = _bottleneck(expand, (3, 2, 1, 1), (nn.SiLU, nn.ReLU6), se=True, group=5)
+    x = _input()[:1]
+    monkeypatch.setattr("leanvision.deploy.lean_blocks.kernel_threads", lambda: 2)
+    with torch.no_grad():
+        monkeypatch.setattr(depthwise_kernels, "PARALLEL_TAPS", 10**12)
+        serial = lean(x)
+        monkeypatch.setattr(depthwise_kernels, "PARALLEL_TAPS", 0)
+        calls = []
+        monkeypatch.setattr(
+            depthwise_kernels,
+            "expand_depthwise_parallel",
+            lambda *args, kernel=depthwise_kernels.expand_depthwise_parallel: calls.append(kernel(*args)),
+        )
+        parallel = lean(x)
+    assert calls and torch.equal(parallel, serial)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("geometry", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 2, 1), (3, 1, 2, 2)])
+def test_rows_of_a_band_equal_the_block_on_the_whole_map(geometry, kernel):
+    """ChunkedBottleneck.rows: every band of output rows, from the input rows they read (the map's
+    top padding given as `top`, the bottom's left to it), equals those rows of the block's output, by the
+    kernel and by the torch path (up to the GEMMs' rounding, which depends on their width)."""
+    lean = _bottleneck(True, geometry, (nn.ReLU6, nn.SiLU), group=40)
+    lean = lean if kernel else _torch_path(lean)
+    x = _input(size=(11, 9))[:1]
+    (k, s, p, d), height = geometry, 11
+    with torch.no_grad():
+        whole = lean(x)
+        for first in range(whole.shape[2]):
+            for rows in range(1, whole.shape[2] - first + 1):
+                start = first * s - p
+                stop = min((first + rows - 1) * s - p + d * (k - 1) + 1, height)
+                band = lean.rows(x[:, :, max(start, 0) : stop], max(-start, 0), rows)
+                torch.testing.assert_close(band, whole[:, :, first : first + rows], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_refuse_a_block_with_a_shortcut_or_an_se():
+    for lean in (_bottleneck(True, se=True), ChunkedBottleneck(*_bottleneck_steps(), "add", group=4)):
+        with pytest.raises(InvalidArgumentError, match="without an SE or a shortcut"):
+            lean.rows(_input()[:1], 1, 2)
+
+
+def _bottleneck_steps() -> tuple[ConvStep, ConvStep, ConvStep]:
+    g = torch.Generator().manual_seed(0)
+    dw = nn.Conv2d(10, 10, 3, 1, 1, groups=10)
+    return (
+        _step(nn.Conv2d(10, 10, 1), nn.ReLU(), g, torch.float32),
+        _step(dw, nn.ReLU(), g, torch.float32),
+        _step(nn.Conv2d(10, 10, 1), nn.Identity(), g, torch.float32),
+    )
