@@ -24,7 +24,8 @@ keeps denormal floats out of the timings), batch 1, fp32, eval mode, no gradient
   machine: a second process's spinning threads slow both sides many-fold.
 A network that cannot be traced, measured or streamed gets its error in its row; the others still run.
 
-    python benchmarks/streaming.py [--models a,b] [--rounds 7] [--threads 2] [--out results/streaming.json]
+    python benchmarks/streaming.py [--models a,b] [--rounds 7] [--threads 2] [--band-kib K]
+                                   [--out results/streaming.json]
 """
 
 from __future__ import annotations
@@ -79,14 +80,21 @@ def parse_args() -> argparse.Namespace:
         "--rounds", type=int, default=7, help="interleaved latency rounds (the median is kept)"
     )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the latency runs")
+    parser.add_argument(
+        "--band-kib",
+        type=float,
+        default=None,
+        help="stream(..., band_bytes=) of the RNNPool networks in KiB (default: stream's own, the targets' "
+        "setting): more RAM per group for fewer, larger steps, the memory / latency trade-off",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/streaming.json"), help="JSON path")
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     unknown = [m for m in args.models if m not in NETWORKS]
     if unknown or not args.models:
         parser.error(f"--models must name some of {', '.join(NETWORKS)}; unknown: {', '.join(unknown)}")
-    if args.rounds < 1 or args.threads < 1:
-        parser.error("--rounds and --threads must be >= 1")
+    if args.rounds < 1 or args.threads < 1 or (args.band_kib is not None and args.band_kib <= 0):
+        parser.error("--rounds, --threads and --band-kib must be > 0")
     return args
 
 
@@ -147,7 +155,7 @@ def raw_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else torch.cat([out[0].flatten(), out[1].flatten()])
 
 
-def measure(name: str, rounds: int, threads: int, log) -> dict:
+def measure(name: str, rounds: int, threads: int, band_bytes: int | None, log) -> dict:
     size = NETWORKS[name]
     row: dict = dict(model=name, input_size=list(size))
     tic = time.perf_counter()
@@ -163,7 +171,10 @@ def measure(name: str, rounds: int, threads: int, log) -> dict:
         return row
     models = {"eager": model}  # the modules timed: the streamed model's net, for its raw outputs
     try:
-        streamed = PatchBasedModel(model, size) if name in PATCH_BASED else leanvision.stream(model, size)
+        if name in PATCH_BASED:
+            streamed = PatchBasedModel(model, size)
+        else:
+            streamed = leanvision.stream(model, size, band_bytes=band_bytes)
         log(f"{name}: measuring the streamed model ...")
         row["streamed"] = measured(streamed, x)
         eager_out, streamed_out = raw_output(model, x), raw_output(streamed.net, x)
@@ -261,8 +272,10 @@ def main() -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    rows = [measure(name, args.rounds, args.threads, log) for name in args.models]
+    band_bytes = None if args.band_kib is None else int(args.band_kib * 2**10)
+    rows = [measure(name, args.rounds, args.threads, band_bytes, log) for name in args.models]
     report = dict(
+        band_bytes=band_bytes,
         batch_size=1,
         dtype="fp32",
         device="cpu",
