@@ -263,6 +263,28 @@ class ChunkedBottleneck(nn.Module):
             config[4] = top  # the depthwise conv's padding: rows, then columns
         return config
 
+    @classmethod
+    def row_step(cls, parts: dict) -> ChunkedBottleneck | None:
+        """The block of bottleneck_parts `parts` as one group for `rows`, where the numba kernel computes it
+        (an SE or ReXNet's partial shortcut excluded: None; the shortcut is left to the caller)."""
+        if parts.get("se") is not None or parts["shortcut"] == "partial":
+            return None
+        step = cls(
+            parts["expand"], parts["depthwise"], parts["project"], "none", parts["depthwise"].conv.in_channels
+        )
+        return step if step.kernel_config is not None else None
+
+    def rows_bytes(self, rows: int, width: int) -> int:
+        """fp32 bytes that a call of `rows` for `rows` output rows on a band `width` wide makes beside the
+        band, at most: the expansion of the band (or, without one, a contiguous copy of it) with the
+        depthwise output, then the depthwise output with the projection."""
+        kernel, channels = self.chunks[0].depthwise[0].shape[2], self.chunks[-1].stop
+        band = (rows - 1) * self.stride[0] + self.dilation[0] * (kernel - 1) + 1
+        out = rows * self._out_size(band, width)[1]
+        return 4 * (
+            channels * out + max(channels * band * width, self.chunks[0].project_weight.shape[0] * out)
+        )
+
     def rows(self, x: torch.Tensor, top: int, rows: int) -> torch.Tensor:
         """`rows` output rows [1, C', rows, W'] of the block on a band x [1, C, r, W] of its input map's rows
         that holds (from its top) the rows they read, less `top` rows of zero padding above it (the

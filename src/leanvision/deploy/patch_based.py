@@ -133,11 +133,12 @@ class BandBlock(nn.Module):
     def reads(self, rows: Span, cols: Span, size: tuple[int, int]) -> list[_Read]:
         """What each convolution (first to last) reads to compute rows x cols of the block's output (inside
         its bounds) from an input map of `size` (H, W)."""
+        convs = list(self.convs)  # (a slice of the ModuleList would build a new one each call)
         sizes = [size]
-        for layer in self.convs[:-1]:
+        for layer in convs[:-1]:
             sizes.append(_out_hw(sizes[-1], layer.conv))
         reads = []
-        for layer, size in zip(reversed(self.convs), reversed(sizes)):
+        for layer, size in zip(reversed(convs), reversed(sizes)):
             reads.append(_Read.of(layer.conv, rows, cols, size))
             rows, cols = reads[-1].rows, reads[-1].cols
         return reads[::-1]

@@ -144,11 +144,8 @@ class RowBlock(nn.Module):
         parts = bottleneck_parts(module)
         if parts is None or parts.get("se") is not None or parts["shortcut"] == "partial":
             return None
-        steps = [parts[step] for step in ("expand", "depthwise", "project")]
-        fused = ChunkedBottleneck(*steps, "none", parts["depthwise"].conv.in_channels)
-        convs = [InPlaceConv(step) for step in steps if step]
-        fused = fused if fused.kernel_config is not None else None
-        return cls(convs, None, parts["shortcut"] == "add", nn.Identity(), fused)
+        convs = [InPlaceConv(parts[step]) for step in ("expand", "depthwise", "project") if parts[step]]
+        return cls(convs, None, parts["shortcut"] == "add", nn.Identity(), ChunkedBottleneck.row_step(parts))
 
     @property
     def rows_conv(self) -> nn.Conv2d:
@@ -162,14 +159,10 @@ class RowBlock(nn.Module):
         step's expansion of the band, unless it reads the input rows themselves, and its depthwise and
         projected rows)."""
         if self.fused is not None:
-            conv, (dw, project) = self.rows_conv, (layer.conv for layer in self.convs[-2:])
+            conv = self.rows_conv
             rows = min(step_rows, conv_out(height, conv, 0))
-            band, out = Span(0, rows).through_conv(conv).stop * width, rows * conv_out(width, conv, 1)
-            channels = self.convs[0].conv.in_channels
-            work = (
-                dw.in_channels * band if len(self.convs) == 3 else channels * band
-            )  # the expansion or a copy
-            return 4 * channels * band, 4 * (work + (dw.out_channels + project.out_channels) * out)
+            band = Span(0, rows).through_conv(conv).stop
+            return 4 * self.convs[0].conv.in_channels * band * width, self.fused.rows_bytes(rows, width)
         sizes, rows = [(height, width)], step_rows
         for layer in self.convs:
             sizes.append(tuple(conv_out(size, layer.conv, axis) for axis, size in enumerate(sizes[-1])))

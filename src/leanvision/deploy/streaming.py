@@ -149,9 +149,9 @@ def _fed_blocks(
 ) -> list[tuple[ModuleCall, RowBlock]]:
     """The calls of the residual blocks of the stage that reads the RNNPoolLayer's (calls[first]) output
     (one after the other, each output the shape of the first's), which the pool then feeds row by row
-    (PoolIntoBlocks): those RowBlock computes whose maps for a step of rows fit `band_bytes` (an inverted
-    residual's expanded rows may not), with their RowBlocks; none if another layer reads the pool's
-    output first."""
+    (PoolIntoBlocks): those RowBlock computes whose maps for a step of rows fit `band_bytes` (a chain's
+    rows with their halos, a fused step's work; an inverted residual's expanded rows may not fit), with
+    their RowBlocks; none if another layer reads the pool's output first."""
     fed, pool_call = [], calls[first]
     for call in calls[first + 1 :]:
         if call is head_call or type(call.module) in (nn.Identity, nn.Sequential):
@@ -165,8 +165,10 @@ def _fed_blocks(
             block is None
             or call.input_shape != previous
             or (fed and call.output_shape != fed[0][0].output_shape)
-            or sum(block.step_bytes(*call.input_shape[2:], BLOCK_STEP_ROWS)) > band_bytes
         ):
+            break
+        held, work = block.step_bytes(*call.input_shape[2:], BLOCK_STEP_ROWS)
+        if (work if block.fused is not None else held) > band_bytes:
             break
         fed.append((call, block))
     return fed
