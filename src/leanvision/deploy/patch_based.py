@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.ops.misc import Conv2dNormActivation
 
-from leanvision.deploy.lean_blocks import InPlaceConv, bottleneck_parts
+from leanvision.deploy.lean_blocks import ChunkedBottleneck, InPlaceConv, bottleneck_parts
 from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.deploy.rewrite import (
     InferenceOnly,
@@ -107,11 +107,15 @@ class _Read:
 
 class BandBlock(nn.Module):
     """A block of a plain CNN as the convolutions it chains (each conv -> BN -> activation, an InPlaceConv),
-    with the block's input added to its output when `shortcut`."""
+    with the block's input added to its output when `shortcut`. An inverted residual or depthwise-separable
+    block computes a full-width band of rows as one fused step where the numba kernel applies (`fused`,
+    ChunkedBottleneck.row_step): two GEMMs around one kernel call instead of its convolutions."""
 
-    def __init__(self, convs: Sequence[InPlaceConv], shortcut: bool) -> None:
+    def __init__(
+        self, convs: Sequence[InPlaceConv], shortcut: bool, fused: ChunkedBottleneck | None = None
+    ) -> None:
         super().__init__()
-        self.convs, self.shortcut = nn.ModuleList(convs), shortcut
+        self.convs, self.shortcut, self.fused = nn.ModuleList(convs), shortcut, fused
 
     @classmethod
     def of(cls, block: nn.Module) -> BandBlock | None:
@@ -123,7 +127,21 @@ class BandBlock(nn.Module):
             return cls([conv], shortcut=False)
         parts = bottleneck_parts(block)
         steps = [step for step in (parts["expand"], parts["depthwise"], parts["project"]) if step is not None]
-        return cls([InPlaceConv(step) for step in steps], shortcut=parts["shortcut"] == "add")
+        convs = [InPlaceConv(step) for step in steps]
+        return cls(convs, shortcut=parts["shortcut"] == "add", fused=ChunkedBottleneck.row_step(parts))
+
+    @property
+    def depthwise(self) -> nn.Conv2d:
+        """The convolution that sets which rows the fused step reads (the others are 1x1)."""
+        return next(layer.conv for layer in self.convs if layer.conv.kernel_size != (1, 1))
+
+    def fused_band(self, rows: Span, size: tuple[int, int]) -> tuple[Span, int] | None:
+        """For output rows `rows` at full width on an input map of `size` (H, W): the input rows the fused
+        step reads and the zero rows above them, or None where the fused step does not run."""
+        if self.fused is None:
+            return None
+        inside, top, _ = rows.through_conv(self.depthwise, 0).clip(size[0])
+        return inside, top
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
         for layer in self.convs:
@@ -172,6 +190,12 @@ class PatchedBlocks(nn.Module):
         cols = Span((width - pw) // 2, (width - pw) // 2 + pw)
         floats = 0
         for block, size in zip(reversed(self.blocks), reversed(sizes[:-1])):
+            band = block.fused_band(rows, size) if cols == Span(0, block.output_size(size)[1]) else None
+            if band is not None:  # the input band, and what the fused step makes beside it
+                made = block.fused.rows_bytes(rows.stop - rows.start, size[1]) // 4
+                rows, cols = band[0], Span(0, size[1])
+                floats = max(floats, block.convs[0].conv.in_channels * _area(rows, cols) + made)
+                continue
             reads = block.reads(rows, cols, size)
             rows, cols = reads[0].rows, reads[0].cols
             held = block.convs[0].conv.in_channels * _area(rows, cols) if block.shortcut else 0
@@ -200,6 +224,9 @@ class PatchedBlocks(nn.Module):
         if depth == 0:
             return x[:, :, rows.start : rows.stop, cols.start : cols.stop]
         block = self.blocks[depth - 1]
+        band = block.fused_band(rows, sizes[depth - 1]) if cols == Span(0, sizes[depth][1]) else None
+        if band is not None:
+            return self._fused_rows(x, depth, rows, band, sizes)
         reads = block.reads(rows, cols, sizes[depth - 1])
         y = self._region(x, depth - 1, reads[0].rows, reads[0].cols, sizes)
         top, left = rows.start - reads[0].rows.start, cols.start - reads[0].cols.start
@@ -208,6 +235,24 @@ class PatchedBlocks(nn.Module):
         for layer, read in zip(block.convs, reads):
             y = self._conv(layer, y, read)
         return y if skip is None else y.add_(skip)
+
+    def _fused_rows(
+        self, x: torch.Tensor, depth: int, rows: Span, band: tuple[Span, int], sizes: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Rows `rows` (full width) of the first `depth` blocks' output, the last block's by its fused step
+        from the input rows and top padding `band` (BandBlock.fused_band)."""
+        block, (inside, top) = self.blocks[depth - 1], band
+        y = self._region(x, depth - 1, inside, Span(0, sizes[depth - 1][1]), sizes)
+        out = block.fused.rows(y, top, rows.stop - rows.start)
+        convs = [layer.conv for layer in block.convs]
+        if len(convs) == 3:  # the expansion of every input row of the band
+            self.macs += convs[0].weight.numel() * y.shape[2] * y.shape[3]
+        self.macs += (
+            sum(conv.out_channels * conv.weight[0].numel() for conv in convs[-2:]) * out[0, 0].numel()
+        )
+        if block.shortcut:
+            out.add_(y[:, :, rows.start - inside.start : rows.stop - inside.start])
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sizes = self.sizes(x.shape[2], x.shape[3])
