@@ -18,6 +18,7 @@ from leanvision.analysis.memory import peak_memory
 from leanvision.analysis.recompute import recompute_cost
 from leanvision.bench import calibrate_batchnorm
 from leanvision.deploy import PatchBasedModel, stream
+from leanvision.deploy.patch_based import PatchedBlocks
 from leanvision.errors import InvalidArgumentError
 
 SIZE = (3, 224, 224)
@@ -91,9 +92,12 @@ def test_default_split_runs_within_1_3x_the_min_figure(calibrated):
     with torch.no_grad():
         eager = measure_peak(calibrated, x).peak_bytes
     assert min_bytes == 747264  # 729.75 KiB, features.0.0 .. features.2 row by row
-    # the first 3 blocks run in bands of 3 of their 56 output rows (661 KiB measured); features.3 then
-    # holds its input and output (588 KiB) and one group of its expanded channels
-    assert streamed.split_blocks == 3
+    # the first 3 blocks run in bands of 2 of their 56 output rows, features.1 and .2 as fused steps
+    # (661 KiB measured); features.3 then holds its input and output (588 KiB) and one group of its
+    # expanded channels
+    assert streamed.split_blocks == 3 and streamed.patch == (2, 56)
+    blocks = next(m for m in streamed.modules() if isinstance(m, PatchedBlocks)).blocks
+    assert [block.fused is not None for block in blocks] == [False, True, True]
     assert peak <= 1.3 * min_bytes < eager / 10  # eager: 10.0 MiB, the 112x112 maps whole
 
 
