@@ -275,7 +275,7 @@ class ChunkedBottleneck(nn.Module):
         return step if step.kernel_config is not None else None
 
     def rows_bytes(self, rows: int, width: int) -> int:
-        """fp32 bytes that a call of `rows` for `rows` output rows on a band `width` wide makes beside the
+        """fp32 bytes that `self.rows` computing `rows` output rows on a band `width` wide makes beside the
         band, at most: the expansion of the band (or, without one, a contiguous copy of it) with the
         depthwise output, then the depthwise output with the projection."""
         kernel, channels = self.chunks[0].depthwise[0].shape[2], self.chunks[-1].stop

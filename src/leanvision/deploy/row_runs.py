@@ -175,9 +175,10 @@ class RowBlock(nn.Module):
 
 class ResidualRun:
     """One forward of a RowBlock on a map `height` rows high (of one image), fed the map's rows top to
-    bottom: its chain is a ChainRun, its shortcut reads the rows it needs from those held. It holds the
-    few input rows its next output rows read and its convolutions' halo rows; each feed returns the output
-    rows it completes (once `step_rows` new rows are held, or the last one)."""
+    bottom: its chain is a ChainRun (or, for a fused block, one step per band of rows, the ChainRun then
+    only its geometry), its shortcut reads the rows it needs from those held. It holds the few input rows
+    its next output rows read and its convolutions' halo rows; each feed returns the output rows it
+    completes (once `step_rows` new rows are held, or the last one)."""
 
     def __init__(self, block: RowBlock, height: int, step_rows: int) -> None:
         self.block, self.main, self.step_rows = block, ChainRun(block.convs, height), step_rows
@@ -208,11 +209,8 @@ class ResidualRun:
             bands.append(_Rows(block.act(y.tensor), y.start, y.height))
         next_row = self.main.done[-1]  # the shortcut's first input row for the next output row
         needed = first_read(block.shortcut.conv, next_row) if block.shortcut is not None else next_row
-        if block.fused is not None:
-            needed = min(needed, first_read(block.rows_conv, next_row))
-        else:
-            needed = min(needed, self.main.first_needed)
-        self.held = rows_from(held, needed)
+        main = first_read(block.rows_conv, next_row) if block.fused is not None else self.main.first_needed
+        self.held = rows_from(held, min(needed, main))
         return bands
 
     def _chain_rows(self, held: _Rows) -> Iterator[_Rows]:
