@@ -694,6 +694,12 @@ class InPlaceConv(nn.Module):
         return self.act(y.add_(offset).mul_(scale).add_(shift))
 
 
+def rows_conv(convs: Sequence[InPlaceConv]) -> nn.Conv2d:
+    """The convolution of a bottleneck's chain that sets which input rows a band of output rows reads
+    (the depthwise one: the others are 1x1)."""
+    return next(layer.conv for layer in convs if layer.conv.kernel_size != (1, 1))
+
+
 def conv_norm_act_step(cna: nn.Sequential) -> ConvStep:
     """The ConvStep of a torchvision Conv2dNormActivation: [conv, BN?, act?]."""
     layers = list(cna)

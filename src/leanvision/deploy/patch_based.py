@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.ops.misc import Conv2dNormActivation
 
-from leanvision.deploy.lean_blocks import ChunkedBottleneck, InPlaceConv, bottleneck_parts
+from leanvision.deploy.lean_blocks import ChunkedBottleneck, InPlaceConv, bottleneck_parts, rows_conv
 from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.deploy.rewrite import (
     InferenceOnly,
@@ -130,17 +130,12 @@ class BandBlock(nn.Module):
         convs = [InPlaceConv(step) for step in steps]
         return cls(convs, shortcut=parts["shortcut"] == "add", fused=ChunkedBottleneck.row_step(parts))
 
-    @property
-    def depthwise(self) -> nn.Conv2d:
-        """The convolution that sets which rows the fused step reads (the others are 1x1)."""
-        return next(layer.conv for layer in self.convs if layer.conv.kernel_size != (1, 1))
-
     def fused_band(self, rows: Span, size: tuple[int, int]) -> tuple[Span, int] | None:
         """For output rows `rows` at full width on an input map of `size` (H, W): the input rows the fused
         step reads and the zero rows above them, or None where the fused step does not run."""
         if self.fused is None:
             return None
-        inside, top, _ = rows.through_conv(self.depthwise, 0).clip(size[0])
+        inside, top, _ = rows.through_conv(rows_conv(self.convs), 0).clip(size[0])
         return inside, top
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from leanvision.deploy.lean_blocks import (
     _Rows,
     bottleneck_parts,
     chain_rows,
+    rows_conv,
 )
 from leanvision.deploy.regions import Span, conv_out
 from leanvision.errors import InvalidArgumentError
@@ -149,8 +150,8 @@ class RowBlock(nn.Module):
 
     @property
     def rows_conv(self) -> nn.Conv2d:
-        """The convolution whose rows the fused step computes: the depthwise one (the others are 1x1)."""
-        return next(layer.conv for layer in self.convs if layer.conv.kernel_size != (1, 1))
+        """The convolution whose rows the fused step computes (lean_blocks.rows_conv)."""
+        return rows_conv(self.convs)
 
     def step_bytes(self, height: int, width: int, step_rows: int) -> tuple[int, int]:
         """fp32 bytes (held, work) of a run of the block on a map `height` x `width` computing `step_rows`
