@@ -8,6 +8,8 @@ itself without making a tensor of it (oneDNN workspaces; the numba FastGRNN trai
 block of (C + 4h) x 128 floats; the streaming sweep takes its scratch as tensors, which are counted). The
 meter lets the numba kernels run (`lets_kernels_run`), so what it measures is what runs outside it. The
 peak is taken after each op, so a tensor freed during the call but alive at some op counts there.
+A tensor without a storage (oneDNN's opaque layout, e.g. a convolution's weight packed on first use) is
+counted from the op that made it to the end of the call: its freeing cannot be watched.
 """
 
 from __future__ import annotations
@@ -62,12 +64,15 @@ class PeakMeter(TorchDispatchMode):
         inputs = {
             StorageWeakRef(t.untyped_storage()).cdata
             for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
+            if isinstance(t, torch.Tensor) and not t.is_mkldnn
         }
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            if t.is_mkldnn:  # no storage to watch: alive to the end
+                self.live_bytes += t.numel() * t.element_size()
                 continue
             ref = StorageWeakRef(t.untyped_storage())
             if ref.cdata in inputs or ref.cdata in self._live:

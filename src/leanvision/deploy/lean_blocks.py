@@ -31,10 +31,20 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
+from leanvision.deploy.onednn import PackedWeights, conv_unbiased
 from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import LinearBottleneck
 from leanvision.layers.rnn_cells import kernel_applies, kernel_threads
+
+# An InPlaceConv with this many weights or more runs on weights packed once per input shape
+# (onednn.conv_unbiased), which F.conv2d reorders on every call: a band of a few rows costs about that
+# pass over the weights. Below, F.conv2d is faster. Measured on band shapes, 2 threads: 3x3 64->64 83 us
+# packed vs 97, 32->64 57 vs 50; 1x1 160->960 113 vs 197, 256->256 57 vs 46 (1x1 convs run as GEMMs).
+PACK_FROM, PACK_POINTWISE_FROM = 2**15, 2**17
+# Input shapes an InPlaceConv keeps packed weights for: every band and region shape of a streamed forward
+# (the edges' and the last band's differ), so that a forward packs none (packing costs a call's time).
+PACKED_SHAPES = 32
 
 
 @dataclass(frozen=True)
@@ -369,7 +379,12 @@ def _conv_rows(layer: InPlaceConv, rows: _Rows, out: Span, out_height: int) -> _
     """Rows `out` (inside [0, out_height)) of layer(map), from the rows of the map that `rows` holds."""
     inside, top, bottom = out.through_conv(layer.conv).clip(rows.height)
     x, conv = _held(rows, inside), layer.conv
-    if x.shape[0] == 1 and conv.kernel_size == conv.stride == (1, 1) and conv.groups == 1:
+    if (
+        x.shape[0] == 1
+        and conv.kernel_size == conv.stride == (1, 1)
+        and conv.groups == 1
+        and not layer.packed
+    ):
         # a pointwise conv of a band runs ~2x faster as a matrix product, which reads the rows in place
         y = torch.mm(conv.weight.view(conv.out_channels, -1), x.view(x.shape[1], -1))
         return _Rows(layer.finish(y.view(1, -1, *x.shape[2:])), out.start, out_height)
@@ -460,6 +475,14 @@ class BandedBasicBlock(nn.Module):
         down = block.downsample
         self.downsample = None if down is None else InPlaceConv(ConvStep(down[0], down[1], nn.Identity()))
         self.rows_per_band = rows_per_band
+
+    def group_bytes(self, height: int, width: int) -> int:
+        """fp32 bytes of a band's maps on an input height x width: the first conv's rows (the band's and
+        their halo), the second's and the downsample's."""
+        conv = self.convs[0].conv
+        rows = min(self.rows_per_band, conv_out(height, conv, 0))
+        maps = 2 * rows + 2 + (rows if self.downsample is not None else 0)
+        return 4 * conv.out_channels * conv_out(width, conv, 1) * maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         held, out = _Rows(x, 0, x.shape[2]), None
@@ -670,6 +693,9 @@ class InPlaceConv(nn.Module):
             self.act.inplace = True
         with torch.no_grad():
             self.affine = tuple(t[None, :, None, None].clone() for t in step.affine())
+        pointwise = self.conv.kernel_size == (1, 1)
+        packs = self.conv.weight.numel() >= (PACK_POINTWISE_FROM if pointwise else PACK_FROM)
+        self.packed = PackedWeights(PACKED_SHAPES) if packs else None
 
     @classmethod
     def of(cls, module: nn.Module) -> InPlaceConv | None:
@@ -685,8 +711,10 @@ class InPlaceConv(nn.Module):
     def forward(self, x: torch.Tensor, padding: tuple[int, int] | None = None) -> torch.Tensor:
         """`padding` replaces the conv's own (rows, columns) padding, for an x that holds some already."""
         c = self.conv
-        padding = c.padding if padding is None else padding
-        return self.finish(F.conv2d(x, c.weight, None, c.stride, padding, c.dilation, c.groups))
+        padding = c.padding if padding is None else tuple(padding)
+        if self.packed is None:
+            return self.finish(F.conv2d(x, c.weight, None, c.stride, padding, c.dilation, c.groups))
+        return self.finish(conv_unbiased(c, x, padding, self.packed))
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         """The BN and the activation, in place on y, the convolution's output without its bias."""
@@ -773,12 +801,14 @@ def chunked_bottleneck(
 
 
 def banded_basic_block(block: nn.Module, input_shape: torch.Size, band_bytes: int) -> BandedBasicBlock | None:
-    """BandedBasicBlock for a torchvision BasicBlock, with bands whose first-conv rows fit `band_bytes`."""
+    """BandedBasicBlock for a torchvision BasicBlock, with bands whose maps fit `band_bytes`: the first
+    conv's rows (the band's and a halo row above and below), the second's, and the downsample's."""
     if not isinstance(block, BasicBlock):
         return None
     conv = block.conv1
-    row_bytes = 4 * conv.out_channels * -(-input_shape[3] // conv.stride[1])
-    return BandedBasicBlock(block, max(1, band_bytes // row_bytes - 2))
+    row_bytes = 4 * conv.out_channels * conv_out(input_shape[3], conv, 1)
+    maps = 2 + (block.downsample is not None)
+    return BandedBasicBlock(block, max(1, (band_bytes // row_bytes - 2) // maps))
 
 
 def banded_inception(

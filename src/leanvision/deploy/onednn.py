@@ -37,7 +37,7 @@ class PackedWeights:
 
     def __init__(self, max_shapes: int = MAX_PACKED_SHAPES) -> None:
         self.max_shapes = max_shapes
-        self._by_shape: OrderedDict[torch.Size, torch.Tensor] = OrderedDict()
+        self._by_shape: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._by_shape)
@@ -45,20 +45,44 @@ class PackedWeights:
     def __deepcopy__(self, memo: dict) -> PackedWeights:
         return PackedWeights(self.max_shapes)
 
-    def get(self, conv: nn.Conv2d, shape: torch.Size) -> torch.Tensor:
-        weight = self._by_shape.get(shape)
+    def get(self, conv: nn.Conv2d, shape: torch.Size, padding: tuple[int, int] | None = None) -> torch.Tensor:
+        """The weight packed for inputs of `shape` and `padding` (default the conv's own)."""
+        args = _conv_args(conv, padding)
+        key = (shape, tuple(args[0]))
+        weight = self._by_shape.get(key)
         if weight is None:
-            weight = torch.ops.mkldnn._reorder_convolution_weight(conv.weight, *_conv_args(conv), list(shape))
-            self._by_shape[shape] = weight
+            weight = torch.ops.mkldnn._reorder_convolution_weight(conv.weight, *args, list(shape))
+            self._by_shape[key] = weight
             if len(self._by_shape) > self.max_shapes:
                 self._by_shape.popitem(last=False)
         else:
-            self._by_shape.move_to_end(shape)
+            self._by_shape.move_to_end(key)
         return weight
 
 
-def _conv_args(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
-    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+def _conv_args(
+    conv: nn.Conv2d, padding: tuple[int, int] | None = None
+) -> tuple[list[int], list[int], list[int], int]:
+    return (
+        list(conv.padding if padding is None else padding),
+        list(conv.stride),
+        list(conv.dilation),
+        conv.groups,
+    )
+
+
+def conv_unbiased(
+    conv: nn.Conv2d, x: torch.Tensor, padding: tuple[int, int], packed: PackedWeights
+) -> torch.Tensor:
+    """F.conv2d(x, conv.weight, None, conv.stride, padding, ...) on the weight packed once per input shape
+    and padding: a convolution of a few rows costs about a pass over its weights, which F.conv2d reorders
+    into oneDNN's layout on every call (2-3x the convolution itself for ResNet's 256-channel 3x3 convs)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not private_ops_usable():
+        return F.conv2d(x, conv.weight, None, conv.stride, padding, conv.dilation, conv.groups)
+    weight = packed.get(conv, x.shape, padding)
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, weight, None, *_conv_args(conv, padding), "none", [], ""
+    )
 
 
 def conv_add_relu(

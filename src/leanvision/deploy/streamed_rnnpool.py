@@ -251,7 +251,8 @@ class StreamedRNNPool(nn.Module):
     def group_bytes(self, patches: int) -> int:
         """fp32 bytes alive while a group of `patches` neighbouring patches runs (its input region is
         computed, then pooled): the largest input + output region of a prefix layer, or the pool's region
-        with what RNN1 keeps for RNN2 and the fused kernel's scratch (PatchRowPool.held_shape, .plan). A
+        with what RNN1 keeps for RNN2 and the fused kernel's scratch (PatchRowPool.held_shape, .plan; where
+        the kernel reads RNN1's W x, the region beside it while it is made, then W x in its place). A
         whole patch row in bands (`banded`) holds RNN1's states throughout, beside a band of rows at a time
         instead of the patch row's region."""
         (kh, kw), (sh, sw) = self.pool.patch_size, self.pool.stride
@@ -264,8 +265,13 @@ class StreamedRNNPool(nn.Module):
         kept = [(0, 0)] + [
             (conv.padding[0] // conv.stride[0], conv.padding[1] // conv.stride[1]) for conv in convs
         ]
-        rows, cols = Span(0, height + kept[-1][0]), Span(0, (patches - 1) * sw + kw + kept[-1][1])
-        floats = self.pool.in_channels * rows.stop * cols.stop + scratch + (0 if banded else held)
+        area = (height + kept[-1][0]) * ((patches - 1) * sw + kw + kept[-1][1])
+        channels, inputs = self.pool.in_channels, PatchRowPool.input_channels(self.pool)
+        # the kernel's inputs made from the region (then freed), and the kernel's run on them
+        floats = max(
+            (channels + inputs) * area if inputs < channels else 0,
+            inputs * area + scratch + (0 if banded else held),
+        )
         rows, cols = Span(0, height), Span(0, (patches - 1) * sw + kw)
         for conv, (out_rows, out_cols), (in_rows, in_cols) in zip(reversed(convs), kept[:0:-1], kept[-2::-1]):
             out_area = (rows.stop - rows.start + out_rows) * (cols.stop - cols.start + out_cols)
@@ -317,10 +323,10 @@ class StreamedRNNPool(nn.Module):
         for y0 in range(rows.start, rows.stop, self.banded[1]):
             y1 = min(y0 + self.banded[1], rows.stop)
             in_rows, pad_t, _ = Span(y0 - padding[0], y1 - padding[0]).clip(height)
-            if in_rows.stop > in_rows.start:
-                region = self._region(x, self._reads(in_rows, 0, sizes), col_reads)
+            if in_rows.stop > in_rows.start:  # the region freed once the kernel's inputs are made
+                region = kernel.inputs(self._region(x, self._reads(in_rows, 0, sizes), col_reads))
             else:  # all in the pool's zero padding
-                region = x.new_empty(1, self.pool.in_channels, 0, 0)
+                region = x.new_empty(1, PatchRowPool.input_channels(self.pool), 0, 0)
             last = min((y1 - 1) // sh, patch_rows[1])
             kernel.band(region, out, pad_t, padding[1], (y0, y1), (patch_rows[0], last), held)
             del region
@@ -464,6 +470,7 @@ class StreamedRNNPool(nn.Module):
                     :, :, first : first + in_rows.stop - in_rows.start, in_cols.start : in_cols.stop
                 ]
             if kernel is not None:  # it reads the zero padding without a padded copy
+                region = kernel.inputs(region)
                 kernel(region, out[:, j0:j1], pad_t, pad_l)
             else:
                 region = pad_zeros(region, (pad_l, pad_r, pad_t, pad_b))  # the unpadded one freed
@@ -475,14 +482,26 @@ class StreamedRNNPool(nn.Module):
 
 def patches_per_group(pool: StreamedRNNPool, valid_width: int, budget: int) -> int:
     """Patches per group for `budget`: a whole patch row (of `valid_width` patches) whose stem rows run in
-    bands, the rows each patch row adds (set as pool.banded: each stem row computed once) where that fits,
-    else as few groups per patch row as fit, as even as they can be (no more patches than those groups
-    need: less RAM and balanced work for the same calls). Narrower bands would take more calls than two
-    groups per patch row do (slower, measured)."""
-    (kh, _), (sh, _) = pool.pool.patch_size, pool.pool.stride
-    pool.banded = valid_width, min(kh, sh)
-    if pool.group_bytes(valid_width) <= budget:
+    bands (set as pool.banded: each stem row computed once), as tall as fit (banded_rows), where that
+    fits, else as few groups per patch row as fit, as even as they can be (no more patches than those
+    groups need: less RAM and balanced work for the same calls)."""
+    rows = banded_rows(pool, valid_width, budget)
+    pool.banded = None if rows is None else (valid_width, rows)
+    if rows is not None:
         return valid_width
-    pool.banded = None
     most = max([n for n in range(1, valid_width + 1) if pool.group_bytes(n) <= budget], default=1)
     return -(-valid_width // -(-valid_width // most))
+
+
+def banded_rows(pool: StreamedRNNPool, valid_width: int, budget: int) -> int | None:
+    """The most stem rows a band (up to the rows each patch row adds) with which a whole patch row of
+    `valid_width` patches runs in bands within `budget`, or None if even one row does not fit."""
+    (kh, _), (sh, _) = pool.pool.patch_size, pool.pool.stride
+    banded, fits = pool.banded, None
+    for rows in range(min(kh, sh), 0, -1):
+        pool.banded = valid_width, rows
+        if pool.group_bytes(valid_width) <= budget:
+            fits = rows
+            break
+    pool.banded = banded
+    return fits

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,7 +38,7 @@ from torchvision.models.googlenet import BasicConv2d
 
 from leanvision.deploy.fold import check_built_model
 from leanvision.deploy.fusion import fused_runs, make_fused
-from leanvision.deploy.lean_blocks import ChunkedBottleneck, lean_module
+from leanvision.deploy.lean_blocks import BandedBasicBlock, ChunkedBottleneck, lean_module
 from leanvision.deploy.rewrite import (
     Chain,
     InferenceOnly,
@@ -51,7 +52,7 @@ from leanvision.deploy.rewrite import (
     set_module,
 )
 from leanvision.deploy.row_runs import BLOCK_STEP_ROWS, PoolIntoBlocks, RowBlock
-from leanvision.deploy.streamed_rnnpool import HeadOutputs, StreamedRNNPool, patches_per_group
+from leanvision.deploy.streamed_rnnpool import HeadOutputs, StreamedRNNPool, banded_rows, patches_per_group
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import RNNPoolLayer
 from leanvision.models.face.nets import DetectionHead
@@ -125,11 +126,11 @@ def _peak_budget(
     fed: Sequence[ModuleCall] = (),
 ) -> int:
     """The peak RAM the executors after the pool reach anyway: each holds its run's input and output at
-    once, and with `groups` a ChunkedBottleneck one group of about band_bytes beside them (counted as it
-    is made; other forms' groups are not counted). The groups of every executor may use the headroom
-    below it at no cost. The pool's input is never whole: its output alone counts (`pool_bytes`), or with
-    `fed`, the blocks fed the pool's rows, what the pool's loop holds: the containers of those blocks
-    hold nothing more."""
+    once, and with `groups` a ChunkedBottleneck or BandedBasicBlock one group of about band_bytes beside
+    them (its group_bytes; other forms' groups are not counted). The groups of every executor may use
+    the headroom below it at no cost. The pool's input is never whole: its output alone counts
+    (`pool_bytes`), or with `fed`, the blocks fed the pool's rows, what the pool's loop holds: the
+    containers of those blocks hold nothing more."""
 
     def held(run: list[ModuleCall]) -> int:
         call, group = run[0], 0
@@ -137,7 +138,7 @@ def _peak_budget(
             return 0
         if groups and len(run) == 1 and id(call) in replaced:
             lean = lean_module(call.module, call.input_shape, band_bytes)
-            if isinstance(lean, ChunkedBottleneck):
+            if isinstance(lean, (ChunkedBottleneck, BandedBasicBlock)):
                 group = lean.group_bytes(*call.input_shape[2:])
         return call.input_bytes + run[-1].output_bytes + group
 
@@ -174,6 +175,64 @@ def _fed_blocks(
     return fed
 
 
+@dataclass
+class _Plan:
+    """How the layers after the pool run when it feeds the blocks `fed`: the runs after it (a fused run as
+    one), the calls lean forms replace, what the pool's loop holds beside its groups (`pool_bytes`) and
+    the peak that the executors reach anyway (`budget`: the groups take the headroom below it)."""
+
+    fed: list[tuple[ModuleCall, RowBlock]]
+    runs: list[list[ModuleCall]]
+    replaced: list[ModuleCall]
+    pool_bytes: int
+    budget: int
+
+
+def _plan(
+    calls: list[ModuleCall],
+    first: int,
+    head_call: ModuleCall | None,
+    fed: list[tuple[ModuleCall, RowBlock]],
+    band_bytes: int,
+    chain_only: bool,
+) -> _Plan:
+    """The plan of the layers after the RNNPoolLayer (calls[first]) when it feeds `fed`."""
+    pool_call = calls[first]
+    done = [pool_call, *([head_call] if head_call else []), *(call for call, _ in fed)]
+    done_ids = {id(call) for call in done}  # the calls whose work StreamedRNNPool does
+    later, replaced = lean_calls([c for c in calls[first + 1 :] if id(c) not in done_ids], done, band_bytes)
+    runs = fused_runs(later, band_bytes)  # the calls that run after the pool, a fused run as one
+    fused = {id(call) for run in runs if len(run) > 1 for call in run}
+    replaced = [call for call in replaced if id(call) not in fused]
+    # what the pool's loop holds beside its groups: its output, or the last fed block's output, the rows
+    # the fed blocks hold and one block's step; the groups may then use the RAM the pool's output would
+    # have taken
+    pool_bytes = pool_call.output_bytes
+    if fed:
+        steps = [block.step_bytes(*call.input_shape[2:], BLOCK_STEP_ROWS) for call, block in fed]
+        pool_bytes = fed[-1][0].output_bytes + sum(held for held, _ in steps) + max(work for _, work in steps)
+    fed_calls = [call for call, _ in fed]
+    budget = _peak_budget(
+        runs, {id(call) for call in replaced}, band_bytes, pool_bytes, chain_only, fed_calls
+    )
+    return _Plan(fed, runs, replaced, pool_bytes, max(budget, pool_call.output_bytes))
+
+
+def _choose(plans: list[_Plan], pool: StreamedRNNPool, valid_width: int | None) -> _Plan:
+    """The plan that feeds every block that fits a band (the last: the least RAM), unless plans that feed
+    fewer run the pool's stem in whole-row bands within their budget (each stem row computed once, where
+    groups of patches recompute their overlap; and each row step of a fed block passes over its weights):
+    then of those the one with the least budget, the fewest fed blocks among equals (ResNet18-RNNPool:
+    layer3.0 fed and 2-row bands run 1.5x eager, both layer3 blocks fed and groups of 5 patches 4x).
+    `valid_width`: patches a patch row, None where the pool cannot run in bands (a head on its input)."""
+    banded = [
+        plan
+        for plan in plans
+        if valid_width is not None and banded_rows(pool, valid_width, plan.budget - plan.pool_bytes)
+    ]
+    return min(banded, key=lambda plan: plan.budget) if banded else plans[-1]
+
+
 class StreamedModel(InferenceOnly):
     """An inference-only copy of an RNNPool network that runs in (about) the RAM its layer-convention
     analysis reports; see the module docstring. Its forward equals the eval-mode model's."""
@@ -208,40 +267,25 @@ class StreamedModel(InferenceOnly):
         set_module(net, pool_call.name, streamed_pool)
         for name, _ in prefix:
             set_module(net, name, nn.Identity())
-        done = [pool_call]  # the calls whose work StreamedRNNPool does
         if head_call is not None:
             set_module(net, head_call.name, HeadOutputs(streamed_pool.handoff))
-            done.append(head_call)
-        fed_blocks = _fed_blocks(calls, first, head_call, band_bytes)
-        fed = [call for call, _ in fed_blocks]
-        if fed:  # PoolIntoBlocks does their work
-            set_module(net, pool_call.name, PoolIntoBlocks(streamed_pool, [block for _, block in fed_blocks]))
-            for call in fed:
-                set_module(net, call.name, nn.Identity())
-            done += fed
-        done_ids = {id(call) for call in done}
-        later, replaced = lean_calls(
-            [c for c in calls[first + 1 :] if id(c) not in done_ids], done, band_bytes
-        )
-        runs = fused_runs(later, band_bytes)  # the calls that run after the pool, a fused run as one
-        fused = {id(call) for run in runs if len(run) > 1 for call in run}
-        replaced = [call for call in replaced if id(call) not in fused]
+        pool = pool_call.module  # patches a patch row: "edgeml"'s last column replicates the one before
+        valid_width = pool.output_size(*pool_call.input_shape[2:])[1] - (pool.padding == "edgeml")
         # A detector keeps maps beside the chain (its sources, its heads' outputs) that a run's input and
         # output do not count: there the budget keeps that slack (no groups counted in it).
         chain_only = isinstance(expected, torch.Tensor)
-        # what the pool's loop holds beside its groups: its output, or the last fed block's output, the
-        # rows the fed blocks hold and one block's step; the groups may then use the RAM the pool's output
-        # would have taken
-        pool_bytes = pool_call.output_bytes
-        if fed:
-            steps = [block.step_bytes(*call.input_shape[2:], BLOCK_STEP_ROWS) for call, block in fed_blocks]
-            pool_bytes = (
-                fed[-1].output_bytes + sum(held for held, _ in steps) + max(work for _, work in steps)
-            )
-        budget = _peak_budget(runs, {id(call) for call in replaced}, band_bytes, pool_bytes, chain_only, fed)
-        budget = max(budget, pool_call.output_bytes)
-        pool = pool_call.module  # patches a patch row: "edgeml"'s last column replicates the one before
-        valid_width = pool.output_size(*pool_call.input_shape[2:])[1] - (pool.padding == "edgeml")
+        fed_blocks = _fed_blocks(calls, first, head_call, band_bytes)
+        plans = [
+            _plan(calls, first, head_call, fed_blocks[:k], band_bytes, chain_only)
+            for k in range(len(fed_blocks) + 1)
+        ]
+        plan = _choose(plans, streamed_pool, None if head_call else valid_width)
+        fed = [call for call, _ in plan.fed]
+        if fed:  # PoolIntoBlocks does their work
+            set_module(net, pool_call.name, PoolIntoBlocks(streamed_pool, [block for _, block in plan.fed]))
+            for call in fed:
+                set_module(net, call.name, nn.Identity())
+        budget, pool_bytes = plan.budget, plan.pool_bytes
         if head_call:  # each patch row's stem rows are computed whole anyway: one group per patch row
             groups = valid_width
         else:
@@ -249,8 +293,8 @@ class StreamedModel(InferenceOnly):
             if chain_only:  # where even one patch exceeds the budget, the pool's least group sets the peak
                 budget = max(budget, pool_bytes + streamed_pool.group_bytes(groups))
         streamed_pool.regroup(groups, probe)
-        make_lean(net, replaced, band_bytes, budget)
-        make_fused(net, runs, band_bytes, budget)
+        make_lean(net, plan.replaced, band_bytes, budget)
+        make_fused(net, plan.runs, band_bytes, budget)
         chained = _chained_after_pool(net, calls, first)
         if chained is not None and computes(chained, probe, expected):
             net = chained

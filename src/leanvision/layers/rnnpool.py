@@ -367,9 +367,10 @@ class PatchRowPool:
     """RNNPool of patches side by side in a patch row, for inference: RNN1 and RNN2 (both FastGRNN with
     sigmoid and tanh) in one call of the fused numba kernel (fastgrnn_kernels.rnnpool_rows) that reads the
     stem rows in place, either one patch row's region at a time (`__call__`) or a whole patch row's stem
-    rows band by band, each computed once, RNN1's states kept between them (`band`). The cells'
-    parameters are packed when it is made, in their dtype (frozen weights: make it once); `start` sets
-    numba's threads to torch's before a forward."""
+    rows band by band, each computed once, RNN1's states kept between them (`band`). Both read a region
+    through `inputs` (RNN1's W x where that has fewer channels), which the caller makes so that it may free
+    the region first. The cells' parameters are packed when it is made, in their dtype (frozen weights:
+    make it once); `start` sets numba's threads to torch's before a forward."""
 
     def __init__(self, layer: RNNPoolLayer) -> None:
         self.layer, self.dtype, self.threads = layer, layer.pool.rnn1.bias_gate.dtype, 1
@@ -379,6 +380,26 @@ class PatchRowPool:
             self.params = [
                 pack_params(cell.kernel_weights()).numpy() for cell in (layer.pool.rnn1, layer.pool.rnn2)
             ]
+        # RNN1's W x: once per input pixel by `inputs` (one GEMM) rather than once per sequence that reads
+        # it (each pixel of overlapping patches is read by a row and a column of every patch it is in)
+        self.weight: torch.Tensor | None = None
+        if self.input_channels(layer) < layer.in_channels:
+            weight, self.params[0] = rnn_cells._numba_kernels().premultiplied(self.params[0])
+            self.weight = torch.from_numpy(weight)
+
+    @staticmethod
+    def input_channels(layer: RNNPoolLayer) -> int:
+        """Channels of the regions the kernel reads: RNN1's W x (hidden1) where that is fewer than the
+        pool's input's."""
+        return min(layer.in_channels, layer.pool.hidden1)
+
+    def inputs(self, region: torch.Tensor) -> torch.Tensor:
+        """What the kernel reads of a region [1, C, r, w] of the pool's input: the region, or RNN1's W x
+        [1, h1, r, w] (see input_channels)."""
+        if self.weight is None:
+            return region
+        c, r, w = region.shape[1:]
+        return torch.mm(self.weight, region.reshape(c, r * w)).view(1, -1, r, w)
 
     def start(self) -> None:
         """Run on torch's threads from now on (numba's set to as many)."""
@@ -407,7 +428,9 @@ class PatchRowPool:
             sequences = max(rows * patches, width, 4 * patches)
         tasks = max(1, min(threads, sequences // TASK_SEQUENCES))
         lanes = min(PATCH_LANES, -(-sequences // (8 * tasks)) * 8)  # whole vectors (the kernel pads blocks)
-        per_lane = max(pool.in_channels + 2 * pool.hidden1, pool.hidden1 + 2 * pool.hidden2) + 2
+        per_lane = (
+            max(PatchRowPool.input_channels(layer) + 2 * pool.hidden1, pool.hidden1 + 2 * pool.hidden2) + 2
+        )
         return lanes, tasks, tasks * lanes * per_lane
 
     @staticmethod
@@ -419,8 +442,9 @@ class PatchRowPool:
         return layer.pool.hidden1, kh * patches + slots * ((patches - 1) * sw + kw)
 
     def __call__(self, region: torch.Tensor, out: torch.Tensor, top: int = 0, left: int = 0) -> None:
-        """Pool the patches of one patch row's region [1, C, kh, W] into out [4 h2, n]; `region` holds its
-        rows from `top` and its columns from `left` on, the others are its zero padding."""
+        """Pool the patches of one patch row's region into out [4 h2, n]; `region` is inputs() of the region
+        [1, C, kh, W], holding its rows from `top` and its columns from `left` on, the others are its zero
+        padding."""
         self._run(region, out, (0, self.kh, top, left, 0, 0, 1), None, None)
 
     def band(
@@ -434,10 +458,10 @@ class PatchRowPool:
         held: torch.Tensor,
     ) -> None:
         """RNN1 over the band of a whole patch row's stem rows rows[0] .. rows[1] - 1 (of the zero-padded
-        map, `region` [1, C, r, W] holding them from its row `top` and column `left` on) and the columns of
-        patch rows patch_rows[0] .. patch_rows[1] (those with rows in the band, the first not ended yet),
-        then, if the band ends patch row patch_rows[0], RNN2 of its patches into out [4 h2, n]. `held`
-        (held_shape with ceil(kh / sh) slots) carries RNN1's states from band to band."""
+        map; `region`, inputs() of [1, C, r, W], holds them from its row `top` and column `left` on) and
+        the columns of patch rows patch_rows[0] .. patch_rows[1] (those with rows in the band, the first
+        not ended yet), then, if the band ends patch row patch_rows[0], RNN2 of its patches into out
+        [4 h2, n]. `held` (held_shape with ceil(kh / sh) slots) carries RNN1's states from band to band."""
         slots = -(-self.kh // self.sh)
         self._run(region, out, (*rows, top, left, *patch_rows, slots), held.numpy(), rows[1] - rows[0])
 
