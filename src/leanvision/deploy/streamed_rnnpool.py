@@ -265,18 +265,21 @@ class StreamedRNNPool(nn.Module):
         kept = [(0, 0)] + [
             (conv.padding[0] // conv.stride[0], conv.padding[1] // conv.stride[1]) for conv in convs
         ]
+        inner = height * ((patches - 1) * sw + kw)
         area = (height + kept[-1][0]) * ((patches - 1) * sw + kw + kept[-1][1])
         channels, inputs = self.pool.in_channels, PatchRowPool.input_channels(self.pool)
         # the kernel's inputs made from the region (then freed), and the kernel's run on them
         floats = max(
-            (channels + inputs) * area if inputs < channels else 0,
-            inputs * area + scratch + (0 if banded else held),
+            channels * area + inputs * inner if inputs < channels else 0,
+            (inputs * inner if inputs < channels else channels * area) + scratch + (0 if banded else held),
         )
         rows, cols = Span(0, height), Span(0, (patches - 1) * sw + kw)
         for conv, (out_rows, out_cols), (in_rows, in_cols) in zip(reversed(convs), kept[:0:-1], kept[-2::-1]):
             out_area = (rows.stop - rows.start + out_rows) * (cols.stop - cols.start + out_cols)
             rows, cols = rows.through_conv(conv, 0), cols.through_conv(conv, 1)
             in_area = (rows.stop - rows.start + in_rows) * (cols.stop - cols.start + in_cols)
+            if conv is getattr(self.prefix[0], "conv", None):  # it reads the network's input: a view
+                in_area = 0
             floats = max(floats, conv.in_channels * in_area + conv.out_channels * out_area)
         return 4 * (floats + (held if banded else 0))
 

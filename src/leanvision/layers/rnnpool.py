@@ -399,7 +399,13 @@ class PatchRowPool:
         if self.weight is None:
             return region
         c, r, w = region.shape[1:]
-        return torch.mm(self.weight, region.reshape(c, r * w)).view(1, -1, r, w)
+        out = region.new_empty(1, len(self.weight), r, w)
+        if region.stride(3) == 1 and region.stride(2) == w:  # its rows side by side: one GEMM
+            torch.mm(self.weight, region[0].view(c, r * w), out=out[0].view(-1, r * w))
+        else:  # a region cut from wider rows: a GEMM per row, not a contiguous copy of it
+            for y in range(r):
+                torch.mm(self.weight, region[0, :, y], out=out[0, :, y])
+        return out
 
     def start(self) -> None:
         """Run on torch's threads from now on (numba's set to as many)."""
