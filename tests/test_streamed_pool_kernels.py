@@ -119,7 +119,7 @@ def test_whole_patch_rows_in_bands_equal_the_regions(patch, stride, padding):
     with torch.no_grad():
         regions = streamed(x)
         for rows in range(1, min(patch[0], stride[0]) + 1):
-            streamed.banded = 100, rows
+            streamed.banded = 100, rows, rows
             assert torch.equal(streamed(x), regions)
 
 
@@ -131,11 +131,32 @@ def test_a_banded_row_holds_exactly_its_group_bytes(stride):
     layer = randomize_(RNNPoolLayer(8, 6, 5, patch_size=(4, 4), stride=(stride, 2), padding="valid"))
     x = torch.randn(1, 3, 20, 31, generator=torch.Generator().manual_seed(stride))  # 14 patches a row
     streamed = StreamedRNNPool(prefix, layer, patches_per_group=1)
-    streamed.banded = 14, stride
+    streamed.banded = 14, stride, stride
     budget = streamed.group_bytes(14)
-    assert patches_per_group(streamed, 14, budget) == 14 and streamed.banded == (14, stride)
+    assert patches_per_group(streamed, 14, budget) == 14 and streamed.banded == (14, stride, stride)
     streamed.regroup(14, x)
     with torch.no_grad():
         out_bytes = streamed(x).numel() * 4
         assert measure_peak(streamed, x).peak_bytes == out_bytes + streamed.group_bytes(14)
     assert patches_per_group(streamed, 14, budget // 4) < 14 and streamed.banded is None
+
+
+@pytest.mark.parametrize("stem_rows", [1, 2])
+def test_a_band_of_chunked_stem_rows_equals_the_whole_band_in_its_group_bytes(stem_rows):
+    """Where the kernel reads W x (C = 8 > h1 = 6), a band's stem rows may run in chunks, each chunk's W x
+    written into the band's: the same output (to rounding: GEMMs of other shapes), holding what
+    group_bytes says, less than the whole band does."""
+    prefix = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6()]
+    layer = randomize_(RNNPoolLayer(8, 6, 5, patch_size=(4, 4), stride=(4, 2), padding="valid"))
+    x = torch.randn(1, 3, 20, 31, generator=torch.Generator().manual_seed(stem_rows))  # 14 patches a row
+    streamed = StreamedRNNPool(prefix, layer, patches_per_group=14)
+    streamed.banded = 14, 4, 4
+    streamed.regroup(14, x)
+    whole_bytes = streamed.group_bytes(14)
+    with torch.no_grad():
+        whole = streamed(x)
+        streamed.banded = 14, 4, stem_rows
+        streamed.regroup(14, x)
+        torch.testing.assert_close(streamed(x), whole, rtol=1e-6, atol=1e-6)
+        assert measure_peak(streamed, x).peak_bytes == whole.numel() * 4 + streamed.group_bytes(14)
+    assert streamed.group_bytes(14) < whole_bytes

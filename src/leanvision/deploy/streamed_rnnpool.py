@@ -220,10 +220,11 @@ class StreamedRNNPool(nn.Module):
         self.patches_per_group = _checked_group(patches_per_group)
         self._index_cache: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._kernel: PatchRowPool | None = None
-        # (patches per group, rows per band): groups of that many patches are whole patch rows whose stem
-        # rows run in bands (see patches_per_group), each computed once; None: each group's patch rows
+        # (patches per group, rows per band, stem rows per chunk): groups of that many patches are whole
+        # patch rows whose stem rows run in bands (see patches_per_group), each computed once, in chunks
+        # whose W x the band gathers (where the kernel reads W x); None: each group's patch rows
         # recompute their regions
-        self.banded: tuple[int, int] | None = None
+        self.banded: tuple[int, int, int] | None = None
         self.head, self.handoff = None if head is None else BandedHead(head), HeadHandoff()
 
     def regroup(self, patches_per_group: int, x: torch.Tensor) -> None:
@@ -257,7 +258,7 @@ class StreamedRNNPool(nn.Module):
         instead of the patch row's region."""
         (kh, kw), (sh, sw) = self.pool.patch_size, self.pool.stride
         banded = self.banded is not None and patches == self.banded[0]
-        height = self.banded[1] if banded else kh
+        height, stem = self.banded[1:] if banded else (kh, kh)
         held = math.prod(PatchRowPool.held_shape(self.pool, patches, -(-kh // sh) if banded else 1))
         scratch = PatchRowPool.plan(self.pool, patches, rows=height if banded else None)[2]
         convs = [layer.conv for layer in self.prefix if isinstance(layer, InPlaceConv)]
@@ -266,14 +267,14 @@ class StreamedRNNPool(nn.Module):
             (conv.padding[0] // conv.stride[0], conv.padding[1] // conv.stride[1]) for conv in convs
         ]
         inner = height * ((patches - 1) * sw + kw)
-        area = (height + kept[-1][0]) * ((patches - 1) * sw + kw + kept[-1][1])
+        area = (stem + kept[-1][0]) * ((patches - 1) * sw + kw + kept[-1][1])
         channels, inputs = self.pool.in_channels, PatchRowPool.input_channels(self.pool)
         # the kernel's inputs made from the region (then freed), and the kernel's run on them
         floats = max(
             channels * area + inputs * inner if inputs < channels else 0,
             (inputs * inner if inputs < channels else channels * area) + scratch + (0 if banded else held),
         )
-        rows, cols = Span(0, height), Span(0, (patches - 1) * sw + kw)
+        rows, cols = Span(0, stem), Span(0, (patches - 1) * sw + kw)
         for conv, (out_rows, out_cols), (in_rows, in_cols) in zip(reversed(convs), kept[:0:-1], kept[-2::-1]):
             out_area = (rows.stop - rows.start + out_rows) * (cols.stop - cols.start + out_cols)
             rows, cols = rows.through_conv(conv, 0), cols.through_conv(conv, 1)
@@ -323,16 +324,41 @@ class StreamedRNNPool(nn.Module):
         zero-padded map; those before are pooled), band by band (PatchRowPool.band), the columns of the
         patch rows up to patch_rows[1] advanced with them; `padding` (top, left) is the pool's own."""
         sh, height = self.pool.stride[0], sizes[-1][0]
-        for y0 in range(rows.start, rows.stop, self.banded[1]):
-            y1 = min(y0 + self.banded[1], rows.stop)
+        _, band_rows, stem_rows = self.banded
+        for y0 in range(rows.start, rows.stop, band_rows):
+            y1 = min(y0 + band_rows, rows.stop)
             in_rows, pad_t, _ = Span(y0 - padding[0], y1 - padding[0]).clip(height)
-            if in_rows.stop > in_rows.start:  # the region freed once the kernel's inputs are made
-                region = kernel.inputs(self._region(x, self._reads(in_rows, 0, sizes), col_reads))
+            if in_rows.stop > in_rows.start:
+                region = self._band_inputs(x, kernel, in_rows, col_reads, sizes, stem_rows)
             else:  # all in the pool's zero padding
                 region = x.new_empty(1, PatchRowPool.input_channels(self.pool), 0, 0)
             last = min((y1 - 1) // sh, patch_rows[1])
             kernel.band(region, out, pad_t, padding[1], (y0, y1), (patch_rows[0], last), held)
             del region
+
+    def _band_inputs(
+        self,
+        x: torch.Tensor,
+        kernel: PatchRowPool,
+        rows: Span,
+        col_reads: list[_Read],
+        sizes: list[tuple[int, int]],
+        stem_rows: int,
+    ) -> torch.Tensor:
+        """The kernel's inputs for `rows` of the prefix output (its columns `col_reads`): their region, or
+        its W x, made from the region `stem_rows` rows at a time (each chunk freed once its W x is
+        written into the band's) where the kernel reads W x."""
+        if kernel.weight is None or stem_rows >= rows.stop - rows.start:
+            return kernel.inputs(self._region(x, self._reads(rows, 0, sizes), col_reads))
+        out = None
+        for r0 in range(rows.start, rows.stop, stem_rows):
+            chunk = Span(r0, min(r0 + stem_rows, rows.stop))
+            region = self._region(x, self._reads(chunk, 0, sizes), col_reads)
+            if out is None:
+                out = region.new_empty(1, len(kernel.weight), rows.stop - rows.start, region.shape[3])
+            kernel.inputs(region, out[:, :, chunk.start - rows.start : chunk.stop - rows.start])
+            del region
+        return out
 
     def _fused(self, x: torch.Tensor) -> PatchRowPool | None:
         """The fused kernel for x, started (None where it does not apply); its parameters are packed once
@@ -488,23 +514,35 @@ def patches_per_group(pool: StreamedRNNPool, valid_width: int, budget: int) -> i
     bands (set as pool.banded: each stem row computed once), as tall as fit (banded_rows), where that
     fits, else as few groups per patch row as fit, as even as they can be (no more patches than those
     groups need: less RAM and balanced work for the same calls)."""
-    rows = banded_rows(pool, valid_width, budget)
-    pool.banded = None if rows is None else (valid_width, rows)
-    if rows is not None:
+    pool.banded = banded_rows(pool, valid_width, budget)
+    if pool.banded is not None:
         return valid_width
     most = max([n for n in range(1, valid_width + 1) if pool.group_bytes(n) <= budget], default=1)
     return -(-valid_width // -(-valid_width // most))
 
 
-def banded_rows(pool: StreamedRNNPool, valid_width: int, budget: int) -> int | None:
-    """The most stem rows a band (up to the rows each patch row adds) with which a whole patch row of
-    `valid_width` patches runs in bands within `budget`, or None if even one row does not fit."""
+def banded_rows(pool: StreamedRNNPool, valid_width: int, budget: int) -> tuple[int, int, int] | None:
+    """(valid_width, rows per band, stem rows per chunk) for a whole patch row of `valid_width` patches
+    in bands within `budget`: the tallest bands that fit (fewer kernel calls), then the tallest chunks
+    of stem rows (fewer convolution calls; chunks shorter than the band only where the kernel reads
+    W x, which a chunk writes into the band's); None if even one row does not fit. A band's rows divide
+    the rows each patch row adds (min(kh, sh)): 3-row bands of 4 new rows would take as many calls as
+    2-row bands, in more RAM."""
     (kh, _), (sh, _) = pool.pool.patch_size, pool.pool.stride
+    new = min(kh, sh)
+    premultiplied = PatchRowPool.input_channels(pool.pool) < pool.pool.in_channels
+    candidates = [
+        (valid_width, rows, stem)
+        for rows in range(new, 0, -1)
+        if new % rows == 0
+        for stem in range(rows, 0, -1)
+        if rows % stem == 0 and (stem == rows or premultiplied)
+    ]
     banded, fits = pool.banded, None
-    for rows in range(min(kh, sh), 0, -1):
-        pool.banded = valid_width, rows
+    for candidate in candidates:
+        pool.banded = candidate
         if pool.group_bytes(valid_width) <= budget:
-            fits = rows
+            fits = candidate
             break
     pool.banded = banded
     return fits

@@ -393,13 +393,13 @@ class PatchRowPool:
         pool's input's."""
         return min(layer.in_channels, layer.pool.hidden1)
 
-    def inputs(self, region: torch.Tensor) -> torch.Tensor:
+    def inputs(self, region: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """What the kernel reads of a region [1, C, r, w] of the pool's input: the region, or RNN1's W x
-        [1, h1, r, w] (see input_channels)."""
+        [1, h1, r, w] (see input_channels), written into `out` if given."""
         if self.weight is None:
             return region
         c, r, w = region.shape[1:]
-        out = region.new_empty(1, len(self.weight), r, w)
+        out = region.new_empty(1, len(self.weight), r, w) if out is None else out
         if region.stride(3) == 1 and region.stride(2) == w:  # its rows side by side: one GEMM
             torch.mm(self.weight, region[0].view(c, r * w), out=out[0].view(-1, r * w))
         else:  # a region cut from wider rows: a GEMM per row, not a contiguous copy of it
