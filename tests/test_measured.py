@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from leanvision.analysis.measured import measure_peak
+from leanvision.deploy import onednn
 
 N = 1000  # fp32 elements: 4,000 bytes
 
@@ -43,3 +45,20 @@ def test_a_forward_pass_counts_activations_not_weights():
     with torch.no_grad():
         peak = measure_peak(lambda x: torch.relu(conv(x)), torch.ones(1, 3, 10, 10))
     assert peak.peak_bytes == 2 * 8 * 10 * 10 * 4  # the conv output and the relu output
+
+
+@pytest.mark.skipif(not onednn.private_ops_usable(), reason="needs oneDNN's private ops (CPU)")
+def test_a_tensor_without_storage_counts_to_the_end_of_the_call():
+    """oneDNN's opaque tensors (a convolution's weight packed on first use) have no storage whose freeing
+    the meter could watch: counted from the op that makes them to the end."""
+    weight = torch.randn(16, 8, 3, 3)
+
+    def pack(x: torch.Tensor) -> None:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            weight, [1, 1], [1, 1], [1, 1], 1, list(x.shape)
+        )
+        assert packed.is_mkldnn
+        del packed
+        (x + 1).sum()
+
+    assert measure_peak(pack, torch.ones(1, 8, 5, 5)).peak_bytes >= weight.numel() * 4

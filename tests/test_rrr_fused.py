@@ -17,6 +17,23 @@ from leanvision.models.rrrnet import RRRNet
 pytestmark = pytest.mark.skipif(not onednn.private_ops_usable(), reason="needs oneDNN's private ops (CPU)")
 
 
+@pytest.mark.parametrize("usable", [True, False])
+def test_an_unbiased_conv_equals_f_conv2d_with_one_packing_per_shape_and_padding(monkeypatch, usable):
+    """conv_unbiased (streaming's band convolutions): the conv without its bias, at a padding of the
+    caller's; the plain F.conv2d where the private ops are not usable."""
+    if not usable:
+        monkeypatch.setattr(onednn, "private_ops_usable", lambda: False)
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1).requires_grad_(False)
+    packed = onednn.PackedWeights()
+    for shape, padding in [((1, 8, 9, 11), (1, 1)), ((1, 8, 9, 11), (0, 1)), ((1, 8, 5, 11), (1, 1))]:
+        x = torch.randn(*shape)
+        expected = F.conv2d(x, conv.weight, None, conv.stride, padding)
+        torch.testing.assert_close(
+            onednn.conv_unbiased(conv, x, padding, packed), expected, atol=1e-5, rtol=0
+        )
+    assert len(packed) == (3 if usable else 0)
+
+
 def test_packed_weights_keep_at_most_max_shapes():
     conv = nn.Conv2d(4, 6, 3, padding=1).requires_grad_(False)
     packed = onednn.PackedWeights(max_shapes=2)

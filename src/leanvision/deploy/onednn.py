@@ -1,4 +1,6 @@
-"""A convolution with its residual add and ReLU in one oneDNN call, on weights packed once per input shape.
+"""Convolutions on weights packed once per input shape: with the residual add and ReLU in one oneDNN call
+(conv_add_relu, fused RRR-Net inference), or alone without a bias (conv_unbiased, the row bands of
+streaming inference, where F.conv2d's reorder of the weights on every call costs more than the band).
 
 torch exposes this only through private ops (torch.ops.mkldnn._convolution_pointwise and
 _reorder_convolution_weight, what inductor's freezing pass emits). Their signatures are not a public

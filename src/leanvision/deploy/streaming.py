@@ -16,7 +16,8 @@ in which
   convention's "input + output";
 - the residual blocks of the stage that reads the pool's output (ResNet BasicBlocks; inverted residuals
   whose expanded rows fit a band) are fed its rows as the pool makes them, each block's rows to the next
-  (row_runs.PoolIntoBlocks): the pool's output is never whole;
+  (row_runs.PoolIntoBlocks): the pool's output is never whole. All of them are fed (the least RAM) unless
+  feeding fewer leaves the RAM to pool whole patch rows in bands (_choose: each stem row computed once);
 - other ResNet basic blocks, DenseNet dense blocks and transitions, GoogLeNet inception blocks, max pools: the
   other forms of lean_blocks; a map larger than the input of the layer that makes it and the output of
   the one that reads it is never whole: the two run as one, in row bands (fusion.py);
