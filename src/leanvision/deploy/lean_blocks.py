@@ -40,7 +40,8 @@ from leanvision.layers.rnn_cells import kernel_applies, kernel_threads
 # An InPlaceConv with this many weights or more runs on weights packed once per input shape
 # (onednn.conv_unbiased), which F.conv2d reorders on every call: a band of a few rows costs about that
 # pass over the weights. Below, F.conv2d is faster. Measured on band shapes, 2 threads: 3x3 64->64 83 us
-# packed vs 97, 32->64 57 vs 50; 1x1 160->960 113 vs 197, 256->256 57 vs 46 (1x1 convs run as GEMMs).
+# packed vs 97, 32->64 57 vs 50; 1x1 160->960 113 vs 197, 256->256 57 vs 46 (a 1x1 conv of a band
+# held as rows runs as a GEMM instead: _conv_rows).
 PACK_FROM, PACK_POINTWISE_FROM = 2**15, 2**17
 # Input shapes an InPlaceConv keeps packed weights for: every band and region shape of a streamed forward
 # (the edges' and the last band's differ), so that a forward packs none (packing costs a call's time).
@@ -379,12 +380,7 @@ def _conv_rows(layer: InPlaceConv, rows: _Rows, out: Span, out_height: int) -> _
     """Rows `out` (inside [0, out_height)) of layer(map), from the rows of the map that `rows` holds."""
     inside, top, bottom = out.through_conv(layer.conv).clip(rows.height)
     x, conv = _held(rows, inside), layer.conv
-    if (
-        x.shape[0] == 1
-        and conv.kernel_size == conv.stride == (1, 1)
-        and conv.groups == 1
-        and not layer.packed
-    ):
+    if x.shape[0] == 1 and conv.kernel_size == conv.stride == (1, 1) and conv.groups == 1:
         # a pointwise conv of a band runs ~2x faster as a matrix product, which reads the rows in place
         y = torch.mm(conv.weight.view(conv.out_channels, -1), x.view(x.shape[1], -1))
         return _Rows(layer.finish(y.view(1, -1, *x.shape[2:])), out.start, out_height)

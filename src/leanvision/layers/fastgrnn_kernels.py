@@ -159,8 +159,8 @@ def _step(weight_t, bias_gate, bias_update, coef, xh, pre, zc, h_out, width):  #
 def _advance(params, xh, pre, zc, width):  # pragma: no cover
     """`_step` for inference, on packed params [h, K + 4]: the state rows of xh [C + h, lanes] (below
     the step's inputs) become the next state; zc [2, lanes] holds one row's gate and update at a time.
-    With K = C + h, params hold [W; U]^T; with K = h (premultiplied inputs, `premultiplied`) only U^T, and
-    xh's first h rows hold the step's W x."""
+    With K = C + h, params hold [W; U]^T; with K = h (inputs premultiplied, rnn_cells.premultiplied) only
+    U^T, and xh's first h rows hold the step's W x."""
     hidden, rows, k = len(pre), xh.shape[0], params.shape[1] - 4
     _matmul(params[:, :k], xh[rows - k :], pre, width)
     for j in range(rows - k):  # W x computed before the sweep
@@ -171,14 +171,6 @@ def _advance(params, xh, pre, zc, width):  # pragma: no cover
     for j in range(hidden):
         h = xh[rows - hidden + j]
         _update_row(pre[j], params[j, k], params[j, k + 1], zeta, nu, zc[0], zc[1], h, h, width)
-
-
-def premultiplied(params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Packed params [h, C + h + 4] as (W [h, C], the packed params of U alone [h, h + 4]): a sweep whose
-    inputs are already W x (computed for every input once, where sequences share inputs) reads h rows
-    of them instead of C."""
-    channels = params.shape[1] - len(params) - 4
-    return np.ascontiguousarray(params[:, :channels]), np.ascontiguousarray(params[:, channels:])
 
 
 @njit(**JIT)

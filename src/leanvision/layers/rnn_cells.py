@@ -417,6 +417,14 @@ def pack_params(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat((torch.cat((w, u)).T, bias_gate.view(hidden, 1), bias_update.view(hidden, 1), coef), 1)
 
 
+def premultiplied(params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """pack_params' array [h, C + h + 4] as (W [h, C], the packed params of U alone [h, h + 4]): a sweep
+    whose inputs are already W x (computed for every input once, where sequences share inputs) reads h
+    rows of them instead of C."""
+    channels = params.shape[1] - len(params) - 4
+    return np.ascontiguousarray(params[:, :channels]), np.ascontiguousarray(params[:, channels:])
+
+
 def kernel_threads() -> int:
     """The threads a numba kernel runs on: torch's, at most numba's pool (torch's where numba is missing)."""
     kernels = _numba_kernels()

@@ -31,6 +31,7 @@ from leanvision.layers.rnn_cells import (
     kernel_sweep,
     kernel_threads,
     pack_params,
+    premultiplied,
 )
 
 PADDINGS = ("edgeml", "valid", "same")
@@ -384,7 +385,7 @@ class PatchRowPool:
         # it (each pixel of overlapping patches is read by a row and a column of every patch it is in)
         self.weight: torch.Tensor | None = None
         if self.input_channels(layer) < layer.in_channels:
-            weight, self.params[0] = rnn_cells._numba_kernels().premultiplied(self.params[0])
+            weight, self.params[0] = premultiplied(self.params[0])
             self.weight = torch.from_numpy(weight)
 
     @staticmethod
