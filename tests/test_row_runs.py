@@ -16,12 +16,12 @@ from torchvision.models.resnet import BasicBlock
 import leanvision
 from conftest import randomize_
 from leanvision.analysis.measured import measure_peak
-from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, _Rows, conv_zero_padded
+from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, NormalizedConv, _Rows, conv_zero_padded
 from leanvision.deploy.row_runs import ChainRun, PoolIntoBlocks, ResidualRun, RowBlock
 from leanvision.deploy.streamed_rnnpool import StreamedRNNPool
 from leanvision.deploy.streaming import stream
 from leanvision.errors import InvalidArgumentError
-from leanvision.layers import RNNPoolLayer
+from leanvision.layers import ImageNormalize, RNNPoolLayer
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
@@ -145,3 +145,21 @@ def test_a_conv_zero_padded_by_its_own_padding_equals_one_of_a_padded_copy(kerne
     with torch.no_grad():
         for pads in itertools.product((0, 1, 2), repeat=4):
             _close(conv_zero_padded(layer, x, pads), layer(F.pad(x, pads), padding=(0, 0)))
+
+
+@pytest.mark.parametrize("kernel, stride, dilation", [(1, 1, 1), (3, 1, 1), (3, 2, 1), (4, 3, 2)])
+def test_a_normalized_conv_of_the_raw_image_equals_the_conv_of_the_normalised_image(kernel, stride, dilation):
+    """For every padding pattern (each even and uneven one, which pads a copy with the mean) and twice
+    (the second from the constant maps kept per shape): the layers the NormalizedConv stands for, run on
+    a zero-padded normalised copy."""
+    torch.manual_seed(kernel)
+    conv, bn = nn.Conv2d(3, 4, kernel, stride=stride, dilation=dilation, bias=False), nn.BatchNorm2d(4)
+    randomize_(bn)
+    normalize = ImageNormalize((0.48, 0.46, 0.41), (0.004, 0.25, 1.5))
+    reference = nn.Sequential(conv, bn, nn.ReLU6()).eval()
+    fused = NormalizedConv(normalize, ConvStep(conv, bn.eval(), nn.ReLU6()))
+    x = torch.rand(1, 3, 11, 12)
+    with torch.no_grad():
+        for _ in range(2):
+            for pads in itertools.product((0, 1, 2), repeat=4):
+                _close(conv_zero_padded(fused, x, pads), reference(F.pad(normalize(x), pads)))

@@ -34,7 +34,7 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 from leanvision.deploy.onednn import PackedWeights, conv_unbiased
 from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.errors import InvalidArgumentError
-from leanvision.layers import LinearBottleneck
+from leanvision.layers import ImageNormalize, LinearBottleneck
 from leanvision.layers.rnn_cells import kernel_applies, kernel_threads
 
 # An InPlaceConv with this many weights or more runs on weights packed once per input shape
@@ -380,7 +380,8 @@ def _conv_rows(layer: InPlaceConv, rows: _Rows, out: Span, out_height: int) -> _
     """Rows `out` (inside [0, out_height)) of layer(map), from the rows of the map that `rows` holds."""
     inside, top, bottom = out.through_conv(layer.conv).clip(rows.height)
     x, conv = _held(rows, inside), layer.conv
-    if x.shape[0] == 1 and conv.kernel_size == conv.stride == (1, 1) and conv.groups == 1:
+    pointwise = conv.kernel_size == conv.stride == (1, 1) and conv.groups == 1
+    if x.shape[0] == 1 and pointwise and not isinstance(layer, NormalizedConv):
         # a pointwise conv of a band runs ~2x faster as a matrix product, which reads the rows in place
         y = torch.mm(conv.weight.view(conv.out_channels, -1), x.view(x.shape[1], -1))
         return _Rows(layer.finish(y.view(1, -1, *x.shape[2:])), out.start, out_height)
@@ -389,14 +390,15 @@ def _conv_rows(layer: InPlaceConv, rows: _Rows, out: Span, out_height: int) -> _
 
 
 def conv_zero_padded(layer: InPlaceConv, x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
-    """layer(F.pad(x, pads), padding=0) (pads: left, right, top, bottom zeros) with the conv's own padding
-    where it can, not a padded copy of x: padding both sides of an axis by the larger amount makes extra
-    outputs at the other side, which are dropped (a view); a padded copy where they would not line up."""
+    """layer(layer.padded(x, pads), padding=0) (pads: left, right, top, bottom; zeros, or what the layer's
+    input is padded with) with the conv's own padding where it can, not a padded copy of x: padding both
+    sides of an axis by the larger amount makes extra outputs at the other side, which are dropped (a
+    view); a padded copy where they would not line up."""
     conv, padding, kept = layer.conv, [], []
     for axis, size, (before, after) in ((0, x.shape[2], pads[2:]), (1, x.shape[3], pads[:2])):
         skip, uneven = divmod(max(before, after) - before, conv.stride[axis])
         if uneven:
-            return layer(pad_zeros(x, pads), padding=(0, 0))
+            return layer(layer.padded(x, pads), padding=(0, 0))
         reach = conv.dilation[axis] * (conv.kernel_size[axis] - 1) + 1
         padding.append(max(before, after))
         kept.append(slice(skip, skip + (size + before + after - reach) // conv.stride[axis] + 1))
@@ -706,16 +708,71 @@ class InPlaceConv(nn.Module):
 
     def forward(self, x: torch.Tensor, padding: tuple[int, int] | None = None) -> torch.Tensor:
         """`padding` replaces the conv's own (rows, columns) padding, for an x that holds some already."""
+        return self.finish(self.convolve(x, self.conv.padding if padding is None else tuple(padding)))
+
+    def convolve(self, x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+        """The convolution alone, without its bias."""
         c = self.conv
-        padding = c.padding if padding is None else tuple(padding)
         if self.packed is None:
-            return self.finish(F.conv2d(x, c.weight, None, c.stride, padding, c.dilation, c.groups))
-        return self.finish(conv_unbiased(c, x, padding, self.packed))
+            return F.conv2d(x, c.weight, None, c.stride, padding, c.dilation, c.groups)
+        return conv_unbiased(c, x, padding, self.packed)
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         """The BN and the activation, in place on y, the convolution's output without its bias."""
         offset, scale, shift = self.affine
         return self.act(y.add_(offset).mul_(scale).add_(shift))
+
+    def padded(self, x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+        """x with `pads` (left, right, top, bottom) of what this layer's input is padded with: zeros."""
+        return pad_zeros(x, pads)
+
+
+class NormalizedConv(InPlaceConv):
+    """An ImageNormalize, (x - mean) / std, and the convolution [-> BN] [-> activation] after it as one
+    InPlaceConv of the raw image, so that no normalised copy of the image is made (a streamed stem's
+    largest map: RNNPool-Face-Quant's 3 channels at the image's resolution). The weights take the 1 / std;
+    the convolution of the constant image `mean` (zero-padded as the normalised image would be) is
+    subtracted from the output. That constant map depends only on the input's shape and the padding
+    (one row where the rows are not padded, one column where the columns are not): kept per shape."""
+
+    def __init__(self, normalize: ImageNormalize, step: ConvStep) -> None:
+        conv = copy.deepcopy(step.conv)
+        with torch.no_grad():
+            conv.weight.div_(conv.weight.new_tensor(normalize.std).view(1, -1, 1, 1))
+        super().__init__(ConvStep(conv, step.bn, step.act))
+        self.mean = normalize.mean
+        self._constants: dict[tuple, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor, padding: tuple[int, int] | None = None) -> torch.Tensor:
+        padding = self.conv.padding if padding is None else tuple(padding)
+        return self.finish(self.convolve(x, padding).sub_(self._constant(x, padding)))
+
+    def padded(self, x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+        """x with `pads` of the raw value that normalises to zero, the mean."""
+        if not any(pads):
+            return x
+        left, right, top, bottom = pads
+        out = x.new_empty(*x.shape[:2], x.shape[2] + top + bottom, x.shape[3] + left + right)
+        out.copy_(x.new_tensor(self.mean).view(1, -1, 1, 1).expand_as(out))
+        out[:, :, top : top + x.shape[2], left : left + x.shape[3]] = x
+        return out
+
+    def _constant(self, x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+        """The convolution (without bias) of the image `mean` of x's shape, zero-padded by `padding`."""
+        key = (tuple(x.shape), padding, x.dtype)
+        if key not in self._constants:
+            if len(self._constants) >= PACKED_SHAPES:  # the oldest dropped, as PackedWeights does
+                del self._constants[next(iter(self._constants))]
+            # an axis not padded gives the same output along it: the least input that makes one output
+            shape = [
+                size if pad else dilation * (kernel - 1) + 1
+                for size, pad, kernel, dilation in zip(
+                    x.shape[2:], padding, self.conv.kernel_size, self.conv.dilation
+                )
+            ]
+            image = x.new_tensor(self.mean).view(1, -1, 1, 1).expand(1, x.shape[1], *shape)
+            self._constants[key] = self.convolve(image.contiguous(), padding)
+        return self._constants[key]
 
 
 def rows_conv(convs: Sequence[InPlaceConv]) -> nn.Conv2d:

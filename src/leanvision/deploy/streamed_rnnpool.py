@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, _Rows, conv_zero_padded
+from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, NormalizedConv, _Rows, conv_zero_padded
 from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.deploy.row_runs import ChainRun, extended, per_image, rows_from
 from leanvision.errors import InvalidArgumentError
@@ -45,11 +45,14 @@ ELEMENTWISE = (
 
 
 def _fused(prefix: Sequence[nn.Module]) -> list[nn.Module]:
-    """The prefix with every convolution [-> BatchNorm] [-> activation] as one InPlaceConv (so that its
-    output is the only map it makes), other layers as they are."""
+    """The prefix with every [ImageNormalize ->] convolution [-> BatchNorm] [-> activation] as one
+    InPlaceConv (NormalizedConv; so that its output is the only map it makes), other layers as they are."""
     layers, i = [], 0
     while i < len(prefix):
         layer, i = prefix[i], i + 1
+        normalize = None
+        if isinstance(layer, ImageNormalize) and i < len(prefix) and isinstance(prefix[i], nn.Conv2d):
+            normalize, layer, i = layer, prefix[i], i + 1
         if not isinstance(layer, nn.Conv2d):
             layers.append(layer)
             continue
@@ -57,7 +60,8 @@ def _fused(prefix: Sequence[nn.Module]) -> list[nn.Module]:
         i += bn is not None
         act = prefix[i] if i < len(prefix) and isinstance(prefix[i], ACTIVATIONS) else nn.Identity()
         i += not isinstance(act, nn.Identity)
-        layers.append(InPlaceConv(ConvStep(layer, bn, act)))
+        step = ConvStep(layer, bn, act)
+        layers.append(InPlaceConv(step) if normalize is None else NormalizedConv(normalize, step))
     return layers
 
 
