@@ -63,22 +63,24 @@ def test_streamed_quant_makes_no_stem_map():
 
 def test_streamed_quant_never_holds_a_stem_resolution_map():
     """At 640x480 the stem map is 1.17 MiB, the pooled map 600 KiB and the first head's stride-4 maps
-    600 KiB each: the streamed stem + RNNPool + first head + the four blocks after the pool (fed the
-    pool's rows, PoolIntoBlocks) hold their outputs (the fourth block's, 300 KiB; loc and conf, 450 KiB)
-    and one patch row's work (its 21 image rows normalised, 158 KiB, the stem rows the head has not
-    computed from yet, the blocks' held rows): within 1.3x the layer convention's 900 KiB, which counts
-    none of the detector's outputs. With random weights NMS then decodes 5000 candidates, about as much."""
+    600 KiB each: the streamed stem + RNNPool + first head + the first block after the pool (fed the
+    pool's rows, PoolIntoBlocks) hold their outputs (the block's, 300 KiB; loc and conf, 450 KiB) and a
+    chunk of stem rows' work (the stem rows, the head's rows, the block's held rows): within 1.3x the
+    layer convention's 900 KiB, which counts none of the detector's outputs. The next three blocks run in
+    channel groups within the peak the second head reaches anyway (its input, its L2Norm's copy, its
+    outputs and the first head's: 1162.5 KiB); with random weights NMS then decodes 5000 candidates,
+    about as much."""
     model = randomize_(leanvision.create_model("rnnpool_face_quant"))
     x = torch.rand(1, 3, 480, 640, generator=torch.Generator().manual_seed(0))
     streamed = stream(model, (3, 480, 640))
-    assert isinstance(streamed.net.rnnpool, PoolIntoBlocks) and len(streamed.net.rnnpool.blocks) == 4
+    assert isinstance(streamed.net.rnnpool, PoolIntoBlocks) and len(streamed.net.rnnpool.blocks) == 1
     fed_and_head = (16 * 60 * 80 + 6 * 120 * 160) * 4
     with torch.no_grad():
         pool = measure_peak(streamed.net.rnnpool, x)
         whole, eager = measure_peak(streamed, x), measure_peak(model, x)
     assert pool.peak_bytes <= 1.3 * 900 * 1024 < fed_and_head + 450 * 1024
     assert max(t.nbytes for t in pool.live_at_peak) == 16 * 60 * 80 * 4  # the pooled map is never whole
-    assert whole.peak_bytes < eager.peak_bytes / 7
+    assert whole.peak_bytes <= 1.3 * 900 * 1024 and whole.peak_bytes < eager.peak_bytes / 7
 
 
 class _StemReadAfterPool(nn.Module):

@@ -61,6 +61,7 @@ class ModuleCall:
     input_shape: torch.Size | None
     input_bytes: int = 0
     output_bytes: int = 0
+    outputs_bytes: int = 0  # of every tensor it returns (a detection head's loc and conf, which it keeps)
     input: torch.Tensor | None = None  # kept up to the first RNNPoolLayer, for the prefix replay
     output_shape: torch.Size | None = None
 
@@ -99,6 +100,7 @@ def module_calls(model: nn.Module, x: torch.Tensor) -> tuple[list[ModuleCall], l
             same = _nbytes(first) and _nbytes(out) and first.data_ptr() == out.data_ptr()
             call = running.pop()
             call.output_bytes = 0 if same else _nbytes(out)  # in place (or Identity): nothing new
+            call.outputs_bytes = sum(map(_nbytes, tree_flatten(out)[0]))
             call.output_shape = out.shape if isinstance(out, torch.Tensor) else None
 
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
@@ -167,11 +169,21 @@ def lean_calls(
     return run, replaced
 
 
-def make_lean(net: nn.Module, replaced: list[ModuleCall], band_bytes: int, budget: int) -> None:
+def make_lean(
+    net: nn.Module,
+    replaced: list[ModuleCall],
+    band_bytes: int,
+    budget: int,
+    beside: dict[str, int] | None = None,
+) -> None:
     """Put the lean form of each replaced call's module into `net`, its groups taking band_bytes or the
-    headroom below `budget` beside the call's input and output, whichever is more."""
+    headroom below `budget` beside the call's input and output (and the bytes `beside` it, by call name),
+    whichever is more."""
+    beside = beside or {}
     for call in replaced:
-        group_bytes = max(band_bytes, budget - call.input_bytes - call.output_bytes)
+        group_bytes = max(
+            band_bytes, budget - call.input_bytes - call.output_bytes - beside.get(call.name, 0)
+        )
         set_module(net, call.name, lean_module(call.module, call.input_shape, group_bytes))
 
 

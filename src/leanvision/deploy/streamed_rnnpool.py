@@ -15,6 +15,7 @@ only the few halo rows its next rows need; its outputs are handed to the HeadOut
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Sequence
 
@@ -26,8 +27,9 @@ from leanvision.deploy.regions import Span, conv_out, pad_zeros
 from leanvision.deploy.row_runs import ChainRun, extended, per_image, rows_from
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ImageNormalize, RNNPoolLayer
+from leanvision.layers.conv import stack_convs
 from leanvision.layers.rnnpool import IndexedSweep, PatchRowPool, rnnpool_indices
-from leanvision.models.face.nets import DetectionHead
+from leanvision.models.face.nets import DetectionHead, L2Norm
 
 # A BandedHead computes once this many new rows are held (or the last row): fewer, larger calls of its small
 # convolutions, whose per-call cost dominates when they run row by row (~3x faster than every 4 rows), but
@@ -92,12 +94,12 @@ def _checked_group(patches_per_group: int) -> int:
 
 
 class _BranchRun:
-    """One forward of a branch of a BandedHead: its convolutions as a ChainRun, whose last rows go into the
-    map `out`. With `maxout` > 1 the first `maxout` channels of the last convolution are background logits
-    whose max is written (DetectionHead's max-out background)."""
+    """One forward of a branch of a BandedHead: its convolutions as a ChainRun, whose last rows' channels go
+    into the head's output maps: `parts` (channels, maxout, map). With maxout > 1 the first maxout channels
+    of a part are background logits whose max is written (DetectionHead's max-out background)."""
 
-    def __init__(self, chain: ChainRun, out: torch.Tensor, maxout: int) -> None:
-        self.chain, self.out, self.maxout = chain, out, maxout
+    def __init__(self, chain: ChainRun, parts: list[tuple[slice, int, torch.Tensor]]) -> None:
+        self.chain, self.parts = chain, parts
 
     def feed(self, rows: _Rows) -> int:
         """Compute what the input rows held so far (`rows`: up to the last one fed) allow; returns the
@@ -105,11 +107,13 @@ class _BranchRun:
         y = self.chain.feed(rows)
         if y is not None:
             written = slice(y.start, y.start + y.tensor.shape[2])
-            if self.maxout > 1:
-                self.out[:, :1, written] = y.tensor[:, : self.maxout].amax(1, keepdim=True)
-                self.out[:, 1:, written] = y.tensor[:, self.maxout :]
-            else:
-                self.out[:, :, written] = y.tensor
+            for channels, maxout, out in self.parts:
+                part = y.tensor[:, channels]
+                if maxout > 1:
+                    out[:, :1, written] = part[:, :maxout].amax(1, keepdim=True)
+                    out[:, 1:, written] = part[:, maxout:]
+                else:
+                    out[:, :, written] = part
         return self.chain.first_needed
 
 
@@ -121,18 +125,17 @@ class _HeadRun:
         self.l2norm, self.step_rows, self.height = head.l2norm, head.step_rows, height
         self.fed = self.computed = 0  # rows fed; rows fed when the branches last computed
         self.held: _Rows | None = None  # the L2-normalised rows the branches still read
+        self.outputs: tuple[torch.Tensor, ...] = ()  # loc [1, 4, h, w] and conf [1, 2, h, w]
         self.branches = []
-        for convs, maxout in zip(head.branches, (1, head.background_maxout)):
+        for convs, parts in zip(head.branches, head.parts):
             chain, out_width = ChainRun(convs, height), width
             for layer in convs:
                 out_width = conv_out(out_width, layer.conv, 1)
-            out = like.new_empty(1, convs[-1].conv.out_channels - maxout + 1, chain.heights[-1], out_width)
-            self.branches.append(_BranchRun(chain, out, maxout))
-
-    @property
-    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """loc [1, 4, h, w] and conf [1, 2, h, w]."""
-        return self.branches[0].out, self.branches[1].out
+            maps = [
+                like.new_empty(1, c.stop - c.start - m + 1, chain.heights[-1], out_width) for c, m in parts
+            ]
+            self.outputs += tuple(maps)
+            self.branches.append(_BranchRun(chain, [(c, m, out) for (c, m), out in zip(parts, maps)]))
 
     def feed(self, rows: _Rows) -> None:
         """Take rows of the map that start at or above the first row not fed yet."""
@@ -151,15 +154,34 @@ class _HeadRun:
         self.held = rows_from(held, min(branch.feed(held) for branch in self.branches))
 
 
+def _stacked(layers: Sequence[InPlaceConv], split_input: bool) -> InPlaceConv | None:
+    """One InPlaceConv with the output channels of `layers` side by side (layers.conv.stack_convs: with
+    `split_input` each reads its own run of the input channels), or None where stack_convs cannot or the
+    activations differ."""
+    convs = [copy.deepcopy(layer.conv) for layer in layers]
+    for conv in convs:  # the affines hold the biases: stacked as they are
+        conv.bias = nn.Parameter(conv.weight.new_zeros(conv.out_channels))
+    conv = stack_convs(convs, split_input)
+    if conv is None or any(type(layer.act) is not type(layers[0].act) for layer in layers):
+        return None
+    stacked = InPlaceConv(ConvStep(conv, None, layers[0].act))
+    stacked.affine = tuple(torch.cat(parts, 1) for parts in zip(*(layer.affine for layer in layers)))
+    return stacked
+
+
 class BandedHead(nn.Module):
     """A DetectionHead on the prefix map (L2Norm, then loc and conf branches of convolutions), computed
     from the map's rows fed top to bottom: the L2Norm of each new row, then each convolution computes the
     rows of its output that the rows it holds allow (once `step_rows` new rows are held) and keeps only
     the halo rows its next ones read; the branches' last rows go into preallocated loc and conf maps.
-    Neither the prefix map nor a branch's intermediate maps are ever whole."""
+    Neither the prefix map nor a branch's intermediate maps are ever whole. The branches run as one chain
+    where their convolutions stack (as DetectionHead.fuse_for_inference_: fewer, larger calls), the
+    L2Norm's scales folded into the first convolutions."""
 
     def __init__(self, head: DetectionHead, step_rows: int = HEAD_STEP_ROWS) -> None:
         super().__init__()
+        if head.merged is not None:
+            raise InvalidArgumentError("stream a detector before fuse_for_inference, not after")
         branches = [_fused([m for m in b.modules() if not list(m.children())]) for b in (head.loc, head.conf)]
         if not all(isinstance(layer, InPlaceConv) for branch in branches for layer in branch):
             raise InvalidArgumentError(
@@ -167,7 +189,20 @@ class BandedHead(nn.Module):
             )
         if step_rows < 1:
             raise InvalidArgumentError(f"step_rows must be >= 1, got {step_rows}")
-        self.l2norm, self.background_maxout, self.step_rows = head.l2norm, head.background_maxout, step_rows
+        self.l2norm, self.step_rows = copy.deepcopy(head.l2norm), step_rows
+        if isinstance(self.l2norm, L2Norm) and self.l2norm.weight is not None:  # a scale per input channel
+            for branch in branches:
+                branch[0].conv = copy.deepcopy(branch[0].conv)
+                with torch.no_grad():
+                    branch[0].conv.weight.mul_(self.l2norm.weight.view(1, -1, 1, 1))
+            self.l2norm.weight = None
+        loc, conf = (branch[-1].conv.out_channels for branch in branches)
+        stacked = [_stacked(level, i > 0) for i, level in enumerate(zip(*branches))]
+        if len(branches[0]) == len(branches[1]) and all(stacked):
+            branches = [stacked]
+            self.parts = [[(slice(0, loc), 1), (slice(loc, loc + conf), head.background_maxout)]]
+        else:
+            self.parts = [[(slice(0, loc), 1)], [(slice(0, conf), head.background_maxout)]]
         self.branches = nn.ModuleList(nn.ModuleList(branch) for branch in branches)
 
     def start(self, like: torch.Tensor, height: int, width: int) -> _HeadRun:
@@ -195,6 +230,60 @@ class HeadOutputs(nn.Module):
         if outputs is None:
             raise InvalidArgumentError("HeadOutputs has no outputs: its StreamedRNNPool must run first")
         return outputs
+
+
+class _StemRows:
+    """The stem rows of a whole patch row's bands in one forward of a StreamedRNNPool (`_bands`), from the
+    top, each computed once, `chunk` rows at a time: as the kernel reads them (PatchRowPool.inputs, at the
+    patches' `columns`), kept until a band reads past them; or, for chunks shorter than a band (where the
+    kernel reads W x), each chunk's W x written into the band's. A head's `run` is fed each chunk (at the
+    columns `col_reads`, the map's whole width for a head)."""
+
+    def __init__(
+        self,
+        pool: StreamedRNNPool,
+        x: torch.Tensor,
+        kernel: PatchRowPool,
+        col_reads: list[_Read],
+        columns: int,
+        run: _HeadRun | None,
+    ) -> None:
+        self.pool, self.x, self.kernel, self.col_reads, self.columns, self.run = (
+            pool, x, kernel, col_reads, columns, run,
+        )  # fmt: skip
+        self.sizes = pool._sizes(x.shape[2], x.shape[3])
+        self.height, self.chunk = self.sizes[-1][0], pool.banded[2]
+        self.kept: _Rows | None = None  # the kernel's inputs of the last chunk
+
+    def _region(self, rows: Span) -> torch.Tensor:
+        """The prefix output's `rows` at the patches' columns, once fed to the head's run (a step's rows at
+        a time: the run's maps of a step, not of the chunk)."""
+        region = self.pool._region(self.x, self.pool._reads(rows, 0, self.sizes), self.col_reads)
+        if self.run is not None:
+            for start in range(0, region.shape[2], self.run.step_rows):
+                self.run.feed(
+                    _Rows(region[:, :, start : start + self.run.step_rows], rows.start + start, self.height)
+                )
+        return region[:, :, :, : self.columns]
+
+    def inputs(self, rows: Span) -> torch.Tensor:
+        """The kernel's inputs of the prefix output's `rows` (a band, below those asked for before)."""
+        kernel, kept = self.kernel, self.kept
+        if self.chunk >= rows.stop - rows.start:
+            if kept is None or rows.stop > kept.start + kept.tensor.shape[2]:
+                self.kept = kept = None  # freed before the next chunk is made
+                chunk = Span(rows.start, min(rows.start + self.chunk, self.height))
+                self.kept = kept = _Rows(kernel.inputs(self._region(chunk)), chunk.start, self.height)
+            return kept.tensor[:, :, rows.start - kept.start : rows.stop - kept.start]
+        out = None
+        for r0 in range(rows.start, rows.stop, self.chunk):
+            chunk = Span(r0, min(r0 + self.chunk, rows.stop))
+            region = self._region(chunk)
+            if out is None:
+                out = region.new_empty(1, len(kernel.weight), rows.stop - rows.start, region.shape[3])
+            kernel.inputs(region, out[:, :, chunk.start - rows.start : chunk.stop - rows.start])
+            del region
+        return out
 
 
 class StreamedRNNPool(nn.Module):
@@ -270,7 +359,7 @@ class StreamedRNNPool(nn.Module):
         kept = [(0, 0)] + [
             (conv.padding[0] // conv.stride[0], conv.padding[1] // conv.stride[1]) for conv in convs
         ]
-        inner = height * ((patches - 1) * sw + kw)
+        inner = max(height, stem) * ((patches - 1) * sw + kw)  # the kernel's inputs held
         area = (stem + kept[-1][0]) * ((patches - 1) * sw + kw + kept[-1][1])
         channels, inputs = self.pool.in_channels, PatchRowPool.input_channels(self.pool)
         # the kernel's inputs made from the region (then freed), and the kernel's run on them
@@ -314,55 +403,28 @@ class StreamedRNNPool(nn.Module):
 
     def _bands(
         self,
-        x: torch.Tensor,
+        stem: _StemRows,
         kernel: PatchRowPool,
         out: torch.Tensor,
         rows: Span,
         patch_rows: tuple[int, int],
         padding: tuple[int, int],
-        col_reads: list[_Read],
         held: torch.Tensor,
-        sizes: list[tuple[int, int]],
     ) -> None:
         """Patch row patch_rows[0] of a whole-row group into out [4 h2, n] from its stem rows `rows` (of the
         zero-padded map; those before are pooled), band by band (PatchRowPool.band), the columns of the
         patch rows up to patch_rows[1] advanced with them; `padding` (top, left) is the pool's own."""
-        sh, height = self.pool.stride[0], sizes[-1][0]
-        _, band_rows, stem_rows = self.banded
+        sh, band_rows, height = self.pool.stride[0], self.banded[1], stem.height
         for y0 in range(rows.start, rows.stop, band_rows):
             y1 = min(y0 + band_rows, rows.stop)
             in_rows, pad_t, _ = Span(y0 - padding[0], y1 - padding[0]).clip(height)
             if in_rows.stop > in_rows.start:
-                region = self._band_inputs(x, kernel, in_rows, col_reads, sizes, stem_rows)
+                region = stem.inputs(in_rows)
             else:  # all in the pool's zero padding
-                region = x.new_empty(1, PatchRowPool.input_channels(self.pool), 0, 0)
+                region = out.new_empty(1, PatchRowPool.input_channels(self.pool), 0, 0)
             last = min((y1 - 1) // sh, patch_rows[1])
             kernel.band(region, out, pad_t, padding[1], (y0, y1), (patch_rows[0], last), held)
             del region
-
-    def _band_inputs(
-        self,
-        x: torch.Tensor,
-        kernel: PatchRowPool,
-        rows: Span,
-        col_reads: list[_Read],
-        sizes: list[tuple[int, int]],
-        stem_rows: int,
-    ) -> torch.Tensor:
-        """The kernel's inputs for `rows` of the prefix output (its columns `col_reads`): their region, or
-        its W x, made from the region `stem_rows` rows at a time (each chunk freed once its W x is
-        written into the band's) where the kernel reads W x."""
-        if kernel.weight is None or stem_rows >= rows.stop - rows.start:
-            return kernel.inputs(self._region(x, self._reads(rows, 0, sizes), col_reads))
-        out = None
-        for r0 in range(rows.start, rows.stop, stem_rows):
-            chunk = Span(r0, min(r0 + stem_rows, rows.stop))
-            region = self._region(x, self._reads(chunk, 0, sizes), col_reads)
-            if out is None:
-                out = region.new_empty(1, len(kernel.weight), rows.stop - rows.start, region.shape[3])
-            kernel.inputs(region, out[:, :, chunk.start - rows.start : chunk.stop - rows.start])
-            del region
-        return out
 
     def _fused(self, x: torch.Tensor) -> PatchRowPool | None:
         """The fused kernel for x, started (None where it does not apply); its parameters are packed once
@@ -443,22 +505,20 @@ class StreamedRNNPool(nn.Module):
         whole_width = self._reads(Span(0, width), 1, sizes)
         banded = (
             kernel is not None
-            and run is None
             and self.banded is not None
             and self.banded[0] == self.patches_per_group >= valid_w
         )
         if banded:  # RNN1's states, kept from band to band
             held = x.new_empty(PatchRowPool.held_shape(pool, valid_w, -(-kh // sh)))
             done = 0  # the rows (of the zero-padded map) pooled so far
+            col_reads = groups[0][5] if run is None else whole_width  # a head reads every column
+            stem = _StemRows(self, x, kernel, col_reads, groups[0][2].stop, run)
         for i in range(valid_h):
             row = x.new_empty(1, pool.out_channels, 1, ow) if out is None else out[:, :, i : i + 1]
             pooled = row[0, :, 0]  # [C', W'], each group's patches written into its columns
             if banded:
                 rows = Span(max(done, i * sh), i * sh + kh)
-                patch_rows, col_reads = (i, valid_h - 1), groups[0][5]
-                self._bands(
-                    x, kernel, pooled[:, :valid_w], rows, patch_rows, (top, left), col_reads, held, sizes
-                )
+                self._bands(stem, kernel, pooled[:, :valid_w], rows, (i, valid_h - 1), (top, left), held)
                 done = rows.stop
             else:
                 self._groups(x, kernel, pooled, i, run, groups, whole_width, (top, left), sizes)
@@ -528,10 +588,10 @@ def patches_per_group(pool: StreamedRNNPool, valid_width: int, budget: int) -> i
 def banded_rows(pool: StreamedRNNPool, valid_width: int, budget: int) -> tuple[int, int, int] | None:
     """(valid_width, rows per band, stem rows per chunk) for a whole patch row of `valid_width` patches
     in bands within `budget`: the tallest bands that fit (fewer kernel calls), then the tallest chunks
-    of stem rows (fewer convolution calls; chunks shorter than the band only where the kernel reads
-    W x, which a chunk writes into the band's); None if even one row does not fit. A band's rows divide
-    the rows each patch row adds (min(kh, sh)): 3-row bands of 4 new rows would take as many calls as
-    2-row bands, in more RAM."""
+    of stem rows (fewer convolution calls: up to a patch's rows, kept until the bands pass them; chunks
+    shorter than the band only where the kernel reads W x, which a chunk writes into the band's); None if
+    even one row does not fit. A band's rows divide the rows each patch row adds (min(kh, sh)): 3-row
+    bands of 4 new rows would take as many calls as 2-row bands, in more RAM."""
     (kh, _), (sh, _) = pool.pool.patch_size, pool.pool.stride
     new = min(kh, sh)
     premultiplied = PatchRowPool.input_channels(pool.pool) < pool.pool.in_channels
@@ -539,8 +599,8 @@ def banded_rows(pool: StreamedRNNPool, valid_width: int, budget: int) -> tuple[i
         (valid_width, rows, stem)
         for rows in range(new, 0, -1)
         if new % rows == 0
-        for stem in range(rows, 0, -1)
-        if rows % stem == 0 and (stem == rows or premultiplied)
+        for stem in range(max(2 * kh, rows), 0, -1)
+        if (stem % rows == 0 if stem >= rows else rows % stem == 0 and premultiplied)
     ]
     banded, fits = pool.banded, None
     for candidate in candidates:
