@@ -689,8 +689,9 @@ class InPlaceConv(nn.Module):
         self.conv, self.act = step.conv, copy.deepcopy(step.act)
         if hasattr(self.act, "inplace"):
             self.act.inplace = True
-        with torch.no_grad():
-            self.affine = tuple(t[None, :, None, None].clone() for t in step.affine())
+        with torch.no_grad():  # (offset, scale, shift); without a BN only the offset, the conv's bias
+            affine = tuple(t[None, :, None, None].clone() for t in step.affine())
+        self.affine = affine if step.bn is not None else (affine[0], None, None)
         pointwise = self.conv.kernel_size == (1, 1)
         packs = self.conv.weight.numel() >= (PACK_POINTWISE_FROM if pointwise else PACK_FROM)
         self.packed = PackedWeights(PACKED_SHAPES) if packs else None
@@ -718,9 +719,10 @@ class InPlaceConv(nn.Module):
         return conv_unbiased(c, x, padding, self.packed)
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
-        """The BN and the activation, in place on y, the convolution's output without its bias."""
+        """The bias, the BN and the activation, in place on y, the convolution's output without its bias."""
         offset, scale, shift = self.affine
-        return self.act(y.add_(offset).mul_(scale).add_(shift))
+        y.add_(offset)
+        return self.act(y if scale is None else y.mul_(scale).add_(shift))
 
     def padded(self, x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
         """x with `pads` (left, right, top, bottom) of what this layer's input is padded with: zeros."""

@@ -165,7 +165,16 @@ def _stacked(layers: Sequence[InPlaceConv], split_input: bool) -> InPlaceConv | 
     if conv is None or any(type(layer.act) is not type(layers[0].act) for layer in layers):
         return None
     stacked = InPlaceConv(ConvStep(conv, None, layers[0].act))
-    stacked.affine = tuple(torch.cat(parts, 1) for parts in zip(*(layer.affine for layer in layers)))
+    if all(layer.affine[1] is None for layer in layers):  # no BN: the biases alone
+        stacked.affine = (torch.cat([layer.affine[0] for layer in layers], 1), None, None)
+    else:  # a layer without a BN scales by one and shifts by zero
+        affines = [
+            (offset, torch.ones_like(offset), torch.zeros_like(offset))
+            if scale is None
+            else (offset, scale, shift)
+            for offset, scale, shift in (layer.affine for layer in layers)
+        ]
+        stacked.affine = tuple(torch.cat(parts, 1) for parts in zip(*affines))
     return stacked
 
 
