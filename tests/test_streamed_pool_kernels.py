@@ -111,7 +111,9 @@ def test_a_group_holds_exactly_its_group_bytes(patches):
 def test_whole_patch_rows_in_bands_equal_the_regions(patch, stride, padding):
     """A whole-row group whose stem rows run in bands, each computed once (RNN1's states kept between
     them), computes what the same group computes from each patch row's recomputed region, bit for bit
-    (h1 = C: the kernel reads the region itself, not W x, whose GEMMs round by their shapes)."""
+    (h1 = C: the kernel reads the region itself, not W x, whose GEMMs round by their shapes), whether the
+    stem rows are made a band at a time or in longer chunks that bands read until they pass them (a
+    chunk that a band runs past is made again from that band's first row)."""
     prefix = [nn.Conv2d(3, 8, 3, stride=1, padding=1), nn.ReLU6()]
     layer = randomize_(RNNPoolLayer(8, 8, 5, patch_size=patch, stride=stride, padding=padding))
     x = torch.randn(1, 3, 37, 45, generator=torch.Generator().manual_seed(2))
@@ -119,21 +121,25 @@ def test_whole_patch_rows_in_bands_equal_the_regions(patch, stride, padding):
     with torch.no_grad():
         regions = streamed(x)
         for rows in range(1, min(patch[0], stride[0]) + 1):
-            streamed.banded = 100, rows, rows
-            assert torch.equal(streamed(x), regions)
+            for chunk in (rows, 3 * rows, 2 * patch[0] + 1):
+                streamed.banded = 100, rows, chunk
+                assert torch.equal(streamed(x), regions)
 
 
 @pytest.mark.parametrize("stride", [2, 3])
-def test_a_banded_row_holds_exactly_its_group_bytes(stride):
-    """patches_per_group picks whole rows in bands where they fit; a band then holds what group_bytes
-    says: RNN1's states, the band's rows and the kernel's scratch."""
+@pytest.mark.parametrize("bands_a_chunk", [1, 2])
+def test_a_banded_row_holds_exactly_its_group_bytes(stride, bands_a_chunk):
+    """patches_per_group picks whole rows in bands where they fit, in the tallest chunks of stem rows that
+    fit; a band then holds what group_bytes says: RNN1's states, its chunk's rows (as the kernel reads
+    them) and the kernel's scratch."""
     prefix = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6()]
     layer = randomize_(RNNPoolLayer(8, 6, 5, patch_size=(4, 4), stride=(stride, 2), padding="valid"))
     x = torch.randn(1, 3, 20, 31, generator=torch.Generator().manual_seed(stride))  # 14 patches a row
     streamed = StreamedRNNPool(prefix, layer, patches_per_group=1)
-    streamed.banded = 14, stride, stride
+    banded = 14, stride, stride * bands_a_chunk
+    streamed.banded = banded
     budget = streamed.group_bytes(14)
-    assert patches_per_group(streamed, 14, budget) == 14 and streamed.banded == (14, stride, stride)
+    assert patches_per_group(streamed, 14, budget) == 14 and streamed.banded == banded
     streamed.regroup(14, x)
     with torch.no_grad():
         out_bytes = streamed(x).numel() * 4

@@ -13,7 +13,8 @@ from leanvision.analysis.measured import measure_peak
 from leanvision.deploy.lean_blocks import _Rows
 from leanvision.deploy.row_runs import PoolIntoBlocks
 from leanvision.deploy.streamed_rnnpool import BandedHead, HeadOutputs
-from leanvision.deploy.streaming import stream
+from leanvision.deploy.rewrite import module_calls
+from leanvision.deploy.streaming import _head_on_prefix, _heads_beside, stream
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import RNNPoolLayer
 from leanvision.models.face.nets import DetectionHead
@@ -50,6 +51,44 @@ def test_banded_head_equals_the_head(head, bands, step_rows):
         BandedHead(head).start(x, 23, 19).feed(_Rows(x[:, :, 2:], 2, 23))
     with pytest.raises(InvalidArgumentError, match="step_rows must be >= 1"):
         BandedHead(head, step_rows=0)
+
+
+def _banded_outputs(banded: BandedHead, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    run = banded.start(x, *x.shape[2:])
+    run.feed(_Rows(x, 0, x.shape[2]))
+    return run.outputs
+
+
+def test_a_banded_heads_branches_run_as_one_chain_where_they_stack():
+    """Quant's first head: loc and conf each a strided ConvBNReLU6 then a conv, stacked level by level
+    into one chain (the L2Norm's scales folded into the first convs); where the branches differ (here
+    their activations) they run as two chains. Both equal the head."""
+    head = randomize_(DetectionHead(4, l2norm=10.0, head_width=8, background_maxout=3))
+    x = torch.randn(1, 4, 23, 19, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stacked = BandedHead(head, step_rows=4)
+        assert len(stacked.branches) == 1 and stacked.l2norm.weight is None and head.l2norm.weight is not None
+        for got, expected in zip(_banded_outputs(stacked, x), head(x)):
+            _close(got, expected)
+        head.conf[0][2] = nn.ReLU()
+        apart = BandedHead(head, step_rows=4)
+        assert len(apart.branches) == 2
+        for got, expected in zip(_banded_outputs(apart, x), head(x)):
+            _close(got, expected)
+
+
+def test_the_plan_counts_the_head_outputs_a_detector_holds():
+    """Quant keeps its first head's loc and conf (450 KiB) from the pool's loop on and each later head's
+    from its call on: the budget of every plan then sits at its second head's peak (input, L2Norm copy,
+    outputs), and the plan of least budget feeding fewest blocks feeds the first block only."""
+    model = leanvision.create_model("rnnpool_face_quant").eval()
+    calls, _, _ = module_calls(model, torch.randn(1, 3, 480, 640))
+    first = next(i for i, call in enumerate(calls) if isinstance(call.module, RNNPoolLayer))
+    head = _head_on_prefix(calls, first)
+    beside = _heads_beside(calls, first, head)
+    assert head.outputs_bytes == 6 * 120 * 160 * 4
+    assert beside["features.0"] == beside["heads.1"] == 6 * 120 * 160 * 4
+    assert beside["features.4"] == 6 * (120 * 160 + 60 * 80) * 4
 
 
 def test_streamed_quant_makes_no_stem_map():
