@@ -11,9 +11,9 @@ import leanvision
 from conftest import randomize_
 from leanvision.analysis.measured import measure_peak
 from leanvision.deploy.lean_blocks import _Rows
+from leanvision.deploy.rewrite import module_calls
 from leanvision.deploy.row_runs import PoolIntoBlocks
 from leanvision.deploy.streamed_rnnpool import BandedHead, HeadOutputs
-from leanvision.deploy.rewrite import module_calls
 from leanvision.deploy.streaming import _head_on_prefix, _heads_beside, stream
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import RNNPoolLayer
