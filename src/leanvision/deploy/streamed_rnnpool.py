@@ -146,6 +146,7 @@ class _HeadRun:
             return
         new = _Rows(self.l2norm(rows.tensor[:, :, skip:]), self.fed, self.height)
         held, self.held = extended(self.held, new), None  # the rows held before are not kept beside
+        del new  # nor the new rows apart from the extended ones
         self.fed = held.start + held.tensor.shape[2]
         if self.fed < min(self.computed + self.step_rows, self.height):
             self.held = held
