@@ -89,11 +89,22 @@ class ChainRun:
         """The first input row that the next feed must still hold."""
         return first_read(self.convs[0].conv, self.done[0])
 
+    def first_needed_after(self, rows: _Rows) -> int:
+        """The first input row that the feed after feeding `rows` (without max_rows) must still hold."""
+        conv = self.convs[0].conv
+        return first_read(conv, max(self.done[0], rows_allowed(conv, rows, self.heights[1])))
+
     def feed(self, rows: _Rows | None, max_rows: int | None = None) -> _Rows | None:
         """The chain's output rows that the input rows up to the last one in `rows` newly allow (None if
         none); `rows` must hold every input row from `first_needed` on (None: no new input rows, the later
         convolutions compute from the rows they hold). With `max_rows`, each convolution computes at most
         that many rows: call again until `done` stays the same."""
+        return self.take([rows], max_rows)
+
+    def take(self, box: list[_Rows | None], max_rows: int | None = None) -> _Rows | None:
+        """feed(box.pop()), where the box held the caller's only reference to the rows: they are freed
+        once the first convolution has read them."""
+        rows = box.pop()
         for level, layer in enumerate(self.convs):
             if level:  # the rows held before are not kept beside the extended ones
                 held, self.held[level] = self.held[level], None

@@ -32,9 +32,10 @@ from leanvision.layers.rnnpool import IndexedSweep, PatchRowPool, rnnpool_indice
 from leanvision.models.face.nets import DetectionHead, L2Norm
 
 # A BandedHead computes once this many new rows are held (or the last row): fewer, larger calls of its small
-# convolutions, whose per-call cost dominates when they run row by row (~3x faster than every 4 rows), but
-# every row held is RAM (16: RNNPool-Face-Quant's streamed peak 1172 KiB, 8: 1166, its layer figure 900).
-HEAD_STEP_ROWS = 8
+# convolutions, whose per-call cost dominates when they run a few rows at a time, but every row held is RAM
+# (RNNPool-Face-Quant with 16-row stem chunks, pool phase / whole forward against eager's latency: 8 rows
+# 1080 KiB / 2.4x; 16 rows 1130 KiB / 2.1x; 24 rows 1285 KiB / 1.96x; its target 1170 KiB).
+HEAD_STEP_ROWS = 16
 
 _Read = tuple[Span, int, int]  # a span inside a map and the zero padding before and after it
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh)
@@ -101,10 +102,10 @@ class _BranchRun:
     def __init__(self, chain: ChainRun, parts: list[tuple[slice, int, torch.Tensor]]) -> None:
         self.chain, self.parts = chain, parts
 
-    def feed(self, rows: _Rows) -> int:
-        """Compute what the input rows held so far (`rows`: up to the last one fed) allow; returns the
-        first input row still needed."""
-        y = self.chain.feed(rows)
+    def take(self, box: list[_Rows]) -> None:
+        """Compute what the input rows held so far (box.pop(): up to the last one fed, the box the only
+        reference to them, ChainRun.take) allow."""
+        y = self.chain.take(box)
         if y is not None:
             written = slice(y.start, y.start + y.tensor.shape[2])
             for channels, maxout, out in self.parts:
@@ -114,7 +115,6 @@ class _BranchRun:
                     out[:, 1:, written] = part[:, maxout:]
                 else:
                     out[:, :, written] = part
-        return self.chain.first_needed
 
 
 class _HeadRun:
@@ -152,7 +152,11 @@ class _HeadRun:
             self.held = held
             return
         self.computed = self.fed
-        self.held = rows_from(held, min(branch.feed(held) for branch in self.branches))
+        self.held = rows_from(held, min(branch.chain.first_needed_after(held) for branch in self.branches))
+        box = [held]
+        del held  # the box's reference is the last branch's to drop: the rows are freed as it computes
+        for branch in self.branches:
+            branch.take(box if branch is self.branches[-1] else [box[0]])
 
 
 def _stacked(layers: Sequence[InPlaceConv], split_input: bool) -> InPlaceConv | None:
