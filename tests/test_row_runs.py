@@ -20,7 +20,6 @@ from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, NormalizedConv,
 from leanvision.deploy.row_runs import ChainRun, PoolIntoBlocks, ResidualRun, RowBlock
 from leanvision.deploy.streamed_rnnpool import StreamedRNNPool
 from leanvision.deploy.streaming import stream
-from leanvision.errors import InvalidArgumentError
 from leanvision.layers import ImageNormalize, RNNPoolLayer
 
 
@@ -121,8 +120,6 @@ def test_pool_into_blocks_equals_the_pool_and_the_blocks():
         expected = nn.Sequential(*prefix, pool, *blocks)(x)
         fused = PoolIntoBlocks(StreamedRNNPool(prefix, pool, 3), [RowBlock.of(b) for b in blocks])
         _close(fused(x), expected)
-    with pytest.raises(InvalidArgumentError, match="step_rows must be >= 1"):
-        PoolIntoBlocks(StreamedRNNPool(prefix, pool, 3), [RowBlock.of(blocks[0])], step_rows=0)
 
 
 def test_resnet18_rnnpool_feeds_its_pool_rows_to_layer3_0():

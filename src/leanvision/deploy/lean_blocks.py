@@ -275,26 +275,38 @@ class ChunkedBottleneck(nn.Module):
         return config
 
     @classmethod
-    def row_step(cls, parts: dict) -> ChunkedBottleneck | None:
-        """The block of bottleneck_parts `parts` as one group for `rows`, where the numba kernel computes it
-        (an SE or ReXNet's partial shortcut excluded: None; the shortcut is left to the caller)."""
+    def row_step(
+        cls, parts: dict, rows: int | None = None, width: int | None = None, band_bytes: int | None = None
+    ) -> ChunkedBottleneck | None:
+        """The block of bottleneck_parts `parts` for `rows`, where the numba kernel computes it (an SE or
+        ReXNet's partial shortcut excluded: None; the shortcut is left to the caller): one group, or with
+        `band_bytes` the fewest groups whose step of `rows` output rows on a map `width` wide fits it."""
         if parts.get("se") is not None or parts["shortcut"] == "partial":
             return None
-        step = cls(
-            parts["expand"], parts["depthwise"], parts["project"], "none", parts["depthwise"].conv.in_channels
-        )
-        return step if step.kernel_config is not None else None
+        channels = parts["depthwise"].conv.in_channels
+        step = cls(parts["expand"], parts["depthwise"], parts["project"], "none", channels)
+        if step.kernel_config is None:
+            return None
+        groups = 1
+        while band_bytes is not None and groups < channels and step.rows_bytes(rows, width) > band_bytes:
+            groups += 1
+            step = cls(parts["expand"], parts["depthwise"], parts["project"], "none", -(-channels // groups))
+        return step
 
     def rows_bytes(self, rows: int, width: int) -> int:
         """fp32 bytes that `self.rows` computing `rows` output rows on a band `width` wide makes beside the
-        band, at most: the expansion of the band (or, without one, a contiguous copy of it) with the
-        depthwise output, then the depthwise output with the projection."""
-        kernel, channels = self.chunks[0].depthwise[0].shape[2], self.chunks[-1].stop
+        band, at most: a group's expansion of the band (or, without one, a contiguous copy of the band)
+        with its depthwise output, then with one group the depthwise output with the projection; with
+        more, the projection's output throughout."""
+        kernel = self.chunks[0].depthwise[0].shape[2]
         band = (rows - 1) * self.stride[0] + self.dilation[0] * (kernel - 1) + 1
         out = rows * self._out_size(band, width)[1]
-        return 4 * (
-            channels * out + max(channels * band * width, self.chunks[0].project_weight.shape[0] * out)
-        )
+        group = max(chunk.stop - chunk.start for chunk in self.chunks)
+        expanded = (group if self.chunks[0].expand is not None else self.chunks[-1].stop) * band * width
+        projected = self.chunks[0].project_weight.shape[0] * out
+        if len(self.chunks) == 1:
+            return 4 * (group * out + max(expanded, projected))
+        return 4 * (projected + group * out + expanded)
 
     def rows(self, x: torch.Tensor, top: int, rows: int) -> torch.Tensor:
         """`rows` output rows [1, C', rows, W'] of the block on a band x [1, C, r, W] of its input map's rows

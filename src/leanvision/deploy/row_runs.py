@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 # this many rows: a band of a wide convolution costs about a pass over its weights (~0.25 ms for ResNet's
 # 256-channel 3x3 convs) however few its rows, and every row of a band is RAM.
 BLOCK_STEP_ROWS = 2
+# The same for an inverted residual's fused step, whose expanded channels run in groups that fit the band
+# RAM: taller steps then hold only more input rows, for fewer calls (RNNPool-Face-Quant's first block:
+# 2-row steps 2.13x eager; 4-row steps in 2 groups 1.97x at the same peak, 8-row steps 1.89x, 54 KiB more).
+FUSED_STEP_ROWS = 4
 
 
 def first_read(conv: nn.Conv2d, row: int) -> int:
@@ -128,10 +132,10 @@ class RowBlock(nn.Module):
     (the block's input, a convolution of it, or none), then an activation.
 
     An inverted residual's chain (1x1 expand, depthwise, 1x1 project) runs as one step where the numba
-    kernel computes it (`fused`, a ChunkedBottleneck of one group: two GEMMs around one kernel call on a
-    band of input rows, the expansion of the depthwise conv's halo rows recomputed, instead of three
-    convolutions each keeping its halo rows: a row of 16-64 channels is too little work for the ~20 torch
-    calls the chain takes)."""
+    kernel computes it (`fused`, a ChunkedBottleneck.row_step: two GEMMs around one kernel call on a
+    band of input rows per group of expanded channels, the expansion of the depthwise conv's halo rows
+    recomputed, instead of three convolutions each keeping its halo rows: a row of 16-64 channels is too
+    little work for the ~20 torch calls the chain takes). `step_rows`: the output rows a step computes."""
 
     def __init__(
         self,
@@ -143,12 +147,15 @@ class RowBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.convs, self.shortcut, self.identity, self.act = nn.ModuleList(convs), shortcut, identity, act
-        self.fused = fused
+        self.fused, self.step_rows = fused, BLOCK_STEP_ROWS if fused is None else FUSED_STEP_ROWS
 
     @classmethod
-    def of(cls, module: nn.Module) -> RowBlock | None:
+    def of(
+        cls, module: nn.Module, width: int | None = None, band_bytes: int | None = None
+    ) -> RowBlock | None:
         """For a torchvision BasicBlock (or its BandedBasicBlock) and an inverted residual / MBConv
-        without squeeze-excite (lean_blocks.bottleneck_parts); None for other modules."""
+        without squeeze-excite (lean_blocks.bottleneck_parts); None for other modules. With `band_bytes`,
+        a fused step's work on a map `width` wide fits it (ChunkedBottleneck.row_step's groups)."""
         if isinstance(module, BasicBlock):
             module = BandedBasicBlock(module, 1)
         if isinstance(module, BandedBasicBlock):
@@ -157,19 +164,21 @@ class RowBlock(nn.Module):
         if parts is None or parts.get("se") is not None or parts["shortcut"] == "partial":
             return None
         convs = [InPlaceConv(parts[step]) for step in ("expand", "depthwise", "project") if parts[step]]
-        return cls(convs, None, parts["shortcut"] == "add", nn.Identity(), ChunkedBottleneck.row_step(parts))
+        fused = ChunkedBottleneck.row_step(parts, FUSED_STEP_ROWS, width, band_bytes)
+        return cls(convs, None, parts["shortcut"] == "add", nn.Identity(), fused)
 
     @property
     def rows_conv(self) -> nn.Conv2d:
         """The convolution whose rows the fused step computes (lean_blocks.rows_conv)."""
         return rows_conv(self.convs)
 
-    def step_bytes(self, height: int, width: int, step_rows: int) -> tuple[int, int]:
+    def step_bytes(self, height: int, width: int) -> tuple[int, int]:
         """fp32 bytes (held, work) of a run of the block on a map `height` x `width` computing `step_rows`
         output rows a step: held from step to step (the chain's: each convolution's rows with the halo the
         next one reads; the fused step's: its band of input rows) and alive during a step only (the fused
         step's expansion of the band, unless it reads the input rows themselves, and its depthwise and
         projected rows)."""
+        step_rows = self.step_rows
         if self.fused is not None:
             conv = self.rows_conv
             rows = min(step_rows, conv_out(height, conv, 0))
@@ -255,24 +264,20 @@ class PoolIntoBlocks(nn.Module):
     (ResNet18-RNNPool's pool output and layer3's maps, RNNPool-Face-Quant's pool output). A pool with a
     head runs it as StreamedRNNPool does, leaving its outputs in the pool's handoff."""
 
-    def __init__(
-        self, pool: StreamedRNNPool, blocks: Sequence[RowBlock], step_rows: int = BLOCK_STEP_ROWS
-    ) -> None:
+    def __init__(self, pool: StreamedRNNPool, blocks: Sequence[RowBlock]) -> None:
         super().__init__()
         if not blocks:
             raise InvalidArgumentError("PoolIntoBlocks needs some blocks to feed")
-        if step_rows < 1:
-            raise InvalidArgumentError(f"step_rows must be >= 1, got {step_rows}")
-        self.pool, self.blocks, self.step_rows = pool, nn.ModuleList(blocks), step_rows
+        self.pool, self.blocks = pool, nn.ModuleList(blocks)
 
     def _one(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         head = None if self.pool.head is None else self.pool.head.start(x, *self.pool.prefix_size(x))
         runs, out = [], None
         for row in self.pool.output_rows(x, head):
             if not runs:
-                for block in self.blocks:  # each in steps of step_rows rows: fewer, larger calls
+                for block in self.blocks:  # each in steps of its step_rows rows: fewer, larger calls
                     runs.append(
-                        ResidualRun(block, runs[-1].out_height if runs else row.height, self.step_rows)
+                        ResidualRun(block, runs[-1].out_height if runs else row.height, block.step_rows)
                     )
             bands = [row]
             for run in runs:

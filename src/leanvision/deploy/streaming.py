@@ -52,7 +52,7 @@ from leanvision.deploy.rewrite import (
     module_calls,
     set_module,
 )
-from leanvision.deploy.row_runs import BLOCK_STEP_ROWS, PoolIntoBlocks, RowBlock
+from leanvision.deploy.row_runs import PoolIntoBlocks, RowBlock
 from leanvision.deploy.streamed_rnnpool import HeadOutputs, StreamedRNNPool, banded_rows, patches_per_group
 from leanvision.errors import InvalidArgumentError
 from leanvision.layers import RNNPoolLayer
@@ -187,14 +187,14 @@ def _fed_blocks(
         if any(call.name.startswith(outer.name + ".") for outer in outers if outer):
             continue
         previous = fed[-1][0].output_shape if fed else pool_call.output_shape
-        block = RowBlock.of(call.module)
+        block = RowBlock.of(call.module, call.input_shape[3], band_bytes)
         if (
             block is None
             or call.input_shape != previous
             or (fed and call.output_shape != fed[0][0].output_shape)
         ):
             break
-        held, work = block.step_bytes(*call.input_shape[2:], BLOCK_STEP_ROWS)
+        held, work = block.step_bytes(*call.input_shape[2:])
         if (work if block.fused is not None else held) > band_bytes:
             break
         fed.append((call, block))
@@ -237,7 +237,7 @@ def _plan(
     # have taken
     pool_bytes = pool_call.output_bytes
     if fed:
-        steps = [block.step_bytes(*call.input_shape[2:], BLOCK_STEP_ROWS) for call, block in fed]
+        steps = [block.step_bytes(*call.input_shape[2:]) for call, block in fed]
         pool_bytes = fed[-1][0].output_bytes + sum(held for held, _ in steps) + max(work for _, work in steps)
     pool_bytes += head_call.outputs_bytes if head_call else 0  # the loop makes the head's outputs
     fed_calls = [call for call, _ in fed]
