@@ -251,6 +251,19 @@ def test_rows_of_a_band_equal_the_block_on_the_whole_map(geometry, kernel):
                 torch.testing.assert_close(band, whole[:, :, first : first + rows], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("expand", [True, False])
+@pytest.mark.parametrize("group", [40, 20, 7])
+def test_rows_of_a_band_in_groups_hold_their_rows_bytes(expand, group):
+    """A band's rows in one group of the 40 expanded channels or several hold what rows_bytes says: a
+    group's expansion and depthwise rows, and with several groups the projection's rows throughout."""
+    lean = _bottleneck(expand, group=group if expand else group // 4)
+    x = _input(size=(11, 9))[:1]
+    band = x[:, :, 2:9]  # rows 3..7 of the output (3x3, stride 1, padding 1), a view as a fed block's
+    with torch.no_grad():
+        torch.testing.assert_close(lean.rows(band, 0, 5), lean(x)[:, :, 3:8], rtol=1e-5, atol=1e-5)
+        assert measure_peak(lean.rows, band, 0, 5).peak_bytes == lean.rows_bytes(5, 9)
+
+
 def test_rows_refuse_a_block_with_a_shortcut_or_an_se():
     for lean in (_bottleneck(True, se=True), ChunkedBottleneck(*_bottleneck_steps(), "add", group=4)):
         with pytest.raises(InvalidArgumentError, match="without an SE or a shortcut"):

@@ -17,7 +17,7 @@ import leanvision
 from conftest import randomize_
 from leanvision.analysis.measured import measure_peak
 from leanvision.deploy.lean_blocks import ConvStep, InPlaceConv, NormalizedConv, _Rows, conv_zero_padded
-from leanvision.deploy.row_runs import ChainRun, PoolIntoBlocks, ResidualRun, RowBlock
+from leanvision.deploy.row_runs import FUSED_STEP_ROWS, ChainRun, PoolIntoBlocks, ResidualRun, RowBlock
 from leanvision.deploy.streamed_rnnpool import StreamedRNNPool
 from leanvision.deploy.streaming import stream
 from leanvision.layers import ImageNormalize, RNNPoolLayer
@@ -88,13 +88,21 @@ def _residual_blocks() -> list[nn.Module]:
 @pytest.mark.parametrize("index", range(len(_residual_blocks())))
 @pytest.mark.parametrize("pieces, step", [(1, 1), (1, 2), (2, 3), (3, 1), (17, 2)])
 @pytest.mark.parametrize("kernel", [True, False])
-def test_a_residual_run_fed_rows_equals_the_block(index, pieces, step, kernel):
+@pytest.mark.parametrize("band_bytes", [None, 2048])
+def test_a_residual_run_fed_rows_equals_the_block(index, pieces, step, kernel, band_bytes):
     """Inverted residuals run as one fused step (ChunkedBottleneck.rows), by the numba kernel or (kernel
-    False) by its torch path, which pads the band's edge rows itself."""
+    False) by its torch path, which pads the band's edge rows itself; with little band RAM, a step's
+    expanded channels run in groups that fit it."""
     block = _residual_blocks()[index]
     x = torch.randn(1, 8, 17, 10, generator=torch.Generator().manual_seed(step))
-    row_block = RowBlock.of(block)
+    row_block = RowBlock.of(block, x.shape[3], band_bytes)
     assert (row_block.fused is not None) == isinstance(block, InvertedResidual)
+    if row_block.fused is not None:
+        groups = len(row_block.fused.chunks)
+        assert groups > 1 if band_bytes and index in (2, 3) else groups == 1  # expanded 48 and 16 channels
+        assert (
+            band_bytes is None or groups == 1 or row_block.fused.rows_bytes(FUSED_STEP_ROWS, 10) <= band_bytes
+        )
     if not kernel and row_block.fused is not None:
         row_block.fused.kernel_config = None
     with torch.no_grad():

@@ -280,7 +280,8 @@ class ChunkedBottleneck(nn.Module):
     ) -> ChunkedBottleneck | None:
         """The block of bottleneck_parts `parts` for `rows`, where the numba kernel computes it (an SE or
         ReXNet's partial shortcut excluded: None; the shortcut is left to the caller): one group, or with
-        `band_bytes` the fewest groups whose step of `rows` output rows on a map `width` wide fits it."""
+        `band_bytes` and an expansion the fewest groups whose step of `rows` output rows on a map `width`
+        wide fits it (without one, the band's copy that every group reads is what holds the RAM)."""
         if parts.get("se") is not None or parts["shortcut"] == "partial":
             return None
         channels = parts["depthwise"].conv.in_channels
@@ -288,25 +289,28 @@ class ChunkedBottleneck(nn.Module):
         if step.kernel_config is None:
             return None
         groups = 1
-        while band_bytes is not None and groups < channels and step.rows_bytes(rows, width) > band_bytes:
+        regroups = band_bytes is not None and parts["expand"] is not None
+        while regroups and groups < channels and step.rows_bytes(rows, width) > band_bytes:
             groups += 1
             step = cls(parts["expand"], parts["depthwise"], parts["project"], "none", -(-channels // groups))
         return step
 
     def rows_bytes(self, rows: int, width: int) -> int:
-        """fp32 bytes that `self.rows` computing `rows` output rows on a band `width` wide makes beside the
-        band, at most: a group's expansion of the band (or, without one, a contiguous copy of the band)
-        with its depthwise output, then with one group the depthwise output with the projection; with
-        more, the projection's output throughout."""
+        """fp32 bytes that `self.rows` computing `rows` output rows on a band `width` wide (a view of a map's
+        rows) makes beside the band, at most: a group's expansion of the band with its depthwise output,
+        then with one group the depthwise output with the projection, with more the projection's output
+        throughout; without an expansion, a contiguous copy of the band, the depthwise output and the
+        projection."""
         kernel = self.chunks[0].depthwise[0].shape[2]
         band = (rows - 1) * self.stride[0] + self.dilation[0] * (kernel - 1) + 1
         out = rows * self._out_size(band, width)[1]
         group = max(chunk.stop - chunk.start for chunk in self.chunks)
-        expanded = (group if self.chunks[0].expand is not None else self.chunks[-1].stop) * band * width
         projected = self.chunks[0].project_weight.shape[0] * out
+        if self.chunks[0].expand is None:
+            return 4 * (self.chunks[-1].stop * band * width + group * out + projected)
         if len(self.chunks) == 1:
-            return 4 * (group * out + max(expanded, projected))
-        return 4 * (projected + group * out + expanded)
+            return 4 * (group * out + max(group * band * width, projected))
+        return 4 * (projected + group * (out + band * width))
 
     def rows(self, x: torch.Tensor, top: int, rows: int) -> torch.Tensor:
         """`rows` output rows [1, C', rows, W'] of the block on a band x [1, C, r, W] of its input map's rows

@@ -147,15 +147,16 @@ class RowBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.convs, self.shortcut, self.identity, self.act = nn.ModuleList(convs), shortcut, identity, act
-        self.fused, self.step_rows = fused, BLOCK_STEP_ROWS if fused is None else FUSED_STEP_ROWS
+        self.fused, self.step_rows = fused, BLOCK_STEP_ROWS
 
     @classmethod
     def of(
         cls, module: nn.Module, width: int | None = None, band_bytes: int | None = None
     ) -> RowBlock | None:
         """For a torchvision BasicBlock (or its BandedBasicBlock) and an inverted residual / MBConv
-        without squeeze-excite (lean_blocks.bottleneck_parts); None for other modules. With `band_bytes`,
-        a fused step's work on a map `width` wide fits it (ChunkedBottleneck.row_step's groups)."""
+        without squeeze-excite (lean_blocks.bottleneck_parts); None for other modules. A fused step
+        computes BLOCK_STEP_ROWS rows in one group, or with `band_bytes` FUSED_STEP_ROWS rows in groups
+        whose work on a map `width` wide fits it (ChunkedBottleneck.row_step)."""
         if isinstance(module, BasicBlock):
             module = BandedBasicBlock(module, 1)
         if isinstance(module, BandedBasicBlock):
@@ -165,7 +166,10 @@ class RowBlock(nn.Module):
             return None
         convs = [InPlaceConv(parts[step]) for step in ("expand", "depthwise", "project") if parts[step]]
         fused = ChunkedBottleneck.row_step(parts, FUSED_STEP_ROWS, width, band_bytes)
-        return cls(convs, None, parts["shortcut"] == "add", nn.Identity(), fused)
+        block = cls(convs, None, parts["shortcut"] == "add", nn.Identity(), fused)
+        if fused is not None and band_bytes is not None:
+            block.step_rows = FUSED_STEP_ROWS
+        return block
 
     @property
     def rows_conv(self) -> nn.Conv2d:

@@ -176,9 +176,10 @@ def _fed_blocks(
 ) -> list[tuple[ModuleCall, RowBlock]]:
     """The calls of the residual blocks of the stage that reads the RNNPoolLayer's (calls[first]) output
     (one after the other, each output the shape of the first's), which the pool then feeds row by row
-    (PoolIntoBlocks): those RowBlock computes whose maps for a step of rows fit `band_bytes` (a chain's
-    rows with their halos, a fused step's work; an inverted residual's expanded rows may not fit), with
-    their RowBlocks; none if another layer reads the pool's output first."""
+    (PoolIntoBlocks): those RowBlock computes whose maps for a step of BLOCK_STEP_ROWS rows fit
+    `band_bytes` (a chain's rows with their halos, a fused step's work in one group; an inverted
+    residual's expanded rows may not fit), with their RowBlocks (a fused one in taller steps, its groups
+    fitting band_bytes); none if another layer reads the pool's output first."""
     fed, pool_call = [], calls[first]
     for call in calls[first + 1 :]:
         if call is head_call or type(call.module) in (nn.Identity, nn.Sequential):
@@ -187,7 +188,7 @@ def _fed_blocks(
         if any(call.name.startswith(outer.name + ".") for outer in outers if outer):
             continue
         previous = fed[-1][0].output_shape if fed else pool_call.output_shape
-        block = RowBlock.of(call.module, call.input_shape[3], band_bytes)
+        block = RowBlock.of(call.module)
         if (
             block is None
             or call.input_shape != previous
@@ -197,7 +198,12 @@ def _fed_blocks(
         held, work = block.step_bytes(*call.input_shape[2:])
         if (work if block.fused is not None else held) > band_bytes:
             break
-        fed.append((call, block))
+        fed.append(
+            (
+                call,
+                block if block.fused is None else RowBlock.of(call.module, call.input_shape[3], band_bytes),
+            )
+        )
     return fed
 
 
