@@ -33,8 +33,8 @@ from leanvision.models.face.nets import DetectionHead, L2Norm
 
 # A BandedHead computes once this many new rows are held (or the last row): fewer, larger calls of its small
 # convolutions, whose per-call cost dominates when they run a few rows at a time, but every row held is RAM
-# (RNNPool-Face-Quant with 16-row stem chunks, pool phase / whole forward against eager's latency: 8 rows
-# 1080 KiB / 2.4x; 16 rows 1130 KiB / 2.1x; 24 rows 1285 KiB / 1.96x; its target 1170 KiB).
+# (RNNPool-Face-Quant with 16-row stem chunks, its pool phase's peak and its latency over eager's: 8 rows
+# 1110 KiB, 2.3x; 16 rows 1160 KiB, 1.9x; 24 rows 1315 KiB, 1.8x; its target 1170 KiB).
 HEAD_STEP_ROWS = 16
 
 _Read = tuple[Span, int, int]  # a span inside a map and the zero padding before and after it
