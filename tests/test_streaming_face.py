@@ -53,6 +53,16 @@ def test_banded_head_equals_the_head(head, bands, step_rows):
         BandedHead(head, step_rows=0)
 
 
+def test_a_head_fused_for_inference_is_refused():
+    """fuse_for_inference_ merges the branches and folds the L2Norm's scales: BandedHead reads the head
+    as built, and says so."""
+    head = randomize_(DetectionHead(4, kernel_size=5, l2norm=8.0))
+    head.fuse_for_inference_()
+    assert head.merged is not None
+    with pytest.raises(InvalidArgumentError, match="before fuse_for_inference"):
+        BandedHead(head)
+
+
 def _banded_outputs(banded: BandedHead, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     run = banded.start(x, *x.shape[2:])
     run.feed(_Rows(x, 0, x.shape[2]))

@@ -130,7 +130,7 @@ def _heads_beside(calls: list[ModuleCall], first: int, head_call: ModuleCall | N
     return beside
 
 
-def _made(call: ModuleCall, calls: list[ModuleCall]) -> int:
+def _made(call: ModuleCall, calls: Sequence[ModuleCall]) -> int:
     """The bytes a call run as it is makes: its output, or for a detection head the maps its parts make
     (the L2Norm's copy of its input, loc and conf)."""
     if not isinstance(call.module, DetectionHead):
@@ -145,7 +145,7 @@ def _peak_budget(
     pool_bytes: int,
     groups: bool,
     fed: Sequence[ModuleCall] = (),
-    calls: list[ModuleCall] = (),
+    calls: Sequence[ModuleCall] = (),
     beside: dict[str, int] | None = None,
 ) -> int:
     """The peak RAM the executors after the pool reach anyway: each holds its run's input and output at
@@ -198,12 +198,9 @@ def _fed_blocks(
         held, work = block.step_bytes(*call.input_shape[2:])
         if (work if block.fused is not None else held) > band_bytes:
             break
-        fed.append(
-            (
-                call,
-                block if block.fused is None else RowBlock.of(call.module, call.input_shape[3], band_bytes),
-            )
-        )
+        if block.fused is not None:  # fed in taller steps, its groups fitting the band
+            block = RowBlock.of(call.module, call.input_shape[3], band_bytes)
+        fed.append((call, block))
     return fed
 
 
